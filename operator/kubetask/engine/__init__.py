@@ -1,0 +1,1 @@
+"""The run state machine and its arithmetic: plain functions, no I/O."""

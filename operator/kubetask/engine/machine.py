@@ -1,0 +1,255 @@
+"""The run state machine: (state, event) -> (state, actions).
+
+Pure: no clock, no randomness, no I/O of its own. The caller passes ``now`` and a
+random source in, and carries the returned actions out (create a pod, release a slot,
+wake up later, ...). Events that do not apply to the current state (a stale pod event
+for an older attempt, a cancel after the end) return the state unchanged and no actions,
+so replaying events after an operator restart is harmless.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from kubetask.engine.backoff import delay_ms
+from kubetask.spec import RetrySpec
+
+
+class Phase(enum.StrEnum):
+    PENDING = "Pending"
+    QUEUED = "Queued"
+    RUNNING = "Running"
+    RETRYING = "Retrying"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    CANCELED = "Canceled"
+    TIMED_OUT = "TimedOut"
+
+
+TERMINAL = frozenset({Phase.SUCCEEDED, Phase.FAILED, Phase.CANCELED, Phase.TIMED_OUT})
+
+
+@dataclass(frozen=True)
+class RunError:
+    type: str
+    message: str
+
+
+@dataclass(frozen=True)
+class RunState:
+    phase: Phase = Phase.PENDING
+    #: Number of the current (Running) or last attempt; 0 before the first.
+    attempt: int = 0
+    max_attempts: int = 3
+    next_attempt_at: datetime | None = None
+    error: RunError | None = None
+    #: Machine-readable reason of the last transition (becomes a condition reason).
+    reason: str = "Created"
+    message: str = ""
+
+    @property
+    def terminal(self) -> bool:
+        return self.phase in TERMINAL
+
+
+# ---- events -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskResolved:
+    """The Task exists and the Run is valid: the run may queue for a slot."""
+
+    max_attempts: int
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """The Run can never execute (unknown Task after the grace period, payload too large, ...)."""
+
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class SlotGranted:
+    """Admission gave the run a slot: its next attempt's pod may be created."""
+
+
+class Outcome(enum.StrEnum):
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"  # retryable failure
+    ABORTED = "Aborted"  # not retryable: AbortRun, load error, unserialisable output
+    TIMED_OUT = "TimedOut"
+
+
+@dataclass(frozen=True)
+class AttemptEnded:
+    attempt: int
+    outcome: Outcome
+    reason: str
+    error: RunError | None = None
+
+
+@dataclass(frozen=True)
+class BackoffElapsed:
+    """A wake-up for a run in back-off; it only acts once ``next_attempt_at`` is reached."""
+
+
+@dataclass(frozen=True)
+class CancelRequested:
+    reason: str = "Canceled"
+    message: str = "the run was canceled"
+
+
+Event = TaskResolved | Rejected | SlotGranted | AttemptEnded | BackoffElapsed | CancelRequested
+
+
+# ---- actions ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Enqueue:
+    """Put the run in its queue to wait for a slot."""
+
+
+@dataclass(frozen=True)
+class Dequeue:
+    """Take the run out of its queue (it no longer wants a slot)."""
+
+
+@dataclass(frozen=True)
+class CreatePod:
+    attempt: int
+
+
+@dataclass(frozen=True)
+class DeletePod:
+    attempt: int
+
+
+@dataclass(frozen=True)
+class ReleaseSlot:
+    attempt: int
+
+
+@dataclass(frozen=True)
+class WakeAt:
+    at: datetime
+
+
+Action = Enqueue | Dequeue | CreatePod | DeletePod | ReleaseSlot | WakeAt
+
+
+@dataclass(frozen=True)
+class Transition:
+    state: RunState
+    actions: tuple[Action, ...] = field(default_factory=tuple)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.actions)
+
+
+def _to(state: RunState, **changes: object) -> RunState:
+    return dataclasses.replace(state, **changes)  # type: ignore[arg-type]
+
+
+def step(
+    state: RunState,
+    event: Event,
+    *,
+    now: datetime,
+    retry: RetrySpec,
+    rand: Callable[[], float],
+) -> Transition:
+    """Apply one event. See the module docstring for the contract."""
+    unchanged = Transition(state)
+    match event:
+        case TaskResolved(max_attempts=max_attempts):
+            if state.phase is not Phase.PENDING:
+                return unchanged
+            return Transition(
+                _to(state, phase=Phase.QUEUED, max_attempts=max_attempts, reason="WaitingForSlot",
+                    message="waiting for a slot in the queue"),
+                (Enqueue(),),
+            )
+        case Rejected(reason=reason, message=message):
+            if state.phase is not Phase.PENDING:
+                return unchanged
+            return Transition(
+                _to(state, phase=Phase.FAILED, reason=reason, message=message,
+                    error=RunError(type=reason, message=message)),
+                (Dequeue(),),
+            )
+        case SlotGranted():
+            if state.phase is not Phase.QUEUED:
+                return unchanged
+            attempt = state.attempt + 1
+            return Transition(
+                _to(state, phase=Phase.RUNNING, attempt=attempt, next_attempt_at=None, reason="PodCreated",
+                    message=f"attempt {attempt} of {state.max_attempts} is running"),
+                (CreatePod(attempt),),
+            )
+        case AttemptEnded(attempt=attempt, outcome=outcome, reason=reason, error=error):
+            if state.phase is not Phase.RUNNING or attempt != state.attempt:
+                return unchanged
+            release = ReleaseSlot(attempt)
+            if outcome is Outcome.SUCCEEDED:
+                return Transition(
+                    _to(state, phase=Phase.SUCCEEDED, error=None, reason="Succeeded",
+                        message=f"attempt {attempt} succeeded"),
+                    (release,),
+                )
+            if outcome is Outcome.TIMED_OUT:
+                err = error or RunError("MaxDurationExceeded", "the attempt exceeded maxDurationSeconds")
+                return Transition(
+                    _to(state, phase=Phase.TIMED_OUT, error=err, reason=reason, message=err.message), (release,)
+                )
+            err = error or RunError(reason, f"attempt {attempt} failed: {reason}")
+            if outcome is Outcome.ABORTED:
+                return Transition(
+                    _to(state, phase=Phase.FAILED, error=err, reason=reason,
+                        message=f"attempt {attempt} failed and is not retried: {err.message}"),
+                    (release,),
+                )
+            if attempt >= state.max_attempts:
+                return Transition(
+                    _to(state, phase=Phase.FAILED, error=err, reason="RetriesExhausted",
+                        message=f"all {state.max_attempts} attempts failed; last: {err.message}"),
+                    (release,),
+                )
+            wait = timedelta(milliseconds=delay_ms(retry, failed_attempt=attempt, rand=rand))
+            at = now + wait
+            return Transition(
+                _to(state, phase=Phase.RETRYING, error=err, next_attempt_at=at, reason=reason,
+                    message=f"attempt {attempt} failed ({err.message}); attempt {attempt + 1} "
+                    f"after {wait.total_seconds():.3f}s"),
+                (release, WakeAt(at)),
+            )
+        case BackoffElapsed():
+            if state.phase is not Phase.RETRYING:
+                return unchanged
+            if state.next_attempt_at is not None and now < state.next_attempt_at:
+                return Transition(state, (WakeAt(state.next_attempt_at),))
+            return Transition(
+                _to(state, phase=Phase.QUEUED, next_attempt_at=None, reason="WaitingForSlot",
+                    message=f"attempt {state.attempt + 1} is waiting for a slot"),
+                (Enqueue(),),
+            )
+        case CancelRequested(reason=reason, message=message):
+            if state.terminal:
+                return unchanged
+            actions: list[Action] = []
+            if state.phase is Phase.RUNNING:
+                actions += [DeletePod(state.attempt), ReleaseSlot(state.attempt)]
+            elif state.phase in (Phase.QUEUED, Phase.PENDING):
+                actions.append(Dequeue())
+            return Transition(
+                _to(state, phase=Phase.CANCELED, next_attempt_at=None, reason=reason, message=message),
+                tuple(actions) or (Dequeue(),),
+            )
+    raise TypeError(f"unknown event {event!r}")

@@ -1,0 +1,154 @@
+"""The shape of kubetask's resources: one source of truth.
+
+The CRD schemas in ``crds/`` are generated from these models (``kubetask crds``) and a
+test proves the committed files agree. The operator parses every Task, Run and Queue
+through them, so what ``kubectl apply`` accepts and what the engine understands are the
+same thing. Field names are the Kubernetes camelCase ones (aliases); Python code uses
+snake_case attributes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+GROUP = "kubetask.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+DNS1123_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+ENTRYPOINT = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
+
+#: Payloads larger than this (serialised JSON, bytes) end the Run ``Failed``
+#: (condition ``PayloadTooLarge``). etcd would take up to ~1.5 MiB, but a Run is
+#: watched and cached by every client; large inputs belong in object storage.
+MAX_PAYLOAD_BYTES = 256 * 1024
+#: Outputs up to this size are copied into ``status.output``; larger ones stay in PostgreSQL.
+MAX_STATUS_OUTPUT_BYTES = 4 * 1024
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+
+class RetrySpec(_Model):
+    """How failed attempts are retried. Delay before attempt n+1 is
+    min(maxTimeoutMs, minTimeoutMs * factor**(n-1)), times a random factor in [1, 2)
+    when ``randomize``, capped again at maxTimeoutMs."""
+
+    max_attempts: int = Field(3, ge=1, le=100, description="Attempts in all, the first one included.")
+    factor: float = Field(2.0, ge=1, le=100, description="Growth of the delay between attempts.")
+    min_timeout_ms: int = Field(1000, ge=0, le=86_400_000, description="Delay before the second attempt.")
+    max_timeout_ms: int = Field(60000, ge=0, le=86_400_000, description="Upper bound of any delay.")
+    randomize: bool = Field(True, description="Multiply each delay by a random factor in [1, 2).")
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.maxTimeoutMs >= self.minTimeoutMs",
+                    "message": "retry.maxTimeoutMs must be greater than or equal to retry.minTimeoutMs",
+                    "fieldPath": ".maxTimeoutMs",
+                }
+            ]
+        }
+    )
+
+
+class QueueRef(_Model):
+    """The queue a Task's runs wait in, with optional inline limits.
+
+    A Queue resource of the same name wins over these inline limits; a conflict is
+    reported as a condition on the Task."""
+
+    name: str | None = Field(
+        None, min_length=1, max_length=63, pattern=DNS1123_LABEL, description="Queue name; default: the Task's name."
+    )
+    concurrency_limit: int | None = Field(
+        None, ge=1, le=100_000, description="Most runs of the queue with a live pod at once, all keys together."
+    )
+    per_key_concurrency_limit: int | None = Field(
+        None, ge=1, le=100_000, description="Most runs with a live pod at once for each concurrencyKey."
+    )
+
+
+class PodTemplate(_Model):
+    """The parts of the attempt pod a Task may set. Each is passed through to the
+    container or pod spec as is (Kubernetes validates them when the pod is created)."""
+
+    resources: dict[str, Any] | None = Field(None, description="Container resources (requests/limits).")
+    env: list[dict[str, Any]] | None = Field(None, description="Extra container environment variables.")
+    env_from: list[dict[str, Any]] | None = Field(None, description="Container envFrom sources.")
+    node_selector: dict[str, str] | None = Field(None, description="Pod nodeSelector.")
+    tolerations: list[dict[str, Any]] | None = Field(None, description="Pod tolerations.")
+
+
+class TaskSpec(_Model):
+    """What to run and how."""
+
+    image: str | None = Field(
+        None, min_length=1, max_length=512, description="Container image; default: the bundled runner image."
+    )
+    entrypoint: str | None = Field(
+        None, pattern=ENTRYPOINT, max_length=256, description="module:function inside the image."
+    )
+    source: str | None = Field(
+        None, min_length=1, max_length=262_144, description="Inline Python module with one @task function."
+    )
+    retry: RetrySpec = Field(default_factory=RetrySpec, description="Retry policy.")
+    queue: QueueRef | None = Field(None, description="Queue and concurrency limits.")
+    max_duration_seconds: int | None = Field(
+        None, ge=5, le=604_800, description="Wall-clock limit of one attempt; the run ends TimedOut."
+    )
+    pod_template: PodTemplate | None = Field(None, description="Pod customisation.")
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.entrypoint) != has(self.source)",
+                    "message": "exactly one of spec.entrypoint or spec.source must be set",
+                }
+            ]
+        }
+    )
+
+    def queue_name(self, task_name: str) -> str:
+        return (self.queue.name if self.queue and self.queue.name else None) or task_name
+
+
+class RunSpec(_Model):
+    """One invocation of a Task."""
+
+    task: str = Field(..., min_length=1, max_length=63, pattern=DNS1123_LABEL, description="A Task in this namespace.")
+    payload: dict[str, Any] = Field(default_factory=dict, description="Any JSON object; the task's input.")
+    concurrency_key: str | None = Field(
+        None, min_length=1, max_length=256, description="Per-key concurrency group (e.g. a tenant id)."
+    )
+    idempotency_key: str | None = Field(
+        None, min_length=1, max_length=256, description="A second Run with the same key does not execute."
+    )
+    priority: int = Field(0, ge=-1000, le=1000, description="Higher runs first.")
+    tags: list[str] = Field(
+        default_factory=list, max_length=32, description="Free-form labels for filtering (each 1-128 chars)."
+    )
+    max_attempts: int | None = Field(None, ge=1, le=100, description="Overrides the Task's retry.maxAttempts.")
+    cancel: bool = Field(False, description="Set true to cancel the run.")
+
+
+class QueueSpec(_Model):
+    """A queue shared by several Tasks."""
+
+    concurrency_limit: int | None = Field(None, ge=1, le=100_000, description="Most live pods at once.")
+    per_key_concurrency_limit: int | None = Field(
+        None, ge=1, le=100_000, description="Most live pods at once per concurrencyKey."
+    )
+    paused: bool = Field(False, description="Paused queues admit nothing; running pods continue.")
+
+
+# Tags are validated item by item in the CRD (pydantic puts the bound on the list).
+TAG_ITEM_SCHEMA = {"type": "string", "minLength": 1, "maxLength": 128}

@@ -1,0 +1,1 @@
+"""PostgreSQL state: tables, the one session factory, migrations and queries."""

@@ -1,0 +1,181 @@
+"""The schema. Changes go through an Alembic migration in ``migrations/versions``.
+
+Source of truth (see docs/state.md): PostgreSQL holds every run's state, attempts,
+logs, output, slots and queues; a Run's ``status`` is a projection of its row, rewritten
+from the database after every transition and on operator start.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    String,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSONB, list[Any]: JSONB, datetime: DateTime(timezone=True)}
+
+
+class Run(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    namespace: Mapped[str] = mapped_column(String(63))
+    name: Mapped[str] = mapped_column(String(253))
+    uid: Mapped[str] = mapped_column(String(64), unique=True)
+    task: Mapped[str] = mapped_column(String(63))
+    queue: Mapped[str] = mapped_column(String(140))
+    concurrency_key: Mapped[str | None] = mapped_column(String(256))
+    idempotency_key: Mapped[str | None] = mapped_column(String(256))
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    tags: Mapped[list[Any]] = mapped_column(default=list)
+    payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    phase: Mapped[str] = mapped_column(String(16))
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    reason: Mapped[str] = mapped_column(String(64), default="")
+    message: Mapped[str] = mapped_column(Text, default="")
+    error: Mapped[dict[str, Any] | None] = mapped_column()
+    output: Mapped[Any | None] = mapped_column(JSONB(none_as_null=True))
+    has_output: Mapped[bool] = mapped_column(Boolean, default=False)
+    output_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    original_run_id: Mapped[str | None] = mapped_column(String(40))
+    resource_deleted: Mapped[bool] = mapped_column(Boolean, default=False)
+    next_attempt_at: Mapped[datetime | None] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    started_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+    updated_at: Mapped[datetime] = mapped_column(server_default=func.now(), onupdate=func.now())
+
+    __table_args__ = (
+        Index("ix_runs_created", "created_at", "id"),
+        Index("ix_runs_task_created", "task", "created_at"),
+        Index("ix_runs_phase", "phase"),
+        Index("ix_runs_tags", "tags", postgresql_using="gin"),
+        Index("ix_runs_original", "original_run_id", postgresql_where=text("original_run_id IS NOT NULL")),
+    )
+
+
+class Attempt(Base):
+    __tablename__ = "attempts"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    number: Mapped[int] = mapped_column(Integer, primary_key=True)
+    pod_name: Mapped[str] = mapped_column(String(253))
+    token_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    started_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+    exit_code: Mapped[int | None] = mapped_column(Integer)
+    reason: Mapped[str | None] = mapped_column(String(64))
+    error: Mapped[dict[str, Any] | None] = mapped_column()
+    #: What the runner posted to /runner/v1/complete (None until it did).
+    report: Mapped[dict[str, Any] | None] = mapped_column()
+
+    __table_args__ = (Index("ix_attempts_token", "token_hash", unique=True),)
+
+
+class LogLine(Base):
+    __tablename__ = "logs"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    ts: Mapped[datetime] = mapped_column()
+    level: Mapped[str] = mapped_column(String(16))
+    stream: Mapped[str] = mapped_column(String(16))
+    message: Mapped[str] = mapped_column(Text)
+
+    __table_args__ = (Index("ix_logs_run", "run_id", "id"),)
+
+
+class IdempotencyKey(Base):
+    __tablename__ = "idempotency_keys"
+
+    namespace: Mapped[str] = mapped_column(String(63), primary_key=True)
+    task: Mapped[str] = mapped_column(String(63), primary_key=True)
+    key: Mapped[str] = mapped_column(String(256), primary_key=True)
+    run_id: Mapped[str] = mapped_column(String(40))
+    expires_at: Mapped[datetime] = mapped_column()
+
+
+class Queue(Base):
+    """One row per queue (``namespace/name``). Admission locks this row (FOR UPDATE) so
+    every grant and release for a queue is serialised in the database, whichever operator
+    process does it. ``running`` and ``queued`` are exact counters kept in the same
+    transactions as the slots and entries they count."""
+
+    __tablename__ = "queues"
+
+    name: Mapped[str] = mapped_column(String(140), primary_key=True)
+    concurrency_limit: Mapped[int | None] = mapped_column(Integer)
+    per_key_limit: Mapped[int | None] = mapped_column(Integer)
+    paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: Where the limits come from: "queue" (a Queue resource), "task" (inline) or "default".
+    source: Mapped[str] = mapped_column(String(16), default="default")
+    running: Mapped[int] = mapped_column(Integer, default=0)
+    queued: Mapped[int] = mapped_column(Integer, default=0)
+    #: Monotonic counter of grants; a key's ``last_served`` is the value at its last grant.
+    grants: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class QueueKey(Base):
+    """Per concurrency key bookkeeping of a queue (the key "" stands for no key)."""
+
+    __tablename__ = "queue_keys"
+
+    queue: Mapped[str] = mapped_column(String(140), primary_key=True)
+    key: Mapped[str] = mapped_column(String(256), primary_key=True)
+    running: Mapped[int] = mapped_column(Integer, default=0)
+    queued: Mapped[int] = mapped_column(Integer, default=0)
+    last_served: Mapped[int] = mapped_column(BigInteger, default=0)
+    #: Highest priority among this key's queued runs (meaningful when queued > 0).
+    head_priority: Mapped[int] = mapped_column(Integer, default=0)
+
+    __table_args__ = (
+        Index("ix_queue_keys_pick", "queue", text("head_priority DESC"), "last_served",
+              postgresql_where=text("queued > 0")),
+    )
+
+
+class QueueEntry(Base):
+    """A run waiting for a slot."""
+
+    __tablename__ = "queue_entries"
+
+    run_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    queue: Mapped[str] = mapped_column(String(140))
+    key: Mapped[str] = mapped_column(String(256))
+    priority: Mapped[int] = mapped_column(Integer)
+    seq: Mapped[int] = mapped_column(BigInteger, Identity())
+
+    __table_args__ = (Index("ix_queue_entries_pick", "queue", "key", text("priority DESC"), "seq"),)
+
+
+class Slot(Base):
+    """A granted slot: the run's attempt may have (or has) a live pod."""
+
+    __tablename__ = "slots"
+
+    run_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    queue: Mapped[str] = mapped_column(String(140))
+    key: Mapped[str] = mapped_column(String(256))
+    attempt: Mapped[int] = mapped_column(Integer)
+    granted_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+    __table_args__ = (Index("ix_slots_queue", "queue"),)
