@@ -33,8 +33,20 @@ def _structural(schema: Schema, defs: Schema) -> Schema:
         return _structural({**options[0], **rest}, defs)
 
     out: Schema = {}
-    for key in ("description", "type", "minimum", "maximum", "minLength", "maxLength", "pattern",
-                "maxItems", "minItems", "enum", "default", "x-kubernetes-validations"):
+    for key in (
+        "description",
+        "type",
+        "minimum",
+        "maximum",
+        "minLength",
+        "maxLength",
+        "pattern",
+        "maxItems",
+        "minItems",
+        "enum",
+        "default",
+        "x-kubernetes-validations",
+    ):
         if key in schema:
             out[key] = schema[key]
     if out.get("type") == "integer" and isinstance(out.get("default"), float):
@@ -94,7 +106,10 @@ def _crd(kind: str, plural: str, short: list[str], spec: Schema, columns: list[S
                     "served": True,
                     "storage": True,
                     "subresources": {"status": {}},
-                    "additionalPrinterColumns": [*columns, {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}],
+                    "additionalPrinterColumns": [
+                        *columns,
+                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                    ],
                     "schema": {
                         "openAPIV3Schema": {
                             "type": "object",
@@ -116,11 +131,17 @@ def _crd(kind: str, plural: str, short: list[str], spec: Schema, columns: list[S
 
 def task_crd() -> Schema:
     spec = spec_schema(s.TaskSpec)
-    return _crd("Task", "tasks", ["ktask", "ktasks"], spec, [
-        {"name": "Image", "type": "string", "jsonPath": ".status.image"},
-        {"name": "Queue", "type": "string", "jsonPath": ".status.queue"},
-        {"name": "Limit", "type": "integer", "jsonPath": ".status.concurrencyLimit"},
-    ])
+    return _crd(
+        "Task",
+        "tasks",
+        ["ktask", "ktasks"],
+        spec,
+        [
+            {"name": "Image", "type": "string", "jsonPath": ".status.image"},
+            {"name": "Queue", "type": "string", "jsonPath": ".status.queue"},
+            {"name": "Limit", "type": "integer", "jsonPath": ".status.concurrencyLimit"},
+        ],
+    )
 
 
 def run_crd() -> Schema:
@@ -128,24 +149,38 @@ def run_crd() -> Schema:
     spec["properties"]["tags"]["items"] = dict(s.TAG_ITEM_SCHEMA)
     spec["x-kubernetes-validations"] = [
         {"rule": "!has(oldSelf.task) || self.task == oldSelf.task", "message": "spec.task is immutable"},
-        {"rule": "!has(oldSelf.cancel) || !oldSelf.cancel || self.cancel",
-         "message": "spec.cancel cannot be set back to false"},
+        {
+            "rule": "!has(oldSelf.cancel) || !oldSelf.cancel || self.cancel",
+            "message": "spec.cancel cannot be set back to false",
+        },
     ]
-    return _crd("Run", "runs", ["krun", "kruns"], spec, [
-        {"name": "Task", "type": "string", "jsonPath": ".spec.task"},
-        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-        {"name": "Attempt", "type": "integer", "jsonPath": ".status.attempt"},
-    ])
+    return _crd(
+        "Run",
+        "runs",
+        ["krun", "kruns"],
+        spec,
+        [
+            {"name": "Task", "type": "string", "jsonPath": ".spec.task"},
+            {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+            {"name": "Attempt", "type": "integer", "jsonPath": ".status.attempt"},
+        ],
+    )
 
 
 def queue_crd() -> Schema:
     spec = spec_schema(s.QueueSpec)
-    return _crd("Queue", "queues", ["kq", "kqueue"], spec, [
-        {"name": "Limit", "type": "integer", "jsonPath": ".spec.concurrencyLimit"},
-        {"name": "Running", "type": "integer", "jsonPath": ".status.running"},
-        {"name": "Queued", "type": "integer", "jsonPath": ".status.queued"},
-        {"name": "Paused", "type": "boolean", "jsonPath": ".spec.paused", "priority": 1},
-    ])
+    return _crd(
+        "Queue",
+        "queues",
+        ["kq", "kqueue"],
+        spec,
+        [
+            {"name": "Limit", "type": "integer", "jsonPath": ".spec.concurrencyLimit"},
+            {"name": "Running", "type": "integer", "jsonPath": ".status.running"},
+            {"name": "Queued", "type": "integer", "jsonPath": ".status.queued"},
+            {"name": "Paused", "type": "boolean", "jsonPath": ".spec.paused", "priority": 1},
+        ],
+    )
 
 
 def all_crds() -> dict[str, Schema]:

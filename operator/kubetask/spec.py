@@ -30,9 +30,7 @@ MAX_STATUS_OUTPUT_BYTES = 4 * 1024
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
-    )
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
 
 
 class RetrySpec(_Model):
@@ -66,10 +64,17 @@ class QueueRef(_Model):
     reported as a condition on the Task."""
 
     name: str | None = Field(
-        None, min_length=1, max_length=63, pattern=DNS1123_LABEL, description="Queue name; default: the Task's name."
+        None,
+        min_length=1,
+        max_length=63,
+        pattern=DNS1123_LABEL,
+        description="Queue name; default: the Task's name.",
     )
     concurrency_limit: int | None = Field(
-        None, ge=1, le=100_000, description="Most runs of the queue with a live pod at once, all keys together."
+        None,
+        ge=1,
+        le=100_000,
+        description="Most runs of the queue with a live pod at once, all keys together.",
     )
     per_key_concurrency_limit: int | None = Field(
         None, ge=1, le=100_000, description="Most runs with a live pod at once for each concurrencyKey."
@@ -124,7 +129,9 @@ class TaskSpec(_Model):
 class RunSpec(_Model):
     """One invocation of a Task."""
 
-    task: str = Field(..., min_length=1, max_length=63, pattern=DNS1123_LABEL, description="A Task in this namespace.")
+    task: str = Field(
+        ..., min_length=1, max_length=63, pattern=DNS1123_LABEL, description="A Task in this namespace."
+    )
     payload: dict[str, Any] = Field(default_factory=dict, description="Any JSON object; the task's input.")
     concurrency_key: str | None = Field(
         None, min_length=1, max_length=256, description="Per-key concurrency group (e.g. a tenant id)."
@@ -136,7 +143,9 @@ class RunSpec(_Model):
     tags: list[str] = Field(
         default_factory=list, max_length=32, description="Free-form labels for filtering (each 1-128 chars)."
     )
-    max_attempts: int | None = Field(None, ge=1, le=100, description="Overrides the Task's retry.maxAttempts.")
+    max_attempts: int | None = Field(
+        None, ge=1, le=100, description="Overrides the Task's retry.maxAttempts."
+    )
     cancel: bool = Field(False, description="Set true to cancel the run.")
 
 

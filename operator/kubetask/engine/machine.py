@@ -173,16 +173,26 @@ def step(
             if state.phase is not Phase.PENDING:
                 return unchanged
             return Transition(
-                _to(state, phase=Phase.QUEUED, max_attempts=max_attempts, reason="WaitingForSlot",
-                    message="waiting for a slot in the queue"),
+                _to(
+                    state,
+                    phase=Phase.QUEUED,
+                    max_attempts=max_attempts,
+                    reason="WaitingForSlot",
+                    message="waiting for a slot in the queue",
+                ),
                 (Enqueue(),),
             )
         case Rejected(reason=reason, message=message):
             if state.phase is not Phase.PENDING:
                 return unchanged
             return Transition(
-                _to(state, phase=Phase.FAILED, reason=reason, message=message,
-                    error=RunError(type=reason, message=message)),
+                _to(
+                    state,
+                    phase=Phase.FAILED,
+                    reason=reason,
+                    message=message,
+                    error=RunError(type=reason, message=message),
+                ),
                 (Dequeue(),),
             )
         case SlotGranted():
@@ -190,8 +200,14 @@ def step(
                 return unchanged
             attempt = state.attempt + 1
             return Transition(
-                _to(state, phase=Phase.RUNNING, attempt=attempt, next_attempt_at=None, reason="PodCreated",
-                    message=f"attempt {attempt} of {state.max_attempts} is running"),
+                _to(
+                    state,
+                    phase=Phase.RUNNING,
+                    attempt=attempt,
+                    next_attempt_at=None,
+                    reason="PodCreated",
+                    message=f"attempt {attempt} of {state.max_attempts} is running",
+                ),
                 (CreatePod(attempt),),
             )
         case AttemptEnded(attempt=attempt, outcome=outcome, reason=reason, error=error):
@@ -200,34 +216,56 @@ def step(
             release = ReleaseSlot(attempt)
             if outcome is Outcome.SUCCEEDED:
                 return Transition(
-                    _to(state, phase=Phase.SUCCEEDED, error=None, reason="Succeeded",
-                        message=f"attempt {attempt} succeeded"),
+                    _to(
+                        state,
+                        phase=Phase.SUCCEEDED,
+                        error=None,
+                        reason="Succeeded",
+                        message=f"attempt {attempt} succeeded",
+                    ),
                     (release,),
                 )
             if outcome is Outcome.TIMED_OUT:
                 err = error or RunError("MaxDurationExceeded", "the attempt exceeded maxDurationSeconds")
                 return Transition(
-                    _to(state, phase=Phase.TIMED_OUT, error=err, reason=reason, message=err.message), (release,)
+                    _to(state, phase=Phase.TIMED_OUT, error=err, reason=reason, message=err.message),
+                    (release,),
                 )
             err = error or RunError(reason, f"attempt {attempt} failed: {reason}")
             if outcome is Outcome.ABORTED:
                 return Transition(
-                    _to(state, phase=Phase.FAILED, error=err, reason=reason,
-                        message=f"attempt {attempt} failed and is not retried: {err.message}"),
+                    _to(
+                        state,
+                        phase=Phase.FAILED,
+                        error=err,
+                        reason=reason,
+                        message=f"attempt {attempt} failed and is not retried: {err.message}",
+                    ),
                     (release,),
                 )
             if attempt >= state.max_attempts:
                 return Transition(
-                    _to(state, phase=Phase.FAILED, error=err, reason="RetriesExhausted",
-                        message=f"all {state.max_attempts} attempts failed; last: {err.message}"),
+                    _to(
+                        state,
+                        phase=Phase.FAILED,
+                        error=err,
+                        reason="RetriesExhausted",
+                        message=f"all {state.max_attempts} attempts failed; last: {err.message}",
+                    ),
                     (release,),
                 )
             wait = timedelta(milliseconds=delay_ms(retry, failed_attempt=attempt, rand=rand))
             at = now + wait
             return Transition(
-                _to(state, phase=Phase.RETRYING, error=err, next_attempt_at=at, reason=reason,
+                _to(
+                    state,
+                    phase=Phase.RETRYING,
+                    error=err,
+                    next_attempt_at=at,
+                    reason=reason,
                     message=f"attempt {attempt} failed ({err.message}); attempt {attempt + 1} "
-                    f"after {wait.total_seconds():.3f}s"),
+                    f"after {wait.total_seconds():.3f}s",
+                ),
                 (release, WakeAt(at)),
             )
         case BackoffElapsed():
@@ -236,8 +274,13 @@ def step(
             if state.next_attempt_at is not None and now < state.next_attempt_at:
                 return Transition(state, (WakeAt(state.next_attempt_at),))
             return Transition(
-                _to(state, phase=Phase.QUEUED, next_attempt_at=None, reason="WaitingForSlot",
-                    message=f"attempt {state.attempt + 1} is waiting for a slot"),
+                _to(
+                    state,
+                    phase=Phase.QUEUED,
+                    next_attempt_at=None,
+                    reason="WaitingForSlot",
+                    message=f"attempt {state.attempt + 1} is waiting for a slot",
+                ),
                 (Enqueue(),),
             )
         case CancelRequested(reason=reason, message=message):

@@ -28,8 +28,11 @@ EXIT_LOAD_ERROR = 11
 EXIT_API_UNREACHABLE = 12
 EXIT_OUTPUT_NOT_SERIALIZABLE = 13
 
-NOT_RETRYABLE_EXITS = {EXIT_ABORTED: "AbortRun", EXIT_LOAD_ERROR: "TaskLoadError",
-                       EXIT_OUTPUT_NOT_SERIALIZABLE: "OutputNotSerializable"}
+NOT_RETRYABLE_EXITS = {
+    EXIT_ABORTED: "AbortRun",
+    EXIT_LOAD_ERROR: "TaskLoadError",
+    EXIT_OUTPUT_NOT_SERIALIZABLE: "OutputNotSerializable",
+}
 
 
 @dataclass(frozen=True)
@@ -87,8 +90,12 @@ def classify(*, attempt: int, end: PodEnd, report: Report | None) -> AttemptEnde
     if report is not None and report.succeeded:
         return AttemptEnded(attempt, Outcome.SUCCEEDED, "Succeeded")
     if end.reason == "DeadlineExceeded":
-        return AttemptEnded(attempt, Outcome.TIMED_OUT, "MaxDurationExceeded",
-                            RunError("MaxDurationExceeded", "the attempt exceeded maxDurationSeconds"))
+        return AttemptEnded(
+            attempt,
+            Outcome.TIMED_OUT,
+            "MaxDurationExceeded",
+            RunError("MaxDurationExceeded", "the attempt exceeded maxDurationSeconds"),
+        )
     if report is not None:
         err = RunError(report.error_type or "Error", report.error_message or "the task failed")
         if not report.retryable:
@@ -99,7 +106,11 @@ def classify(*, attempt: int, end: PodEnd, report: Report | None) -> AttemptEnde
         return AttemptEnded(attempt, Outcome.ABORTED, kind, RunError(kind, end.message))
     if end.exit_code == EXIT_OK:
         # Exit 0 without a report: the runner contract was broken (e.g. a custom image).
-        return AttemptEnded(attempt, Outcome.FAILED, "MissingResult",
-                            RunError("MissingResult", "the pod exited 0 without reporting a result"))
+        return AttemptEnded(
+            attempt,
+            Outcome.FAILED,
+            "MissingResult",
+            RunError("MissingResult", "the pod exited 0 without reporting a result"),
+        )
     reason = end.reason if end.reason not in ("Error", "") else "PodFailed"
     return AttemptEnded(attempt, Outcome.FAILED, reason, RunError(reason, end.message))

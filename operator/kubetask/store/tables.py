@@ -78,6 +78,8 @@ class Attempt(Base):
     number: Mapped[int] = mapped_column(Integer, primary_key=True)
     pod_name: Mapped[str] = mapped_column(String(253))
     token_hash: Mapped[str] = mapped_column(String(64))
+    #: Set once the pod was created (None: granted, pod not created yet).
+    pod_uid: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     started_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
@@ -148,8 +150,13 @@ class QueueKey(Base):
     head_priority: Mapped[int] = mapped_column(Integer, default=0)
 
     __table_args__ = (
-        Index("ix_queue_keys_pick", "queue", text("head_priority DESC"), "last_served",
-              postgresql_where=text("queued > 0")),
+        Index(
+            "ix_queue_keys_pick",
+            "queue",
+            text("head_priority DESC"),
+            "last_served",
+            postgresql_where=text("queued > 0"),
+        ),
     )
 
 

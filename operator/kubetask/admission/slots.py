@@ -1,0 +1,351 @@
+"""Slots, exact under concurrency.
+
+Every grant and every release for a queue runs in one transaction that first locks the
+queue's row (``SELECT ... FOR UPDATE``). So two operator processes, or two tasks of one
+process, admitting for the same queue are serialised by PostgreSQL, and the counters
+``queues.running`` / ``queue_keys.running`` are exact. A transaction that dies halfway
+(connection dropped, process killed) rolls back whole: nothing is granted or leaked.
+
+The grant itself moves the run to ``Running`` with its next attempt number, records the
+attempt and deletes the queue entry in the same transaction, so a crash after commit
+leaves a run that *owns* its slot and whose pod the operator creates on restart.
+
+Lock order, everywhere: queue row -> run rows -> queue_keys rows. Callers that change a
+run and its queue together (:meth:`Admission.locked_queue`) follow the same order.
+
+Order of admission: higher priority first; among the keys whose best queued run has that
+priority, the key served least recently (round-robin); within a key, first come first
+served. Picking costs two index lookups whatever the queue depth.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import case, delete, func, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from kubetask.engine.machine import Phase, RunState, SlotGranted, step
+from kubetask.spec import RetrySpec
+from kubetask.store import tables as t
+from kubetask.store.runs import load_state, save_state
+
+
+@dataclass(frozen=True)
+class QueueLimits:
+    concurrency_limit: int | None = None
+    per_key_limit: int | None = None
+    paused: bool = False
+    source: str = "default"
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A slot granted to ``run_id`` for ``attempt``; the pod may be created now."""
+
+    run_id: str
+    attempt: int
+    token: str
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Admission:
+    def __init__(
+        self, sessions: async_sessionmaker[AsyncSession], *, pod_name: Callable[[str, int], str]
+    ) -> None:
+        self._sessions = sessions
+        self._pod_name = pod_name
+        #: Statements issued by admit(); read by the benchmark.
+        self.statements = 0
+
+    # ---- queue configuration ----------------------------------------------------------
+
+    async def configure(self, queue: str, limits: QueueLimits) -> None:
+        """Create or update a queue's limits. Takes effect at once; lowering a limit
+        never touches running pods, it only stops new grants until ``running`` drops."""
+        async with self._sessions.begin() as s:
+            stmt = pg_insert(t.Queue).values(
+                name=queue,
+                concurrency_limit=limits.concurrency_limit,
+                per_key_limit=limits.per_key_limit,
+                paused=limits.paused,
+                source=limits.source,
+                running=0,
+                queued=0,
+                grants=0,
+            )
+            await s.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=[t.Queue.name],
+                    set_={
+                        "concurrency_limit": limits.concurrency_limit,
+                        "per_key_limit": limits.per_key_limit,
+                        "paused": limits.paused,
+                        "source": limits.source,
+                    },
+                )
+            )
+
+    async def limits(self, queue: str) -> QueueLimits | None:
+        async with self._sessions() as s:
+            q = await s.get(t.Queue, queue)
+            if q is None:
+                return None
+            return QueueLimits(q.concurrency_limit, q.per_key_limit, q.paused, q.source)
+
+    @asynccontextmanager
+    async def locked_queue(self, session: AsyncSession, queue: str) -> AsyncIterator[t.Queue]:
+        """Lock (creating if needed) the queue row inside the caller's transaction."""
+        await session.execute(
+            pg_insert(t.Queue)
+            .values(name=queue, running=0, queued=0, grants=0, paused=False, source="default")
+            .on_conflict_do_nothing(index_elements=[t.Queue.name])
+        )
+        row = (
+            await session.execute(select(t.Queue).where(t.Queue.name == queue).with_for_update())
+        ).scalar_one()
+        yield row
+
+    # ---- entries and slots (inside the caller's transaction, queue row locked) ---------
+
+    async def enqueue(self, s: AsyncSession, q: t.Queue, *, run_id: str, key: str, priority: int) -> None:
+        res = await s.execute(
+            pg_insert(t.QueueEntry)
+            .values(run_id=run_id, queue=q.name, key=key, priority=priority)
+            .on_conflict_do_nothing(index_elements=[t.QueueEntry.run_id])
+        )
+        if res.rowcount == 0:  # type: ignore[attr-defined]
+            return
+        q.queued += 1
+        await s.execute(
+            pg_insert(t.QueueKey)
+            .values(queue=q.name, key=key, running=0, queued=1, last_served=0, head_priority=priority)
+            .on_conflict_do_update(
+                index_elements=[t.QueueKey.queue, t.QueueKey.key],
+                set_={
+                    "queued": t.QueueKey.queued + 1,
+                    # An empty key's stale head must not outrank the new run's priority.
+                    "head_priority": case(
+                        (t.QueueKey.queued == 0, priority),
+                        else_=func.greatest(t.QueueKey.head_priority, priority),
+                    ),
+                },
+            )
+        )
+
+    async def dequeue(self, s: AsyncSession, q: t.Queue, *, run_id: str) -> bool:
+        entry = (
+            await s.execute(
+                delete(t.QueueEntry).where(t.QueueEntry.run_id == run_id).returning(t.QueueEntry.key)
+            )
+        ).scalar_one_or_none()
+        if entry is None:
+            return False
+        q.queued -= 1
+        await self._after_dequeue(s, q.name, entry, running_delta=0)
+        return True
+
+    async def release(self, s: AsyncSession, q: t.Queue, *, run_id: str) -> bool:
+        key = (
+            await s.execute(delete(t.Slot).where(t.Slot.run_id == run_id).returning(t.Slot.key))
+        ).scalar_one_or_none()
+        if key is None:
+            return False
+        q.running -= 1
+        await s.execute(
+            update(t.QueueKey)
+            .where(t.QueueKey.queue == q.name, t.QueueKey.key == key)
+            .values(running=t.QueueKey.running - 1)
+        )
+        return True
+
+    async def _after_dequeue(
+        self, s: AsyncSession, queue: str, key: str, *, running_delta: int, served: int | None = None
+    ) -> None:
+        head = (
+            await s.execute(
+                select(t.QueueEntry.priority)
+                .where(t.QueueEntry.queue == queue, t.QueueEntry.key == key)
+                .order_by(t.QueueEntry.priority.desc())
+                .limit(1)
+            )
+        ).scalar_one_or_none()
+        values: dict[str, object] = {
+            "queued": t.QueueKey.queued - 1,
+            "running": t.QueueKey.running + running_delta,
+        }
+        if head is not None:
+            values["head_priority"] = head
+        if served is not None:
+            values["last_served"] = served
+        await s.execute(
+            update(t.QueueKey).where(t.QueueKey.queue == queue, t.QueueKey.key == key).values(**values)
+        )
+        self.statements += 2
+
+    # ---- the admission cycle ------------------------------------------------------------
+
+    async def admit(
+        self, queue: str, *, retry_for: Callable[[t.Run], RetrySpec], max_grants: int = 64
+    ) -> list[Grant]:
+        """Grant as many slots as the queue's limits allow now (at most ``max_grants``)."""
+        grants: list[Grant] = []
+        async with self._sessions.begin() as s:
+            q = (
+                await s.execute(select(t.Queue).where(t.Queue.name == queue).with_for_update())
+            ).scalar_one_or_none()
+            self.statements += 1
+            if q is None or q.paused:
+                return grants
+            while len(grants) < max_grants and q.queued > 0:
+                if q.concurrency_limit is not None and q.running >= q.concurrency_limit:
+                    break
+                pick = select(t.QueueKey.key).where(t.QueueKey.queue == queue, t.QueueKey.queued > 0)
+                if q.per_key_limit is not None:
+                    pick = pick.where(t.QueueKey.running < q.per_key_limit)
+                key = (
+                    await s.execute(
+                        pick.order_by(t.QueueKey.head_priority.desc(), t.QueueKey.last_served).limit(1)
+                    )
+                ).scalar_one_or_none()
+                self.statements += 1
+                if key is None:
+                    break  # every key with queued runs is at its per-key limit
+                run_id = (
+                    await s.execute(
+                        delete(t.QueueEntry)
+                        .where(
+                            t.QueueEntry.run_id
+                            == (
+                                select(t.QueueEntry.run_id)
+                                .where(t.QueueEntry.queue == queue, t.QueueEntry.key == key)
+                                .order_by(t.QueueEntry.priority.desc(), t.QueueEntry.seq)
+                                .limit(1)
+                                .scalar_subquery()
+                            )
+                        )
+                        .returning(t.QueueEntry.run_id)
+                    )
+                ).scalar_one()
+                self.statements += 1
+                q.queued -= 1
+                q.grants += 1
+                await self._after_dequeue(s, queue, key, running_delta=1, served=q.grants)
+                grant = await self._grant(s, q, run_id=run_id, key=key, retry_for=retry_for)
+                if grant is not None:
+                    grants.append(grant)
+            self.statements += 1  # the queue row's counters, flushed at commit
+        return grants
+
+    async def _grant(
+        self, s: AsyncSession, q: t.Queue, *, run_id: str, key: str, retry_for: Callable[[t.Run], RetrySpec]
+    ) -> Grant | None:
+        run = (
+            await s.execute(select(t.Run).where(t.Run.id == run_id).with_for_update())
+        ).scalar_one_or_none()
+        self.statements += 1
+        if run is None or run.phase != Phase.QUEUED:
+            # Not waiting any more (canceled in between): the entry was stale; undo the count.
+            await s.execute(
+                update(t.QueueKey)
+                .where(t.QueueKey.queue == q.name, t.QueueKey.key == key)
+                .values(running=t.QueueKey.running - 1)
+            )
+            return None
+        now = datetime.now(UTC)
+        tr = step(load_state(run), SlotGranted(), now=now, retry=retry_for(run), rand=lambda: 0.0)
+        state: RunState = tr.state
+        save_state(run, state, now=now)
+        token = secrets.token_urlsafe(32)
+        await s.execute(insert(t.Slot).values(run_id=run_id, queue=q.name, key=key, attempt=state.attempt))
+        await s.execute(
+            insert(t.Attempt).values(
+                run_id=run_id,
+                number=state.attempt,
+                pod_name=self._pod_name(run.name, state.attempt),
+                token_hash=hash_token(token),
+            )
+        )
+        q.running += 1
+        self.statements += 3
+        return Grant(run_id=run_id, attempt=state.attempt, token=token)
+
+    # ---- start-up and inspection ----------------------------------------------------------
+
+    async def reconcile(self, *, live_runs: set[str]) -> int:
+        """Release slots whose run is not Running any more, and recompute every queue's
+        counters from the slots and entries that exist. Returns slots released."""
+        released = 0
+        async with self._sessions.begin() as s:
+            names = (await s.execute(select(t.Queue.name).order_by(t.Queue.name))).scalars().all()
+            for name in names:
+                async with self.locked_queue(s, name) as q:
+                    stale = (
+                        (
+                            await s.execute(
+                                select(t.Slot.run_id)
+                                .join(t.Run, t.Run.id == t.Slot.run_id, isouter=True)
+                                .where(t.Slot.queue == name)
+                                .where(
+                                    (t.Run.id.is_(None))
+                                    | (t.Run.phase != Phase.RUNNING)
+                                    | (t.Run.attempt != t.Slot.attempt)
+                                )
+                            )
+                        )
+                        .scalars()
+                        .all()
+                    )
+                    for run_id in stale:
+                        await s.execute(delete(t.Slot).where(t.Slot.run_id == run_id))
+                        released += 1
+                    await self._recount(s, q)
+        return released
+
+    async def _recount(self, s: AsyncSession, q: t.Queue) -> None:
+        q.running = (
+            await s.execute(select(func.count()).select_from(t.Slot).where(t.Slot.queue == q.name))
+        ).scalar_one()
+        q.queued = (
+            await s.execute(
+                select(func.count()).select_from(t.QueueEntry).where(t.QueueEntry.queue == q.name)
+            )
+        ).scalar_one()
+        await s.execute(
+            update(t.QueueKey)
+            .where(t.QueueKey.queue == q.name)
+            .values(
+                running=select(func.count())
+                .select_from(t.Slot)
+                .where(t.Slot.queue == q.name, t.Slot.key == t.QueueKey.key)
+                .scalar_subquery(),
+                queued=select(func.count())
+                .select_from(t.QueueEntry)
+                .where(t.QueueEntry.queue == q.name, t.QueueEntry.key == t.QueueKey.key)
+                .scalar_subquery(),
+                head_priority=func.coalesce(
+                    select(func.max(t.QueueEntry.priority))
+                    .where(t.QueueEntry.queue == q.name, t.QueueEntry.key == t.QueueKey.key)
+                    .scalar_subquery(),
+                    0,
+                ),
+            )
+        )
+
+    async def queues_with_waiting(self) -> list[str]:
+        async with self._sessions() as s:
+            return list((await s.execute(select(t.Queue.name).where(t.Queue.queued > 0))).scalars().all())
+
+    async def counts(self, queue: str) -> tuple[int, int]:
+        async with self._sessions() as s:
+            q = await s.get(t.Queue, queue)
+            return (q.running, q.queued) if q else (0, 0)

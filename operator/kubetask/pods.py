@@ -1,0 +1,198 @@
+"""Builds the pod, token Secret and source ConfigMap for one attempt. Pure functions."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from kubetask.spec import API_VERSION, TaskSpec
+
+LABEL_RUN = "kubetask.dev/run"
+LABEL_RUN_ID = "kubetask.dev/run-id"
+LABEL_TASK = "kubetask.dev/task"
+LABEL_QUEUE = "kubetask.dev/queue"
+LABEL_ATTEMPT = "kubetask.dev/attempt"
+LABEL_MANAGED = "app.kubernetes.io/managed-by"
+MANAGED_BY = "kubetask"
+#: The server-side label selector the operator's pod watch uses.
+POD_SELECTOR = f"{LABEL_MANAGED}={MANAGED_BY},{LABEL_RUN_ID}"
+
+TOKEN_DIR = "/var/run/kubetask/token"
+SOURCE_DIR = "/var/run/kubetask/source"
+RUNNER_UID = 65532
+
+
+def _short(value: str, limit: int) -> str:
+    """Keep names within Kubernetes limits while staying unique (hash suffix)."""
+    if len(value) <= limit:
+        return value
+    digest = hashlib.sha256(value.encode()).hexdigest()[:8]
+    return f"{value[: limit - 9].rstrip('-.')}-{digest}"
+
+
+def pod_name(run_name: str, attempt: int) -> str:
+    """Deterministic: the same run and attempt always give the same name, so a repeated
+    create (after a crash, or from a second replica) is answered 409 and does no harm."""
+    return f"{_short(run_name, 63 - 1 - len(str(attempt)))}-{attempt}"
+
+
+def token_secret_name(run_name: str, attempt: int) -> str:
+    return _short(f"{pod_name(run_name, attempt)}-token", 253)
+
+
+def source_configmap_name(task_name: str, source: str) -> str:
+    digest = hashlib.sha256(source.encode()).hexdigest()[:10]
+    return _short(f"kubetask-src-{task_name}-{digest}", 253)
+
+
+def label_value(value: str) -> str:
+    return _short(value, 63)
+
+
+def owner_ref(run: dict[str, Any]) -> dict[str, Any]:
+    meta = run["metadata"]
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "Run",
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": False,
+    }
+
+
+def source_configmap(
+    *, task_name: str, namespace: str, source: str, task_owner: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": source_configmap_name(task_name, source),
+            "namespace": namespace,
+            "labels": {LABEL_MANAGED: MANAGED_BY, LABEL_TASK: label_value(task_name)},
+            "ownerReferences": [task_owner],
+        },
+        "data": {"task.py": source},
+    }
+
+
+def token_secret(*, run: dict[str, Any], attempt: int, token: str) -> dict[str, Any]:
+    meta = run["metadata"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": token_secret_name(meta["name"], attempt),
+            "namespace": meta["namespace"],
+            "labels": {LABEL_MANAGED: MANAGED_BY, LABEL_RUN: label_value(meta["name"])},
+            "ownerReferences": [owner_ref(run)],
+        },
+        "stringData": {"token": token},
+    }
+
+
+def attempt_pod(
+    *,
+    run: dict[str, Any],
+    run_id: str,
+    task_name: str,
+    task: TaskSpec,
+    queue: str,
+    attempt: int,
+    max_attempts: int,
+    api_url: str,
+    default_image: str,
+    image_pull_policy: str,
+) -> dict[str, Any]:
+    meta = run["metadata"]
+    name = pod_name(meta["name"], attempt)
+    env: list[dict[str, Any]] = [
+        {"name": "KUBETASK_API_URL", "value": api_url},
+        {"name": "KUBETASK_RUN_ID", "value": run_id},
+        {"name": "KUBETASK_RUN_NAME", "value": meta["name"]},
+        {"name": "KUBETASK_TASK_ID", "value": task_name},
+        {"name": "KUBETASK_ATTEMPT", "value": str(attempt)},
+        {"name": "KUBETASK_MAX_ATTEMPTS", "value": str(max_attempts)},
+        {"name": "KUBETASK_TOKEN_FILE", "value": f"{TOKEN_DIR}/token"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    volumes: list[dict[str, Any]] = [
+        {
+            "name": "token",
+            "secret": {"secretName": token_secret_name(meta["name"], attempt), "defaultMode": 0o440},
+        },
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "token", "mountPath": TOKEN_DIR, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    if task.source is not None:
+        env.append({"name": "KUBETASK_SOURCE_FILE", "value": f"{SOURCE_DIR}/task.py"})
+        volumes.append(
+            {"name": "source", "configMap": {"name": source_configmap_name(task_name, task.source)}}
+        )
+        mounts.append({"name": "source", "mountPath": SOURCE_DIR, "readOnly": True})
+    else:
+        env.append({"name": "KUBETASK_ENTRYPOINT", "value": task.entrypoint or ""})
+    tpl = task.pod_template
+    if tpl is not None and tpl.env:
+        env.extend(tpl.env)
+    container: dict[str, Any] = {
+        "name": "task",
+        "image": task.image or default_image,
+        "imagePullPolicy": image_pull_policy,
+        "env": env,
+        "volumeMounts": mounts,
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if tpl is not None and tpl.resources:
+        container["resources"] = tpl.resources
+    if tpl is not None and tpl.env_from:
+        container["envFrom"] = tpl.env_from
+    spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": 10,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUNNER_UID,
+            "runAsGroup": RUNNER_UID,
+            "fsGroup": RUNNER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if task.max_duration_seconds is not None:
+        spec["activeDeadlineSeconds"] = task.max_duration_seconds
+    if tpl is not None and tpl.node_selector:
+        spec["nodeSelector"] = tpl.node_selector
+    if tpl is not None and tpl.tolerations:
+        spec["tolerations"] = tpl.tolerations
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": meta["namespace"],
+            "labels": {
+                LABEL_MANAGED: MANAGED_BY,
+                LABEL_RUN: label_value(meta["name"]),
+                LABEL_RUN_ID: run_id,
+                LABEL_TASK: label_value(task_name),
+                LABEL_QUEUE: label_value(queue),
+                LABEL_ATTEMPT: str(attempt),
+            },
+            "ownerReferences": [owner_ref(run)],
+        },
+        "spec": spec,
+    }

@@ -1,0 +1,1 @@
+"""kopf handlers: thin translations of Kubernetes events into controller calls."""
