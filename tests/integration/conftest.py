@@ -1,0 +1,104 @@
+"""Fixtures of the tests that need PostgreSQL (marker ``db``).
+
+``database_url`` is the server to use: env ``KUBETASK_TEST_DATABASE_URL``, or the local
+stack's database (``make db-up``; started with ``bash hack/db.sh up`` when it does not
+answer). Each test session gets its own database, ``kubetask_test_<random>``, created
+through that URL's connection, migrated, and dropped at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.pool import NullPool
+
+from kubetask.store import db
+from kubetask.store.tables import Base
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_DATABASE_URL = "postgresql+psycopg://kubetask:kubetask@127.0.0.1:54329/kubetask"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "db: needs PostgreSQL (started by the fixtures when missing)")
+
+
+def _answers(url: str) -> str | None:
+    """None if PostgreSQL at ``url`` answers, else why not."""
+    engine = create_engine(url, poolclass=NullPool, connect_args={"connect_timeout": 3})
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        return None
+    except OperationalError as e:
+        return str(e.orig or e).strip()
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def database_url() -> str:
+    """URL of a PostgreSQL server and a database on it the tests may create databases from."""
+    url = os.environ.get("KUBETASK_TEST_DATABASE_URL", DEFAULT_DATABASE_URL)
+    why = _answers(url)
+    if why is None:
+        return url
+    script = REPO_ROOT / "hack" / "db.sh"
+    if not script.exists():
+        pytest.fail(
+            f"PostgreSQL at {make_url(url).render_as_string()} does not answer ({why}) and hack/db.sh "
+            "is missing; start PostgreSQL and point KUBETASK_TEST_DATABASE_URL at it"
+        )
+    subprocess.run(["bash", str(script), "up"], cwd=REPO_ROOT, check=True)
+    deadline = time.monotonic() + 60
+    while (why := _answers(url)) is not None and time.monotonic() < deadline:
+        time.sleep(1)
+    if why is not None:
+        pytest.fail(f"PostgreSQL at {make_url(url).render_as_string()} still does not answer: {why}")
+    return url
+
+
+def _has_migrations() -> bool:
+    return any((db.MIGRATIONS / "versions").glob("*.py"))
+
+
+@pytest.fixture(scope="session")
+def test_database_url(database_url: str) -> Iterator[str]:
+    """A fresh, migrated database for this test session (dropped at the end)."""
+    name = f"kubetask_test_{secrets.token_hex(6)}"
+    admin = create_engine(database_url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(database_url).set(database=name).render_as_string(hide_password=False)
+    try:
+        if _has_migrations():
+            db.upgrade(url)
+        else:  # no Alembic revision yet: the schema straight from the models
+            engine = create_engine(url, poolclass=NullPool)
+            Base.metadata.create_all(engine)
+            engine.dispose()
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def sessions(test_database_url: str) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    engine = create_async_engine(test_database_url, pool_size=5)
+    try:
+        yield db.session_factory(engine)
+    finally:
+        await engine.dispose()
