@@ -219,7 +219,13 @@ class Controller:
         """Create the token Secret (and source ConfigMap) and the attempt's pod."""
         async with self.sessions() as s:
             row = await s.get(t.Run, run_id)
-            if row is None or row.phase != m.Phase.RUNNING or row.attempt != attempt:
+            if row is None or row.attempt != attempt:
+                return
+            if row.phase != m.Phase.RUNNING:
+                # Canceled between the grant and now: no pod will exist, free the slot.
+                gone = pod_end(None)
+                assert gone is not None
+                await self.end_attempt(run_id, attempt, gone)
                 return
             ns, name, task_name = row.namespace, row.name, row.task
             max_attempts, uid = row.max_attempts, row.uid

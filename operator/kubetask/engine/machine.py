@@ -211,6 +211,10 @@ def step(
                 (CreatePod(attempt),),
             )
         case AttemptEnded(attempt=attempt, outcome=outcome, reason=reason, error=error):
+            if state.phase is Phase.CANCELED and attempt == state.attempt and attempt > 0:
+                # The canceled run's pod is gone now: only then is its slot free, so a
+                # watcher never sees the queue's limit exceeded while the pod terminates.
+                return Transition(state, (ReleaseSlot(attempt),))
             if state.phase is not Phase.RUNNING or attempt != state.attempt:
                 return unchanged
             release = ReleaseSlot(attempt)
@@ -288,7 +292,8 @@ def step(
                 return unchanged
             actions: list[Action] = []
             if state.phase is Phase.RUNNING:
-                actions += [DeletePod(state.attempt), ReleaseSlot(state.attempt)]
+                # The slot is released when the pod's end is observed (AttemptEnded above).
+                actions.append(DeletePod(state.attempt))
             elif state.phase in (Phase.QUEUED, Phase.PENDING):
                 actions.append(Dequeue())
             return Transition(

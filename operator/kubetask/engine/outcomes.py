@@ -63,8 +63,11 @@ def pod_end(pod: dict[str, Any] | None) -> PodEnd | None:
     phase = status.get("phase")
     terminated = _terminated(status)
     if phase not in ("Succeeded", "Failed"):
-        if pod.get("metadata", {}).get("deletionTimestamp") and terminated is None:
-            return None  # being deleted; the DELETED event will end it
+        waiting = _waiting(status)
+        if waiting is not None and waiting.get("reason") in FATAL_WAITING:
+            # The container can never start (no registry here, a typo in the image, a
+            # missing Secret): end the attempt instead of waiting for ever.
+            return PodEnd(None, str(waiting["reason"]), str(waiting.get("message") or waiting["reason"]))
         return None
     reason = status.get("reason") or ""
     if reason == "DeadlineExceeded":
@@ -76,6 +79,18 @@ def pod_end(pod: dict[str, Any] | None) -> PodEnd | None:
         creason = terminated.get("reason") or ("Completed" if code == 0 else "Error")
         return PodEnd(code, creason, terminated.get("message") or f"container exited with code {code}")
     return PodEnd(None, reason or phase, status.get("message") or f"pod {phase}")
+
+
+FATAL_WAITING = frozenset({"ErrImageNeverPull", "InvalidImageName", "ImagePullBackOff", "ErrImagePull",
+                           "CreateContainerConfigError", "CreateContainerError"})
+
+
+def _waiting(status: dict[str, Any]) -> dict[str, Any] | None:
+    for cs in status.get("containerStatuses") or []:
+        if cs.get("name") == "task":
+            waiting = (cs.get("state") or {}).get("waiting")
+            return waiting if isinstance(waiting, dict) else None
+    return None
 
 
 def _terminated(status: dict[str, Any]) -> dict[str, Any] | None:

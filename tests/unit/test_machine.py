@@ -1,0 +1,145 @@
+"""The run state machine as a table of (state, event) -> (state, actions)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from kubetask.engine import machine as m
+from kubetask.spec import RetrySpec
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+RETRY = RetrySpec(max_attempts=3, factor=2, min_timeout_ms=1000, max_timeout_ms=60_000, randomize=False)
+ERR = m.RunError("ValueError", "boom")
+
+
+def S(phase: m.Phase, attempt: int = 0, **kw: object) -> m.RunState:
+    return m.RunState(phase=phase, attempt=attempt, max_attempts=3, **kw)  # type: ignore[arg-type]
+
+
+def ended(attempt: int, outcome: m.Outcome, reason: str = "TaskFailed") -> m.AttemptEnded:
+    return m.AttemptEnded(attempt, outcome, reason, ERR if outcome is not m.Outcome.SUCCEEDED else None)
+
+
+P = m.Phase
+TABLE: list[tuple[str, m.RunState, m.Event, m.Phase, tuple[type, ...]]] = [
+    ("resolved task queues the run", S(P.PENDING), m.TaskResolved(3), P.QUEUED, (m.Enqueue,)),
+    (
+        "unknown task fails a pending run",
+        S(P.PENDING),
+        m.Rejected("TaskNotFound", "no"),
+        P.FAILED,
+        (m.Dequeue,),
+    ),
+    ("slot starts attempt 1", S(P.QUEUED), m.SlotGranted(), P.RUNNING, (m.CreatePod,)),
+    ("slot starts attempt 3", S(P.QUEUED, 2), m.SlotGranted(), P.RUNNING, (m.CreatePod,)),
+    (
+        "success ends the run",
+        S(P.RUNNING, 1),
+        ended(1, m.Outcome.SUCCEEDED, "Succeeded"),
+        P.SUCCEEDED,
+        (m.ReleaseSlot,),
+    ),
+    ("failure backs off", S(P.RUNNING, 1), ended(1, m.Outcome.FAILED), P.RETRYING, (m.ReleaseSlot, m.WakeAt)),
+    ("last failure fails", S(P.RUNNING, 3), ended(3, m.Outcome.FAILED), P.FAILED, (m.ReleaseSlot,)),
+    (
+        "abort does not retry",
+        S(P.RUNNING, 1),
+        ended(1, m.Outcome.ABORTED, "AbortRun"),
+        P.FAILED,
+        (m.ReleaseSlot,),
+    ),
+    (
+        "timeout ends TimedOut",
+        S(P.RUNNING, 1),
+        ended(1, m.Outcome.TIMED_OUT, "MaxDurationExceeded"),
+        P.TIMED_OUT,
+        (m.ReleaseSlot,),
+    ),
+    (
+        "backoff over queues again",
+        S(P.RETRYING, 1, next_attempt_at=NOW),
+        m.BackoffElapsed(),
+        P.QUEUED,
+        (m.Enqueue,),
+    ),
+    (
+        "early wake-up waits on",
+        S(P.RETRYING, 1, next_attempt_at=NOW + timedelta(seconds=1)),
+        m.BackoffElapsed(),
+        P.RETRYING,
+        (m.WakeAt,),
+    ),
+    (
+        "cancel while running deletes the pod",
+        S(P.RUNNING, 2),
+        m.CancelRequested(),
+        P.CANCELED,
+        (m.DeletePod,),
+    ),
+    (
+        "canceled run's pod end frees the slot",
+        S(P.CANCELED, 2),
+        ended(2, m.Outcome.FAILED, "PodDeleted"),
+        P.CANCELED,
+        (m.ReleaseSlot,),
+    ),
+    ("cancel while queued leaves the queue", S(P.QUEUED, 1), m.CancelRequested(), P.CANCELED, (m.Dequeue,)),
+    ("cancel while pending", S(P.PENDING), m.CancelRequested(), P.CANCELED, (m.Dequeue,)),
+    (
+        "cancel in back-off",
+        S(P.RETRYING, 1, next_attempt_at=NOW),
+        m.CancelRequested(),
+        P.CANCELED,
+        (m.Dequeue,),
+    ),
+    # Events that do not apply change nothing: replays after a restart are harmless.
+    ("stale attempt end is ignored", S(P.RUNNING, 2), ended(1, m.Outcome.FAILED), P.RUNNING, ()),
+    ("end after the end is ignored", S(P.SUCCEEDED, 1), ended(1, m.Outcome.FAILED), P.SUCCEEDED, ()),
+    ("second slot is ignored", S(P.RUNNING, 1), m.SlotGranted(), P.RUNNING, ()),
+    ("cancel after the end is ignored", S(P.FAILED, 3), m.CancelRequested(), P.FAILED, ()),
+    ("resolve twice is ignored", S(P.QUEUED), m.TaskResolved(3), P.QUEUED, ()),
+    ("backoff elapsed while running is ignored", S(P.RUNNING, 1), m.BackoffElapsed(), P.RUNNING, ()),
+    ("reject after queueing is ignored", S(P.QUEUED), m.Rejected("X", "y"), P.QUEUED, ()),
+]
+
+
+@pytest.mark.parametrize(
+    ("state", "event", "phase", "actions"), [row[1:] for row in TABLE], ids=[row[0] for row in TABLE]
+)
+def test_transition_table(
+    state: m.RunState, event: m.Event, phase: m.Phase, actions: tuple[type, ...]
+) -> None:
+    tr = m.step(state, event, now=NOW, retry=RETRY, rand=lambda: 0.0)
+    assert tr.state.phase is phase
+    assert tuple(type(a) for a in tr.actions) == actions
+
+
+def test_failure_schedules_the_next_attempt_after_the_backoff() -> None:
+    tr = m.step(S(P.RUNNING, 2), ended(2, m.Outcome.FAILED), now=NOW, retry=RETRY, rand=lambda: 0.0)
+    assert tr.state.next_attempt_at == NOW + timedelta(milliseconds=2000)
+    assert m.WakeAt(NOW + timedelta(milliseconds=2000)) in tr.actions
+    assert tr.state.error == ERR
+
+
+def test_retries_exhausted_keeps_the_last_error() -> None:
+    tr = m.step(S(P.RUNNING, 3), ended(3, m.Outcome.FAILED), now=NOW, retry=RETRY, rand=lambda: 0.0)
+    assert tr.state.reason == "RetriesExhausted"
+    assert tr.state.error == ERR
+    assert "boom" in tr.state.message
+
+
+def test_slot_grant_creates_the_pod_of_the_next_attempt() -> None:
+    tr = m.step(S(P.QUEUED, 1), m.SlotGranted(), now=NOW, retry=RETRY, rand=lambda: 0.0)
+    assert tr.actions == (m.CreatePod(2),)
+    assert tr.state.attempt == 2
+
+
+def test_max_attempts_comes_from_the_resolved_task() -> None:
+    tr = m.step(S(P.PENDING), m.TaskResolved(max_attempts=7), now=NOW, retry=RETRY, rand=lambda: 0.0)
+    assert tr.state.max_attempts == 7
+
+
+def test_terminal_phases() -> None:
+    assert m.TERMINAL == {P.SUCCEEDED, P.FAILED, P.CANCELED, P.TIMED_OUT}
