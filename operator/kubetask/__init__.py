@@ -1,0 +1,20 @@
+"""kubetask: a durable task engine for Kubernetes.
+
+Task authors need only this package's top level::
+
+    from kubetask import task, Retry, Queue, AbortRun, TaskContext, logger
+
+The operator lives in submodules that need the ``operator`` extra; importing
+``kubetask`` itself stays light (the standard library and pydantic).
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from kubetask.sdk import AbortRun, Queue, Retry, TaskContext, logger, task
+
+try:
+    __version__: str = version("kubetask")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = ["AbortRun", "Queue", "Retry", "TaskContext", "__version__", "logger", "task"]
