@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+from typing import Any
+
+from kubetask import pods
+from kubetask.spec import TaskSpec
+
+RUN: dict[str, Any] = {"metadata": {"name": "hello-abc", "namespace": "ns1", "uid": "u-1"}}
+
+
+def build(task: TaskSpec, attempt: int = 2) -> dict[str, Any]:
+    return pods.attempt_pod(
+        run=RUN,
+        run_id="run_1",
+        task_name="hello",
+        task=task,
+        queue="hello",
+        attempt=attempt,
+        max_attempts=3,
+        api_url="http://api:8080",
+        default_image="runner:1",
+        image_pull_policy="IfNotPresent",
+    )
+
+
+def test_pod_name_is_deterministic_per_run_and_attempt() -> None:
+    assert pods.pod_name("hello-abc", 2) == "hello-abc-2"
+    assert build(TaskSpec(source="x"))["metadata"]["name"] == "hello-abc-2"
+    long = "r" * 80
+    assert pods.pod_name(long, 7) == pods.pod_name(long, 7)
+    assert len(pods.pod_name(long, 7)) <= 63
+    assert pods.pod_name(long, 7) != pods.pod_name(long + "x", 7)
+
+
+def test_pod_is_owned_by_the_run_and_labelled() -> None:
+    pod = build(TaskSpec(source="x"))
+    assert pod["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+    labels = pod["metadata"]["labels"]
+    assert labels[pods.LABEL_RUN_ID] == "run_1"
+    assert labels[pods.LABEL_TASK] == "hello"
+    assert labels[pods.LABEL_QUEUE] == "hello"
+    assert labels[pods.LABEL_ATTEMPT] == "2"
+
+
+def test_pod_is_locked_down() -> None:
+    spec = build(TaskSpec(source="x", maxDurationSeconds=30))["spec"]
+    assert spec["restartPolicy"] == "Never"
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["activeDeadlineSeconds"] == 30
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["containers"][0]["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+def test_token_is_mounted_from_a_secret_not_in_the_pod_spec() -> None:
+    pod = build(TaskSpec(source="x"))
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    assert all("token" not in str(v) or v.endswith("/token") for v in env.values())
+    secret_vols = [v for v in pod["spec"]["volumes"] if "secret" in v]
+    assert secret_vols[0]["secret"]["secretName"] == pods.token_secret_name("hello-abc", 2)
+
+
+def test_inline_source_comes_from_a_configmap_and_entrypoint_from_env() -> None:
+    inline = build(TaskSpec(source="print(1)"))
+    assert any("configMap" in v for v in inline["spec"]["volumes"])
+    ep = build(TaskSpec(entrypoint="mod:fn", image="custom:1"))
+    env = {e["name"]: e.get("value") for e in ep["spec"]["containers"][0]["env"]}
+    assert env["KUBETASK_ENTRYPOINT"] == "mod:fn"
+    assert ep["spec"]["containers"][0]["image"] == "custom:1"
+    assert inline["spec"]["containers"][0]["image"] == "runner:1"
+
+
+def test_pod_template_is_applied() -> None:
+    task = TaskSpec.model_validate(
+        {
+            "source": "x",
+            "podTemplate": {
+                "resources": {"limits": {"memory": "64Mi"}},
+                "nodeSelector": {"a": "b"},
+                "env": [{"name": "X", "value": "1"}],
+                "tolerations": [{"operator": "Exists"}],
+            },
+        }
+    )
+    pod = build(task)
+    c = pod["spec"]["containers"][0]
+    assert c["resources"] == {"limits": {"memory": "64Mi"}}
+    assert {"name": "X", "value": "1"} in c["env"]
+    assert pod["spec"]["nodeSelector"] == {"a": "b"}
