@@ -108,6 +108,10 @@ class Controller:
             task.cancel()
         await asyncio.gather(*self._bg, return_exceptions=True)
 
+    def mine(self, namespace: str) -> bool:
+        """Whether this operator watches ``namespace`` (all of them when none are set)."""
+        return not self.settings.namespaces or namespace in self.settings.namespaces
+
     def retry_for(self, row: t.Run) -> RetrySpec:
         info = self.tasks.get((row.namespace, row.task))
         return info.spec.retry if info else RetrySpec()
@@ -301,6 +305,8 @@ class Controller:
     # ---- pods ------------------------------------------------------------------------------------
 
     async def on_pod_event(self, kind: str, pod: dict[str, Any]) -> None:
+        if not self.mine(pod["metadata"]["namespace"]):
+            return
         labels = pod["metadata"].get("labels") or {}
         run_id = labels.get(pods.LABEL_RUN_ID)
         try:
@@ -662,8 +668,11 @@ class Controller:
     async def resync(self, live_pods: list[dict[str, Any]]) -> None:
         """Make PostgreSQL, the pods and the Runs agree after a (re)start."""
         for body in await self.kube.list_objects("tasks"):
-            self._index_task(body)
+            if self.mine(body["metadata"]["namespace"]):
+                self._index_task(body)
         for body in await self.kube.list_objects("queues"):
+            if not self.mine(body["metadata"]["namespace"]):
+                continue
             with contextlib.suppress(ValidationError):
                 self.queues[(body["metadata"]["namespace"], body["metadata"]["name"])] = (
                     QueueSpec.model_validate(body.get("spec") or {})
@@ -713,7 +722,8 @@ class Controller:
         if released:
             log.warning("released %d slot(s) held by runs that no longer run", released)
         for queue in await self.admission.queues_with_waiting():
-            await self.admit(queue)
+            if self.mine(queue.split("/", 1)[0]):
+                await self.admit(queue)
         for row in rows:
             self._status.touch(row.id)
 
