@@ -149,7 +149,7 @@ build_scratch_image() { # ref archive entrypoint-json src:dest...
   mkdir -p "$(dirname "$archive")"
   c="$(buildah from scratch)"
   for spec in "$@"; do buildah copy --quiet "$c" "${spec%%:*}" "${spec#*:}" >/dev/null; done
-  buildah config --entrypoint "$entrypoint" --cmd '' \
+  buildah config --entrypoint "$entrypoint" \
     --label "org.opencontainers.image.title=$ref" "$c"
   buildah commit --quiet --rm "$c" "$ref" >/dev/null
   rm -f "$archive.tmp"
