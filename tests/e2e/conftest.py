@@ -1,0 +1,114 @@
+"""Fixtures of the end-to-end tests: the real local stack (cluster, PostgreSQL, images),
+started when missing; or the cluster KUBECONFIG points at (kind, say)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
+
+from tests.e2e.harness import REPO, Operator, Stack, hack, hack_verbose, namespace
+
+pytestmark = pytest.mark.e2e
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "/e2e/" in str(item.fspath):
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(scope="session")
+def stack() -> Stack:
+    user_cluster = os.environ.get("KUBECONFIG")
+    if not user_cluster:
+        hack_verbose("cluster-up.sh")
+    hack_verbose("db.sh", "up")
+    hack_verbose("images.sh", "all")
+    kubeconfig = user_cluster or hack("print.sh", "kubeconfig")
+    env = {**os.environ, "KUBECONFIG": kubeconfig}
+    subprocess.run(["kubectl", "apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds")], check=True,
+                   env=env, capture_output=True)
+    subprocess.run(["kubectl", "wait", "--for=condition=Established", "--timeout=60s", "crd/tasks.kubetask.dev",
+                    "crd/runs.kubetask.dev", "crd/queues.kubetask.dev"], check=True, env=env, capture_output=True)
+    # An operator installed in the cluster would act on the tests' Runs too: pause it.
+    subprocess.run(["kubectl", "-n", "kubetask-system", "scale", "deployment/kubetask-operator", "--replicas=0"],
+                   env=env, capture_output=True)
+    return Stack(kubeconfig=kubeconfig, runner_image=os.environ.get("KUBETASK_RUNNER_IMAGE") or
+                 hack("print.sh", "runner-image"), database_url=hack("print.sh", "database-url"),
+                 host_ip=os.environ.get("KUBETASK_TEST_HOST_IP", "10.88.0.1"))
+
+
+@pytest.fixture(scope="session")
+def e2e_database(stack: Stack) -> Iterator[str]:
+    """A fresh database for this session's operators, dropped at the end."""
+    name = f"kubetask_e2e_{secrets.token_hex(4)}"
+    admin = create_engine(stack.database_url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(stack.database_url).set(database=name).render_as_string(hide_password=False)
+    yield url
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = Path(os.environ.get("KUBETASK_TEST_LOGS", str(tmp_path_factory.mktemp("logs"))))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@pytest.fixture
+def ns(stack: Stack, request: pytest.FixtureRequest) -> Iterator[str]:
+    prefix = "e2e-" + request.node.name.replace("_", "-").lower()[5:24].strip("-")
+    with namespace(stack, prefix) as name:
+        yield name
+
+
+@pytest.fixture
+def start_operator(stack: Stack, e2e_database: str, log_dir: Path, ns: str,
+                   request: pytest.FixtureRequest) -> Iterator[Callable[..., Operator]]:
+    started: list[Operator] = []
+
+    def start(name: str = "op", **env: str) -> Operator:
+        op = Operator(stack, database_url=e2e_database, namespaces=[ns], log_dir=log_dir, name=name, env=env)
+        started.append(op)
+        return op.start()
+
+    yield start
+    failed = request.node.rep_call.failed if hasattr(request.node, "rep_call") else False
+    for op in started:
+        op.stop()
+        if failed:
+            print(f"--- operator {op.log_path} ---\n{op.log_tail(120)}")
+
+
+@pytest.fixture
+def operator(start_operator: Callable[..., Operator]) -> Operator:
+    return start_operator()
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    rep = outcome.get_result()  # type: ignore[attr-defined]
+    setattr(item, f"rep_{rep.when}", rep)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

@@ -1,0 +1,295 @@
+"""What the end-to-end tests need from the real stack: the cluster, PostgreSQL, the
+images, a namespace, an operator process, and a pod watcher. No mocks anywhere."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client, config, watch
+from kubernetes.client.rest import ApiException
+
+REPO = Path(__file__).resolve().parents[2]
+GROUP, VERSION = "kubetask.dev", "v1alpha1"
+TERMINAL = {"Succeeded", "Failed", "Canceled", "TimedOut"}
+
+
+def hack(*args: str) -> str:
+    out = subprocess.run(["bash", str(REPO / "hack" / args[0]), *args[1:]], cwd=REPO, check=True,
+                         capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+def hack_verbose(*args: str) -> None:
+    subprocess.run(["bash", str(REPO / "hack" / args[0]), *args[1:]], cwd=REPO, check=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Stack:
+    kubeconfig: str
+    runner_image: str
+    database_url: str
+    #: The address runner pods use to reach processes on this host.
+    host_ip: str
+    core: client.CoreV1Api = field(init=False)
+    custom: client.CustomObjectsApi = field(init=False)
+
+    def __post_init__(self) -> None:
+        config.load_kube_config(self.kubeconfig)
+        self.core = client.CoreV1Api()
+        self.custom = client.CustomObjectsApi()
+
+    # ---- resources ---------------------------------------------------------------------------
+
+    def apply_task(self, ns: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Task", "metadata": {"name": name}, "spec": spec}
+        try:
+            return self.custom.create_namespaced_custom_object(GROUP, VERSION, ns, "tasks", body)  # type: ignore[no-any-return]
+        except ApiException as e:
+            if e.status != 409:
+                raise
+            return self.custom.patch_namespaced_custom_object(GROUP, VERSION, ns, "tasks", name, {"spec": spec})  # type: ignore[no-any-return]
+
+    def apply_queue(self, ns: str, name: str, spec: dict[str, Any]) -> None:
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Queue", "metadata": {"name": name}, "spec": spec}
+        try:
+            self.custom.create_namespaced_custom_object(GROUP, VERSION, ns, "queues", body)
+        except ApiException as e:
+            if e.status != 409:
+                raise
+            self.custom.patch_namespaced_custom_object(GROUP, VERSION, ns, "queues", name, {"spec": spec})
+
+    def create_run(self, ns: str, task: str, *, name: str | None = None, **spec: Any) -> str:
+        meta = {"name": name} if name else {"generateName": f"{task}-"}
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Run", "metadata": meta, "spec": {"task": task, **spec}}
+        out = self.custom.create_namespaced_custom_object(GROUP, VERSION, ns, "runs", body)
+        return str(out["metadata"]["name"])
+
+    def get_run(self, ns: str, name: str) -> dict[str, Any]:
+        return self.custom.get_namespaced_custom_object(GROUP, VERSION, ns, "runs", name)  # type: ignore[no-any-return]
+
+    def patch_run(self, ns: str, name: str, spec: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object(GROUP, VERSION, ns, "runs", name, {"spec": spec})
+
+    def wait_run(self, ns: str, name: str, phases: set[str] | None = None, timeout: float = 180) -> dict[str, Any]:
+        phases = phases or TERMINAL
+        deadline = time.monotonic() + timeout
+        run: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            run = self.get_run(ns, name)
+            if (run.get("status") or {}).get("phase") in phases:
+                return run
+            time.sleep(0.5)
+        raise AssertionError(f"run {ns}/{name} did not reach {sorted(phases)} in {timeout}s: "
+                             f"{json.dumps(run.get('status'), indent=1)}")
+
+    def wait_all(self, ns: str, names: list[str], timeout: float = 300) -> dict[str, dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        done: dict[str, dict[str, Any]] = {}
+        while time.monotonic() < deadline and len(done) < len(names):
+            items = self.custom.list_namespaced_custom_object(GROUP, VERSION, ns, "runs")["items"]
+            for r in items:
+                if r["metadata"]["name"] in names and (r.get("status") or {}).get("phase") in TERMINAL:
+                    done[r["metadata"]["name"]] = r
+            time.sleep(1)
+        missing = sorted(set(names) - set(done))
+        assert not missing, f"{len(missing)} runs did not finish in {timeout}s: {missing[:5]}"
+        return done
+
+    def pods(self, ns: str, selector: str = "app.kubernetes.io/managed-by=kubetask") -> list[Any]:
+        return list(self.core.list_namespaced_pod(ns, label_selector=selector).items)
+
+
+@contextlib.contextmanager
+def namespace(stack: Stack, prefix: str) -> Iterator[str]:
+    name = f"{prefix}-{secrets.token_hex(3)}"
+    stack.core.create_namespace({"metadata": {"name": name, "labels": {"kubetask.dev/e2e": "true"}}})
+    # The default ServiceAccount must exist before pods can be created in the namespace.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ApiException):
+            stack.core.read_namespaced_service_account("default", name)
+            break
+        time.sleep(0.2)
+    try:
+        yield name
+    finally:
+        with contextlib.suppress(ApiException):
+            stack.core.delete_namespace(name, propagation_policy="Background")
+
+
+class Operator:
+    """``kubetask operator`` as a separate process on this host, as a user would run it
+    during development; SIGKILL-able."""
+
+    def __init__(self, stack: Stack, *, database_url: str, namespaces: list[str], log_dir: Path,
+                 env: dict[str, str] | None = None, name: str = "op") -> None:
+        self.stack = stack
+        self.port = free_port()
+        self.log_path = log_dir / f"operator-{name}-{self.port}.log"
+        self.env = {
+            **os.environ,
+            "KUBECONFIG": stack.kubeconfig,
+            "KUBETASK_DATABASE_URL": database_url,
+            "KUBETASK_API_PORT": str(self.port),
+            "KUBETASK_API_URL": f"http://{stack.host_ip}:{self.port}",
+            "KUBETASK_RUNNER_IMAGE": stack.runner_image,
+            "KUBETASK_NAMESPACES": json.dumps(namespaces),
+            "KUBETASK_TASK_GRACE_SECONDS": "5",
+            "KUBETASK_OPERATOR_ID": name,
+            **(env or {}),
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Operator:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "kubetask.cli", "operator"], env=self.env, stdout=log,
+                                     stderr=subprocess.STDOUT, cwd=REPO)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"operator exited {self.proc.returncode}:\n{self.log_tail()}")
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(f"{self.api}/healthz", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            time.sleep(0.3)
+        raise AssertionError(f"operator API did not come up:\n{self.log_tail()}")
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log_tail(self, n: int = 60) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        return ""
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(f"{self.api}{path}", timeout=10) as r:
+            return json.loads(r.read())
+
+
+@dataclass
+class PodEvent:
+    at: float
+    type: str
+    name: str
+    uid: str
+    phase: str
+    labels: dict[str, str]
+
+
+class PodWatcher:
+    """Records every pod event in a namespace from the moment it starts, and tracks how
+    many kubetask pods were alive at once (per queue label). Alive: created and neither
+    deleted nor in a terminal phase."""
+
+    def __init__(self, stack: Stack, ns: str) -> None:
+        self.stack, self.ns = stack, ns
+        self.events: list[PodEvent] = []
+        self.alive: dict[str, dict[str, str]] = {}
+        self.max_alive: dict[str, int] = {}
+        self.uids_by_name: dict[str, set[str]] = {}
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> PodWatcher:
+        self._thread.start()
+        assert self._ready.wait(30), "pod watcher did not start"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(15)
+
+    def _run(self) -> None:
+        rv = self.stack.core.list_namespaced_pod(self.ns).metadata.resource_version
+        self._ready.set()
+        while not self._stop.is_set():
+            w = watch.Watch()
+            try:
+                for ev in w.stream(self.stack.core.list_namespaced_pod, self.ns, resource_version=rv,
+                                   timeout_seconds=5):
+                    pod = ev["object"]
+                    rv = pod.metadata.resource_version
+                    self._record(ev["type"], pod)
+                    if self._stop.is_set():
+                        break
+            except ApiException as e:
+                if e.status == 410:
+                    rv = self.stack.core.list_namespaced_pod(self.ns).metadata.resource_version
+            finally:
+                w.stop()
+
+    def _record(self, kind: str, pod: Any) -> None:
+        labels = pod.metadata.labels or {}
+        if labels.get("app.kubernetes.io/managed-by") != "kubetask":
+            return
+        name, uid, phase = pod.metadata.name, pod.metadata.uid, pod.status.phase or ""
+        with self._lock:
+            self.events.append(PodEvent(time.time(), kind, name, uid, phase, dict(labels)))
+            self.uids_by_name.setdefault(name, set()).add(uid)
+            if kind == "DELETED" or phase in ("Succeeded", "Failed"):
+                self.alive.pop(uid, None)
+            else:
+                self.alive[uid] = labels
+            queue = labels.get("kubetask.dev/queue", "")
+            count = sum(1 for lab in self.alive.values() if lab.get("kubetask.dev/queue") == queue)
+            self.max_alive[queue] = max(self.max_alive.get(queue, 0), count)
+
+    def max_alive_where(self, predicate: Callable[[dict[str, str]], bool]) -> int:
+        """Most pods alive at once among those whose labels match, replayed from events."""
+        alive: set[str] = set()
+        best = 0
+        with self._lock:
+            for ev in self.events:
+                if ev.type == "DELETED" or ev.phase in ("Succeeded", "Failed"):
+                    alive.discard(ev.uid)
+                elif predicate(ev.labels):
+                    alive.add(ev.uid)
+                best = max(best, len(alive))
+        return best
+
+    def first_created(self) -> dict[str, float]:
+        """Pod name -> when its ADDED event was seen."""
+        out: dict[str, float] = {}
+        with self._lock:
+            for ev in self.events:
+                if ev.type == "ADDED":
+                    out.setdefault(ev.name, ev.at)
+        return out
