@@ -3,6 +3,7 @@ the public listing with its filters and pagination."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import secrets
@@ -452,3 +453,85 @@ async def test_health_and_metrics(client: TestClient[Any, Any]) -> None:
     assert resp.status == 200 and await resp.text() == "ok"
     resp = await client.get("/metrics")
     assert resp.status == 200 and "kubetask_api_requests_total" in await resp.text()
+
+
+# ---- the CLI against the API ------------------------------------------------------------
+
+
+async def cli(*args: str) -> Any:
+    """Run ``kubetask ARGS`` in a thread (the API serves from this event loop)."""
+    from typer.testing import CliRunner
+
+    from kubetask.cli import app
+
+    return await asyncio.to_thread(CliRunner().invoke, app, list(args), env={"COLUMNS": "250"})
+
+
+async def test_cli_runs_commands(client: TestClient[Any, Any], sessions: Sessions) -> None:
+    url = str(client.make_url("")).rstrip("/")
+    ns, runs = await _thirty_runs(sessions)
+    result = await cli(
+        "runs", "list", "--api-url", url, "-n", ns, "--since", "all", "--limit", "20", "--json"
+    )
+    assert result.exit_code == 0, result.output
+    page = json.loads(result.stdout)
+    assert [r["id"] for r in page["items"]] == [r.id for r in runs[:20]] and page["nextCursor"]
+    more = await cli(
+        "runs", "list", "--api-url", url, "-n", ns, "--since", "all", "--cursor", page["nextCursor"]
+    )
+    assert more.exit_code == 0 and runs[20].id in more.stdout and runs[0].id not in more.stdout
+    filtered = await cli(
+        "runs",
+        "list",
+        "--api-url",
+        url,
+        "-n",
+        ns,
+        "--since",
+        "all",
+        "--status",
+        "Running",
+        "--tag",
+        "even",
+        "--json",
+    )
+    assert [r["id"] for r in json.loads(filtered.stdout)["items"]] == [
+        r.id for r in runs if r.phase == "Running" and "even" in r.tags
+    ]
+    recent = await cli("runs", "list", "--api-url", url, "-n", ns)  # default: the last 24h
+    assert recent.exit_code == 0 and "No runs created since 24h" in recent.stdout
+    bad = await cli("runs", "list", "--api-url", url, "--since", "yesterday")
+    assert bad.exit_code == 1 and "'yesterday'" in bad.stderr
+
+    run, token = await running(sessions, tags=["cli"])
+    lines = [{"message": f"hello {i}", "level": "info"} for i in range(3)]
+    assert (await client.post("/runner/v1/logs", headers=auth(token), json={"lines": lines})).status == 204
+    got = await cli("runs", "get", run.id, "--api-url", url)
+    assert got.exit_code == 0, got.output
+    assert "Payload" in got.stdout and '"who": "world"' in got.stdout and "1 of 3" in got.stdout
+    got_json = await cli("runs", "get", run.id, "--api-url", url, "--json")
+    assert json.loads(got_json.stdout)["id"] == run.id
+    logs = await cli("runs", "logs", run.id, "--api-url", url)
+    assert logs.exit_code == 0 and [ln.split()[-1] for ln in logs.stdout.splitlines()] == ["0", "1", "2"]
+
+    # --follow returns once the run has ended and its last lines are printed.
+    async with sessions() as s, s.begin():
+        stored = await s.get(Run, run.id)
+        assert stored is not None
+        stored.phase = "Succeeded"
+    follow = await cli("runs", "logs", run.id, "--api-url", url, "--follow", "--json", "--attempt", "1")
+    assert follow.exit_code == 0 and len(follow.stdout.splitlines()) == 3
+
+    missing = await cli("runs", "get", "no-such-run", "--api-url", url)
+    assert missing.exit_code == 1 and "no run with id 'no-such-run'" in missing.stderr
+
+
+async def test_cli_errors_and_crds(tmp_path: Any) -> None:
+    down = await cli("runs", "list", "--api-url", "http://127.0.0.1:9")
+    assert down.exit_code == 1
+    assert "http://127.0.0.1:9" in down.stderr and "make -s api-url" in down.stderr
+
+    stale = await cli("crds", "generate", "--out", str(tmp_path), "--check")
+    assert stale.exit_code == 1 and "task.yaml" in stale.stderr and "kubetask crds generate" in stale.stderr
+    assert (await cli("crds", "generate", "--out", str(tmp_path))).exit_code == 0
+    assert (await cli("crds", "generate", "--out", str(tmp_path), "--check")).exit_code == 0
