@@ -14,7 +14,8 @@
 #   runner, operator: pyproject.toml, README.md, the operator/ tree, the Containerfile,
 #                     the base image id
 # KUBETASK_BUILD_CONTEXT overrides the build context (default: the repository root).
-# KUBETASK_REBUILD=1 ignores the caches. DEBIAN_MIRROR overrides the Debian mirror
+# KUBETASK_REBUILD=1 ignores the caches; KUBETASK_VERBOSE=1 shows the whole build output
+# (otherwise it is in $KUBETASK_CACHE/images/<name>.build.log). DEBIAN_MIRROR overrides the Debian mirror
 # (default: the first one apt on this host uses for $DEBIAN_SUITE).
 source "$(dirname "$0")/lib.sh"
 
@@ -195,6 +196,11 @@ app_inputs_hash() { # containerfile
   } | sha256sum | cut -c1-64
 }
 
+# The build's output: the STEP lines only, unless KUBETASK_VERBOSE=1.
+show_build() {
+  if [[ ${KUBETASK_VERBOSE:-0} == 1 ]]; then cat >&2; else grep --line-buffered '^STEP ' | cut -c1-120 >&2 || true; fi
+}
+
 build_app() { # name ref containerfile
   local name="$1" ref="$2" cf="$3"
   need buildah
@@ -222,7 +228,8 @@ build_app() { # name ref containerfile
   fi
   # chroot isolation: RUN steps share the host's network (pip reaches PyPI) and need no
   # network namespace or CNI setup. --pull=never: the base only exists in the local store.
-  buildah bud \
+  local build_log="$IMG_CACHE/$name.build.log"
+  if ! buildah bud \
     --isolation chroot \
     --pull=never \
     --layers --force-rm \
@@ -230,7 +237,10 @@ build_app() { # name ref containerfile
     "${ca_args[@]}" \
     --label "$LABEL_INPUTS=$hash" \
     --label "org.opencontainers.image.version=$PROJECT_VERSION" \
-    -f "$cf" -t "$ref" "$CONTEXT"
+    -f "$cf" -t "$ref" "$CONTEXT" 2>&1 | tee "$build_log" | show_build; then
+    tail -40 "$build_log" >&2
+    die "$name: buildah bud failed (full log: $build_log)"
+  fi
   # The image this build replaced is now untagged: drop it (its layers that the new one
   # shares stay; --layers keeps the intermediate images as the build cache).
   if [[ -n $old_id && $old_id != "$(image_id "$ref")" ]]; then
