@@ -156,3 +156,29 @@ build_scratch_image() { # ref archive entrypoint-json src:dest...
   buildah push --quiet "$ref" "oci-archive:$archive.tmp:$ref"
   mv "$archive.tmp" "$archive"
 }
+
+# Succeeds if <server> answers an A query for <name> over TCP with <ip> (bash only: no
+# dig on a minimal machine). Exercises the Service IP (kube-proxy rules), the CoreDNS pod
+# and its view of the API.
+dns_resolves() ( # server name ip
+  local server=$1 name=$2 ip=$3 q label len resp want o
+  local -a labels
+  q='\x00\x2a\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00' # id 42, recursion desired, 1 question
+  IFS=. read -ra labels <<<"$name"
+  for label in "${labels[@]}"; do q+="$(printf '\\x%02x' "${#label}")$label"; done
+  q+='\x00\x00\x01\x00\x01' # root label, type A, class IN
+  # shellcheck disable=SC2059 # q is a printf format of \x escapes and [a-z0-9-] labels
+  len="$(printf "$q" | wc -c)"
+  exec 2>/dev/null 3<>"/dev/tcp/$server/53" || exit 1
+  # shellcheck disable=SC2059
+  { printf "\\x$(printf %02x $((len >> 8)))\\x$(printf %02x $((len & 255)))"; printf "$q"; } >&3
+  len="$(timeout 2 dd bs=1 count=2 <&3 2>/dev/null | od -An -tu1 | awk '{print $1 * 256 + $2}')"
+  [[ $len =~ ^[0-9]+$ ]] && ((len > 12)) || exit 1
+  resp="$(timeout 2 dd bs="$len" count=1 iflag=fullblock <&3 2>/dev/null | od -An -v -tx1 | tr -d ' \n')"
+  # rcode 0 (low nibble of byte 3), at least one answer, and <ip> as the last answer's rdata.
+  [[ ${resp:7:1} == 0 && ${resp:12:4} != 0000 ]] || exit 1
+  want=""
+  IFS=. read -ra o <<<"$ip"
+  for label in "${o[@]}"; do want+="$(printf %02x "$label")"; done
+  [[ $resp == *"0004$want" ]]
+)
