@@ -262,11 +262,11 @@ node_ready() {
   since="$(stat -c %Y "$PID_DIR/kubelet.pid" 2>/dev/null || echo 0)"
   (($(date -d "$hb" +%s) >= since - 1))
 }
-# Ready in the API, and its Service answers TCP on port 53 from the host (through the
-# kube-proxy rules: an endpoint left over from before a restart does not answer).
+# Ready in the API, and kube-dns's Service IP answers a real query from the host (the API
+# status can be stale for a few seconds after a restart; the query cannot).
 coredns_ready() {
   [[ "$(kc -n kube-system get deploy coredns --request-timeout=3s -o 'jsonpath={.status.readyReplicas}' 2>/dev/null)" == 1 ]] &&
-    timeout 2 bash -c "exec 3<>/dev/tcp/$DNS_SVC_IP/53" 2>/dev/null
+    dns_resolves "$DNS_SVC_IP" "kubernetes.default.svc.$CLUSTER_DOMAIN" "$KUBERNETES_SVC_IP"
 }
 containerd_ready() { ctr --address "$CONTAINERD_SOCK" version >/dev/null 2>&1; }
 # The daemons run, with the command lines and configuration this script would use.
