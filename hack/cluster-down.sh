@@ -81,11 +81,11 @@ if pid_alive containerd >/dev/null; then
   if [[ -n $tasks ]]; then
     log "stopping $(wc -w <<<"$tasks") pod container(s)"
     for t in $tasks; do ctr_ tasks kill -s SIGKILL "$t" >/dev/null 2>&1 || true; done
-    for t in $tasks; do
-      for _ in 1 2 3 4 5 6 7 8 9 10; do
-        ctr_ tasks delete "$t" >/dev/null 2>&1 && break
-        sleep 0.2
-      done
+    # The CRI plugin deletes a task once it sees it exit; delete what it has not.
+    no_tasks() { [[ -z "$(ctr_ tasks ls -q 2>/dev/null)" ]]; }
+    wait_until 5 no_tasks || true
+    for t in $(ctr_ tasks ls -q 2>/dev/null || true); do
+      ctr_ tasks delete --force "$t" >/dev/null 2>&1 || true
     done
   fi
   containers="$(ctr_ containers ls -q 2>/dev/null || true)"
@@ -182,8 +182,8 @@ if ip link show "$BRIDGE_NAME" >/dev/null 2>&1; then
   for v in $(ip -o link show master "$BRIDGE_NAME" type veth 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1); do
     ip link del "$v" 2>/dev/null || true
   done
-  if pid_alive postgres >/dev/null; then
-    log "PostgreSQL runs on $BRIDGE_NAME: keeping the bridge"
+  if pid_alive postgres >/dev/null || [[ -n "$(ss -Hltnu "src $BRIDGE_IP" 2>/dev/null)" ]]; then
+    log "PostgreSQL (or another server) listens on $BRIDGE_NAME ($BRIDGE_IP): keeping the bridge"
   else
     ip link del "$BRIDGE_NAME" 2>/dev/null || true
   fi
