@@ -41,7 +41,10 @@ ensure_bridge() {
   if ! ip link show "$BRIDGE_NAME" >/dev/null 2>&1; then
     ip link add "$BRIDGE_NAME" type bridge
   fi
-  ip addr show dev "$BRIDGE_NAME" | grep -q "inet $BRIDGE_IP/" || ip addr add "$BRIDGE_IP/16" dev "$BRIDGE_NAME"
+  # No `ip ... | grep -q`: under pipefail, grep's early exit can SIGPIPE ip and fail the test.
+  if [[ "$(ip -4 addr show dev "$BRIDGE_NAME")" != *"inet $BRIDGE_IP/"* ]]; then
+    ip addr add "$BRIDGE_IP/16" dev "$BRIDGE_NAME"
+  fi
   ip link set "$BRIDGE_NAME" up
 }
 
@@ -137,7 +140,10 @@ kc() { kubectl --kubeconfig "$KUBECONFIG_ADMIN" "$@"; }
 
 # Is <ref> in the cluster's containerd (namespace k8s.io)?
 image_present() { # ref
-  ctr --address "$CONTAINERD_SOCK" -n k8s.io images ls -q "name==$1" 2>/dev/null | grep -qxF "$1"
+  # Not `ctr ... | grep -q` (pipefail + SIGPIPE, see ensure_bridge).
+  local refs
+  refs="$(ctr --address "$CONTAINERD_SOCK" -n k8s.io images ls -q "name==$1" 2>/dev/null)" || return 1
+  grep -qxF "$1" <<<"$refs"
 }
 
 # Builds an image FROM scratch holding the given files, with buildah, and writes it as an
