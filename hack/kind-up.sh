@@ -13,7 +13,8 @@ for c in docker kind kubectl; do
 done
 docker info >/dev/null 2>&1 || die "the Docker engine does not answer (docker info)"
 
-if kind get clusters 2>/dev/null | grep -qxF "$KIND_CLUSTER"; then
+clusters="$(kind get clusters 2>/dev/null || true)"
+if grep -qxF "$KIND_CLUSTER" <<<"$clusters"; then
   log "kind cluster $KIND_CLUSTER exists"
 else
   log "creating kind cluster $KIND_CLUSTER"
