@@ -19,6 +19,10 @@ DB_NAME=kubetask
 DB_ROLE=kubetask
 DB_PASSWORD=kubetask
 
+# Which version of this script set the server up (its settings, pg_hba, role, database).
+SETUP_STAMP="$PGDATA_DIR/kubetask.setup"
+setup_hash() { sha256sum <"${BASH_SOURCE[0]}" | cut -c1-16; }
+
 # libpq form of the host URL (psql does not know SQLAlchemy's "+psycopg").
 libpq_url() { echo "${1/postgresql+psycopg:/postgresql:}"; }
 
@@ -105,6 +109,22 @@ cmd_up() {
   ensure_bridge
   if is_running && is_ready; then
     record_pid
+    # This script changed since the server was set up: apply the new settings (reload,
+    # or restart when postgresql settings changed) and the role/database setup.
+    if [[ "$(cat "$SETUP_STAMP" 2>/dev/null)" != "$(setup_hash)" ]]; then
+      local before
+      before="$(sha256sum <"$PGDATA_DIR/kubetask.conf" 2>/dev/null || true)"
+      write_config
+      if [[ "$(sha256sum <"$PGDATA_DIR/kubetask.conf")" != "$before" ]]; then
+        log "db: settings changed: restarting"
+        pg_ctl -l "$PG_LOG" -m fast -w -t 60 restart >/dev/null
+        record_pid
+      else
+        pg_ctl reload >/dev/null
+      fi
+      provision
+      setup_hash >"$SETUP_STAMP"
+    fi
     log "db: running (pid $(postmaster_pid)), $DATABASE_URL_HOST"
     return 0
   fi
@@ -137,6 +157,7 @@ cmd_up() {
   fi
   record_pid
   provision
+  setup_hash >"$SETUP_STAMP"
   "$PG_BIN/psql" -X -q "$(libpq_url "$DATABASE_URL_HOST")" -c 'SELECT 1' >/dev/null ||
     die "cannot connect with $DATABASE_URL_HOST"
   log "db: up (pid $(postmaster_pid)), $DATABASE_URL_HOST"
