@@ -79,6 +79,10 @@ start_daemon() { # name cmd...
   local name=$1
   shift
   mkdir -p "$PID_DIR" "$LOG_DIR"
+  # Keep one previous log once it passes 50 MB.
+  if [[ -f "$LOG_DIR/$name.log" ]] && (($(stat -c %s "$LOG_DIR/$name.log") > 50000000)); then
+    mv -f "$LOG_DIR/$name.log" "$LOG_DIR/$name.log.1"
+  fi
   printf '\n==== %s starting %s: %s\n' "$(date -Is)" "$name" "$*" >>"$LOG_DIR/$name.log"
   # setsid and nohup exec the command, so $! is the daemon's own pid.
   setsid nohup "$@" >>"$LOG_DIR/$name.log" 2>&1 </dev/null &
