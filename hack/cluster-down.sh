@@ -42,7 +42,7 @@ shim_pids() {
     pid="${f#/proc/}"
     pid="${pid%/cmdline}"
     [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == containerd-shim* ]] || continue
-    tr '\0' ' ' 2>/dev/null <"$f" | grep -qF -- "-address $CONTAINERD_SOCK " && echo "$pid"
+    [[ "$(tr '\0' ' ' 2>/dev/null <"$f")" == *"-address $CONTAINERD_SOCK "* ]] && echo "$pid"
   done
   return 0
 }
@@ -153,7 +153,8 @@ done
 # 6. iptables: kube-proxy's own cleanup, then every KUBE-* and CNI-* chain and the rules
 # that jump to them (the kubelet's KUBE-FIREWALL etc., the bridge plugin's masquerade
 # chains, portmap's CNI-HOSTPORT-*), in IPv4 and IPv6.
-if [[ -x "$BIN_DIR/kube-proxy" ]] && iptables -t nat -S 2>/dev/null | grep -q -- '-N KUBE-'; then
+# (No `| grep -q` here: under pipefail an early grep exit can SIGPIPE the writer.)
+if [[ -x "$BIN_DIR/kube-proxy" && "$(iptables -t nat -S 2>/dev/null)" == *"-N KUBE-"* ]]; then
   "$BIN_DIR/kube-proxy" --cleanup --config "$CONF/kube-proxy-config.yaml" >/dev/null 2>&1 ||
     "$BIN_DIR/kube-proxy" --cleanup >/dev/null 2>&1 || true
 fi
@@ -206,7 +207,7 @@ if ((purge)); then
   fi
   log "purging $KUBETASK_STATE and $CONTAINERD_STATE"
   # Anything still mounted below it (should be nothing by now) must not be followed.
-  if findmnt -rn -o TARGET | grep -q "^$KUBETASK_STATE"; then
+  if [[ -n "$(findmnt -rn -o TARGET | grep "^$KUBETASK_STATE" || true)" ]]; then
     die "something is still mounted under $KUBETASK_STATE: not purging"
   fi
   rm -rf "$KUBETASK_STATE" "$CONTAINERD_STATE"

@@ -19,10 +19,14 @@ POD_RANGE_START=10.88.0.2
 APISERVER_PORT=6443
 NODE_NAME="${NODE_NAME:-$(hostname | tr '[:upper:]' '[:lower:]')}"
 # The node's address: the source address of the default route (no packet is sent).
+# (Whole outputs captured first: no `| head` under pipefail.)
 default_ip() {
-  local dev
-  dev="$(ip -4 -o route show default 2>/dev/null | sed -n 's/.* dev \([^ ]*\).*/\1/p' | head -1)"
-  [[ -n $dev ]] && ip -4 -o addr show dev "$dev" | sed -n 's/.* inet \([0-9.]*\)\/.*/\1/p' | head -1
+  local routes addrs
+  routes="$(ip -4 -o route show default 2>/dev/null)"
+  [[ $routes =~ \ dev\ ([^ ]+) ]] || return 1
+  addrs="$(ip -4 -o addr show dev "${BASH_REMATCH[1]}")"
+  [[ $addrs =~ \ inet\ ([0-9.]+)/ ]] || return 1
+  echo "${BASH_REMATCH[1]}"
 }
 NODE_IP="${NODE_IP:-$(default_ip || true)}"
 [[ -n $NODE_IP ]] || NODE_IP=127.0.0.1

@@ -11,7 +11,7 @@ source "$(dirname "$0")/lib.sh"
 
 TOOLBOX_IMAGE="$IMAGE_PREFIX/toolbox:busybox"
 busybox=/bin/busybox
-if [[ ! -x $busybox ]] || ! file -L "$busybox" 2>/dev/null | grep -q 'statically linked'; then
+if [[ ! -x $busybox || "$(file -L "$busybox" 2>/dev/null || true)" != *"statically linked"* ]]; then
   if [[ "$(dpkg-query -W -f='${db:Status-Abbrev}' busybox-static 2>/dev/null || true)" != ii* ]]; then
     log "installing busybox-static"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq busybox-static >/dev/null
