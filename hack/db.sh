@@ -75,8 +75,8 @@ EOF
 # TYPE  DATABASE   USER       ADDRESS        METHOD
 local   all        $PG_USER                  peer
 local   $DB_NAME   $DB_ROLE                  scram-sha-256
-host    $DB_NAME   $DB_ROLE   127.0.0.1/32   scram-sha-256
-host    $DB_NAME   $DB_ROLE   $POD_CIDR  scram-sha-256
+host    all        $DB_ROLE   127.0.0.1/32   scram-sha-256
+host    all        $DB_ROLE   $POD_CIDR  scram-sha-256
 EOF
   chown "$PG_USER:$PG_USER" "$PGDATA_DIR/kubetask.conf" "$PGDATA_DIR/pg_hba.conf"
   chmod 600 "$PGDATA_DIR/kubetask.conf" "$PGDATA_DIR/pg_hba.conf"
@@ -97,7 +97,7 @@ init_cluster() {
 provision() {
   as_pg "$PG_BIN/psql" -X -q -h "$PG_SOCKET_DIR" -p "$PG_PORT" -U "$PG_USER" -d postgres -v ON_ERROR_STOP=1 <<EOF
 SELECT 'CREATE ROLE $DB_ROLE LOGIN' WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$DB_ROLE') \gexec
-ALTER ROLE $DB_ROLE WITH LOGIN PASSWORD '$DB_PASSWORD';
+ALTER ROLE $DB_ROLE WITH LOGIN CREATEDB PASSWORD '$DB_PASSWORD';  -- CREATEDB: the tests make throwaway databases
 SELECT 'CREATE DATABASE $DB_NAME OWNER $DB_ROLE' WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = '$DB_NAME') \gexec
 ALTER DATABASE $DB_NAME OWNER TO $DB_ROLE;
 EOF
