@@ -90,7 +90,7 @@ lint: venv ## ruff and mypy
 
 .PHONY: unit
 unit: venv ## the unit tests (no cluster, no database)
-	$(VENV)/bin/pytest -m 'not e2e' tests
+	$(VENV)/bin/pytest -m 'not e2e and not db' tests
 
 .PHONY: test
 test: venv lint ## everything: lint, type check, unit and end-to-end tests (starts what it needs)
