@@ -15,7 +15,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
-from tests.e2e.harness import REPO, Operator, Stack, hack, hack_verbose, namespace
+from tests.e2e.harness import REPO, Operator, Stack, free_port, hack, hack_verbose, namespace
 
 pytestmark = pytest.mark.e2e
 
@@ -35,16 +35,38 @@ def stack() -> Stack:
     hack_verbose("images.sh", "all")
     kubeconfig = user_cluster or hack("print.sh", "kubeconfig")
     env = {**os.environ, "KUBECONFIG": kubeconfig}
-    subprocess.run(["kubectl", "apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds")], check=True,
-                   env=env, capture_output=True)
-    subprocess.run(["kubectl", "wait", "--for=condition=Established", "--timeout=60s", "crd/tasks.kubetask.dev",
-                    "crd/runs.kubetask.dev", "crd/queues.kubetask.dev"], check=True, env=env, capture_output=True)
+    subprocess.run(
+        ["kubectl", "apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds")],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    subprocess.run(
+        [
+            "kubectl",
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/tasks.kubetask.dev",
+            "crd/runs.kubetask.dev",
+            "crd/queues.kubetask.dev",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     # An operator installed in the cluster would act on the tests' Runs too: pause it.
-    subprocess.run(["kubectl", "-n", "kubetask-system", "scale", "deployment/kubetask-operator", "--replicas=0"],
-                   env=env, capture_output=True)
-    return Stack(kubeconfig=kubeconfig, runner_image=os.environ.get("KUBETASK_RUNNER_IMAGE") or
-                 hack("print.sh", "runner-image"), database_url=hack("print.sh", "database-url"),
-                 host_ip=os.environ.get("KUBETASK_TEST_HOST_IP", "10.88.0.1"))
+    subprocess.run(
+        ["kubectl", "-n", "kubetask-system", "scale", "deployment/kubetask-operator", "--replicas=0"],
+        env=env,
+        capture_output=True,
+    )
+    return Stack(
+        kubeconfig=kubeconfig,
+        runner_image=os.environ.get("KUBETASK_RUNNER_IMAGE") or hack("print.sh", "runner-image"),
+        database_url=hack("print.sh", "database-url"),
+        host_ip=os.environ.get("KUBETASK_TEST_HOST_IP", "10.88.0.1"),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -76,12 +98,16 @@ def ns(stack: Stack, request: pytest.FixtureRequest) -> Iterator[str]:
 
 
 @pytest.fixture
-def start_operator(stack: Stack, e2e_database: str, log_dir: Path, ns: str,
-                   request: pytest.FixtureRequest) -> Iterator[Callable[..., Operator]]:
+def start_operator(
+    stack: Stack, e2e_database: str, log_dir: Path, ns: str, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., Operator]]:
     started: list[Operator] = []
+    port = free_port()
 
     def start(name: str = "op", **env: str) -> Operator:
-        op = Operator(stack, database_url=e2e_database, namespaces=[ns], log_dir=log_dir, name=name, env=env)
+        op = Operator(
+            stack, database_url=e2e_database, namespaces=[ns], log_dir=log_dir, name=name, env=env, port=port
+        )
         started.append(op)
         return op.start()
 

@@ -28,8 +28,13 @@ TERMINAL = {"Succeeded", "Failed", "Canceled", "TimedOut"}
 
 
 def hack(*args: str) -> str:
-    out = subprocess.run(["bash", str(REPO / "hack" / args[0]), *args[1:]], cwd=REPO, check=True,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        ["bash", str(REPO / "hack" / args[0]), *args[1:]],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return out.stdout.strip()
 
 
@@ -67,7 +72,9 @@ class Stack:
         except ApiException as e:
             if e.status != 409:
                 raise
-            return self.custom.patch_namespaced_custom_object(GROUP, VERSION, ns, "tasks", name, {"spec": spec})  # type: ignore[no-any-return]
+            return self.custom.patch_namespaced_custom_object(
+                GROUP, VERSION, ns, "tasks", name, {"spec": spec}
+            )  # type: ignore[no-any-return]
 
     def apply_queue(self, ns: str, name: str, spec: dict[str, Any]) -> None:
         body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Queue", "metadata": {"name": name}, "spec": spec}
@@ -80,7 +87,12 @@ class Stack:
 
     def create_run(self, ns: str, task: str, *, name: str | None = None, **spec: Any) -> str:
         meta = {"name": name} if name else {"generateName": f"{task}-"}
-        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Run", "metadata": meta, "spec": {"task": task, **spec}}
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "Run",
+            "metadata": meta,
+            "spec": {"task": task, **spec},
+        }
         out = self.custom.create_namespaced_custom_object(GROUP, VERSION, ns, "runs", body)
         return str(out["metadata"]["name"])
 
@@ -90,7 +102,9 @@ class Stack:
     def patch_run(self, ns: str, name: str, spec: dict[str, Any]) -> None:
         self.custom.patch_namespaced_custom_object(GROUP, VERSION, ns, "runs", name, {"spec": spec})
 
-    def wait_run(self, ns: str, name: str, phases: set[str] | None = None, timeout: float = 180) -> dict[str, Any]:
+    def wait_run(
+        self, ns: str, name: str, phases: set[str] | None = None, timeout: float = 180
+    ) -> dict[str, Any]:
         phases = phases or TERMINAL
         deadline = time.monotonic() + timeout
         run: dict[str, Any] = {}
@@ -99,8 +113,10 @@ class Stack:
             if (run.get("status") or {}).get("phase") in phases:
                 return run
             time.sleep(0.5)
-        raise AssertionError(f"run {ns}/{name} did not reach {sorted(phases)} in {timeout}s: "
-                             f"{json.dumps(run.get('status'), indent=1)}")
+        raise AssertionError(
+            f"run {ns}/{name} did not reach {sorted(phases)} in {timeout}s: "
+            f"{json.dumps(run.get('status'), indent=1)}"
+        )
 
     def wait_all(self, ns: str, names: list[str], timeout: float = 300) -> dict[str, dict[str, Any]]:
         deadline = time.monotonic() + timeout
@@ -141,8 +157,16 @@ class Operator:
     """``kubetask operator`` as a separate process on this host, as a user would run it
     during development; SIGKILL-able."""
 
-    def __init__(self, stack: Stack, *, database_url: str, namespaces: list[str], log_dir: Path,
-                 env: dict[str, str] | None = None, name: str = "op") -> None:
+    def __init__(
+        self,
+        stack: Stack,
+        *,
+        database_url: str,
+        namespaces: list[str],
+        log_dir: Path,
+        env: dict[str, str] | None = None,
+        name: str = "op",
+    ) -> None:
         self.stack = stack
         self.port = free_port()
         self.log_path = log_dir / f"operator-{name}-{self.port}.log"
@@ -166,8 +190,13 @@ class Operator:
 
     def start(self) -> Operator:
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "kubetask.cli", "operator"], env=self.env, stdout=log,
-                                     stderr=subprocess.STDOUT, cwd=REPO)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kubetask.cli", "operator"],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -243,8 +272,9 @@ class PodWatcher:
         while not self._stop.is_set():
             w = watch.Watch()
             try:
-                for ev in w.stream(self.stack.core.list_namespaced_pod, self.ns, resource_version=rv,
-                                   timeout_seconds=5):
+                for ev in w.stream(
+                    self.stack.core.list_namespaced_pod, self.ns, resource_version=rv, timeout_seconds=5
+                ):
                     pod = ev["object"]
                     rv = pod.metadata.resource_version
                     self._record(ev["type"], pod)

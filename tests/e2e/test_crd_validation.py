@@ -36,16 +36,22 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     ("factor below 1", task({**OK_TASK, "retry": {"factor": 0.5}}), "spec.retry.factor"),
     ("negative minTimeoutMs", task({**OK_TASK, "retry": {"minTimeoutMs": -1}}), "spec.retry.minTimeoutMs"),
     ("negative maxTimeoutMs", task({**OK_TASK, "retry": {"maxTimeoutMs": -5}}), "spec.retry.maxTimeoutMs"),
-    ("max below min timeout", task({**OK_TASK, "retry": {"minTimeoutMs": 5000, "maxTimeoutMs": 1000}}),
-     "maxTimeoutMs must be greater than or equal to retry.minTimeoutMs"),
+    (
+        "max below min timeout",
+        task({**OK_TASK, "retry": {"minTimeoutMs": 5000, "maxTimeoutMs": 1000}}),
+        "maxTimeoutMs must be greater than or equal to retry.minTimeoutMs",
+    ),
     ("randomize not a bool", task({**OK_TASK, "retry": {"randomize": "sometimes"}}), "spec.retry.randomize"),
     ("unknown retry field", task({**OK_TASK, "retry": {"attempts": 3}}), "attempts"),
     ("maxDurationSeconds below 5", task({**OK_TASK, "maxDurationSeconds": 4}), "spec.maxDurationSeconds"),
     ("queue name not DNS-1123", task({**OK_TASK, "queue": {"name": "Bad_Queue"}}), "spec.queue.name"),
     ("queue limit 0", task({**OK_TASK, "queue": {"concurrencyLimit": 0}}), "spec.queue.concurrencyLimit"),
     ("image empty", task({**OK_TASK, "image": ""}), "spec.image"),
-    ("nodeSelector not strings", task({**OK_TASK, "podTemplate": {"nodeSelector": {"a": 1}}}),
-     "spec.podTemplate.nodeSelector"),
+    (
+        "nodeSelector not strings",
+        task({**OK_TASK, "podTemplate": {"nodeSelector": {"a": 1}}}),
+        "spec.podTemplate.nodeSelector",
+    ),
     ("unknown task field", task({**OK_TASK, "retries": 3}), "retries"),
     ("run without task", run({"payload": {}}), "spec.task"),
     ("run task not DNS-1123", run({"task": "Hello_World"}), "spec.task"),
@@ -62,37 +68,82 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
 ]
 
 
-def dry_run(stack: Stack, ns: str, manifest: dict[str, Any], verb: str = "create") -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["kubectl", "--kubeconfig", stack.kubeconfig, "-n", ns, verb, "--dry-run=server",
-                           "--validate=strict", "-f", "-"], input=json.dumps(manifest), capture_output=True,
-                          text=True)
+def dry_run(
+    stack: Stack, ns: str, manifest: dict[str, Any], verb: str = "create"
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            "kubectl",
+            "--kubeconfig",
+            stack.kubeconfig,
+            "-n",
+            ns,
+            verb,
+            "--dry-run=server",
+            "--validate=strict",
+            "-f",
+            "-",
+        ],
+        input=json.dumps(manifest),
+        capture_output=True,
+        text=True,
+    )
 
 
 @pytest.mark.parametrize(("manifest", "field"), [b[1:] for b in BAD], ids=[b[0] for b in BAD])
-def test_bad_manifest_is_rejected_naming_the_field(stack: Stack, ns: str, manifest: dict[str, Any],
-                                                  field: str) -> None:
+def test_bad_manifest_is_rejected_naming_the_field(
+    stack: Stack, ns: str, manifest: dict[str, Any], field: str
+) -> None:
     out = dry_run(stack, ns, manifest)
     assert out.returncode != 0, f"accepted: {manifest}"
     assert field in out.stderr, out.stderr
 
 
 def test_good_manifests_are_accepted(stack: Stack, ns: str) -> None:
-    for manifest in [task({"entrypoint": "pkg.mod:fn", "retry": {"maxAttempts": 100, "factor": 1}}),
-                     task({"source": "x", "queue": {"name": "q", "concurrencyLimit": 1, "perKeyConcurrencyLimit": 1},
-                           "maxDurationSeconds": 5, "podTemplate": {"resources": {"limits": {"memory": "1Gi"}}}}),
-                     run({"task": "t", "payload": {"a": [1, {"b": None}]}, "tags": ["x"], "priority": -5}),
-                     queue({"concurrencyLimit": 3, "paused": True})]:
+    for manifest in [
+        task({"entrypoint": "pkg.mod:fn", "retry": {"maxAttempts": 100, "factor": 1}}),
+        task(
+            {
+                "source": "x",
+                "queue": {"name": "q", "concurrencyLimit": 1, "perKeyConcurrencyLimit": 1},
+                "maxDurationSeconds": 5,
+                "podTemplate": {"resources": {"limits": {"memory": "1Gi"}}},
+            }
+        ),
+        run({"task": "t", "payload": {"a": [1, {"b": None}]}, "tags": ["x"], "priority": -5}),
+        queue({"concurrencyLimit": 3, "paused": True}),
+    ]:
         out = dry_run(stack, ns, manifest)
         assert out.returncode == 0, out.stderr
 
 
 def test_run_task_is_immutable_and_cancel_cannot_be_undone(stack: Stack, ns: str) -> None:
-    created = subprocess.run(["kubectl", "--kubeconfig", stack.kubeconfig, "-n", ns, "create", "-f", "-"],
-                             input=json.dumps(run({"task": "t", "cancel": True}, name="immut")), capture_output=True,
-                             text=True)
+    created = subprocess.run(
+        ["kubectl", "--kubeconfig", stack.kubeconfig, "-n", ns, "create", "-f", "-"],
+        input=json.dumps(run({"task": "t", "cancel": True}, name="immut")),
+        capture_output=True,
+        text=True,
+    )
     assert created.returncode == 0, created.stderr
-    for patch, message in [({"spec": {"task": "other"}}, "spec.task is immutable"),
-                           ({"spec": {"cancel": False}}, "spec.cancel cannot be set back to false")]:
-        out = subprocess.run(["kubectl", "--kubeconfig", stack.kubeconfig, "-n", ns, "patch", "runs.kubetask.dev",
-                              "immut", "--type=merge", "-p", json.dumps(patch)], capture_output=True, text=True)
+    for patch, message in [
+        ({"spec": {"task": "other"}}, "spec.task is immutable"),
+        ({"spec": {"cancel": False}}, "spec.cancel cannot be set back to false"),
+    ]:
+        out = subprocess.run(
+            [
+                "kubectl",
+                "--kubeconfig",
+                stack.kubeconfig,
+                "-n",
+                ns,
+                "patch",
+                "runs.kubetask.dev",
+                "immut",
+                "--type=merge",
+                "-p",
+                json.dumps(patch),
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert out.returncode != 0 and message in out.stderr, out.stderr

@@ -33,8 +33,9 @@ def ts(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
-def test_hello_succeeds_with_output_logs_and_history(stack: Stack, ns: str, operator: Operator,
-                                                     e2e_database: str) -> None:
+def test_hello_succeeds_with_output_logs_and_history(
+    stack: Stack, ns: str, operator: Operator, e2e_database: str
+) -> None:
     stack.apply_task(ns, "hello", example_task("hello"))
     name = stack.create_run(ns, "hello", payload={"name": "e2e"}, tags=["smoke"])
     run = stack.wait_run(ns, name)
@@ -58,16 +59,18 @@ def test_hello_succeeds_with_output_logs_and_history(stack: Stack, ns: str, oper
     assert status["runId"] in [r["id"] for r in listed]
     engine = create_engine(e2e_database, poolclass=NullPool)
     with engine.connect() as conn:
-        row = conn.execute(text("SELECT phase, attempt, output FROM runs WHERE id = :i"),
-                           {"i": status["runId"]}).one()
+        row = conn.execute(
+            text("SELECT phase, attempt, output FROM runs WHERE id = :i"), {"i": status["runId"]}
+        ).one()
     engine.dispose()
     assert tuple(row) == ("Succeeded", 1, status["output"])
     # The ended pod is cleaned up; its history is not.
     wait_for(lambda: not stack.pods(ns), 30, "the attempt pod to be deleted")
 
 
-def test_flaky_retries_with_backoff_gaps_no_shorter_than_configured(stack: Stack, ns: str,
-                                                                     operator: Operator) -> None:
+def test_flaky_retries_with_backoff_gaps_no_shorter_than_configured(
+    stack: Stack, ns: str, operator: Operator
+) -> None:
     stack.apply_task(ns, "flaky", example_task("flaky"))
     name = stack.create_run(ns, "flaky", payload={"failures": 2})
     status = stack.wait_run(ns, name, timeout=240)["status"]
@@ -79,14 +82,23 @@ def test_flaky_retries_with_backoff_gaps_no_shorter_than_configured(stack: Stack
     # minTimeoutMs 2000, factor 2, no jitter: >= 2 s before attempt 2, >= 4 s before attempt 3.
     for prev, nxt, delay in [(attempts[0], attempts[1], 2.0), (attempts[1], attempts[2], 4.0)]:
         gap = (ts(nxt["createdAt"]) - ts(prev["finishedAt"])).total_seconds()
-        assert gap >= delay, f"attempt {nxt['number']} started {gap:.3f}s after the previous ended (< {delay}s)"
+        assert gap >= delay, (
+            f"attempt {nxt['number']} started {gap:.3f}s after the previous ended (< {delay}s)"
+        )
     assert "failed on purpose" in attempts[0]["error"]["message"]
 
 
 def test_retries_exhausted_fails_with_the_last_error(stack: Stack, ns: str, operator: Operator) -> None:
-    stack.apply_task(ns, "always-fails", {
-        "source": source("def f(payload, ctx):\n    raise ValueError(f'nope {ctx.attempt.number}')", "always-fails"),
-        "retry": {"maxAttempts": 2, "minTimeoutMs": 100, "randomize": False}})
+    stack.apply_task(
+        ns,
+        "always-fails",
+        {
+            "source": source(
+                "def f(payload, ctx):\n    raise ValueError(f'nope {ctx.attempt.number}')", "always-fails"
+            ),
+            "retry": {"maxAttempts": 2, "minTimeoutMs": 100, "randomize": False},
+        },
+    )
     name = stack.create_run(ns, "always-fails")
     status = stack.wait_run(ns, name)["status"]
     assert status["phase"] == "Failed"
@@ -97,9 +109,14 @@ def test_retries_exhausted_fails_with_the_last_error(stack: Stack, ns: str, oper
 
 
 def test_abort_run_fails_after_one_attempt(stack: Stack, ns: str, operator: Operator) -> None:
-    stack.apply_task(ns, "aborts", {
-        "source": source("def f(payload, ctx):\n    raise AbortRun('bad input, do not retry')", "aborts"),
-        "retry": {"maxAttempts": 5, "minTimeoutMs": 100}})
+    stack.apply_task(
+        ns,
+        "aborts",
+        {
+            "source": source("def f(payload, ctx):\n    raise AbortRun('bad input, do not retry')", "aborts"),
+            "retry": {"maxAttempts": 5, "minTimeoutMs": 100},
+        },
+    )
     name = stack.create_run(ns, "aborts")
     status = stack.wait_run(ns, name)["status"]
     assert status["phase"] == "Failed"
@@ -109,9 +126,15 @@ def test_abort_run_fails_after_one_attempt(stack: Stack, ns: str, operator: Oper
 
 
 def test_max_duration_ends_timed_out(stack: Stack, ns: str, operator: Operator) -> None:
-    stack.apply_task(ns, "sleeper", {
-        "source": source("def f(payload, ctx):\n    time.sleep(120)", "sleeper"),
-        "maxDurationSeconds": 5, "retry": {"maxAttempts": 3}})
+    stack.apply_task(
+        ns,
+        "sleeper",
+        {
+            "source": source("def f(payload, ctx):\n    time.sleep(120)", "sleeper"),
+            "maxDurationSeconds": 5,
+            "retry": {"maxAttempts": 3},
+        },
+    )
     name = stack.create_run(ns, "sleeper")
     status = stack.wait_run(ns, name, timeout=120)["status"]
     assert status["phase"] == "TimedOut", status
@@ -137,7 +160,9 @@ def test_deleting_a_run_cancels_it_and_history_stays(stack: Stack, ns: str, oper
     name = stack.create_run(ns, "long")
     run_id = stack.wait_run(ns, name, {"Running"})["status"]["runId"]
     stack.custom.delete_namespaced_custom_object("kubetask.dev", "v1alpha1", ns, "runs", name)
-    wait_for(lambda: operator.get(f"/api/v1/runs/{run_id}")["phase"] == "Canceled", 60, "the run to be canceled")
+    wait_for(
+        lambda: operator.get(f"/api/v1/runs/{run_id}")["phase"] == "Canceled", 60, "the run to be canceled"
+    )
     wait_for(lambda: not stack.pods(ns), 60, "the pod to be gone")
 
 
@@ -150,7 +175,9 @@ def test_unknown_task_fails_after_the_grace_period(stack: Stack, ns: str, operat
     assert accepted["status"] == "False" and "no-such-task" in accepted["message"]
 
 
-def test_run_starts_when_its_task_appears_within_the_grace_period(stack: Stack, ns: str, operator: Operator) -> None:
+def test_run_starts_when_its_task_appears_within_the_grace_period(
+    stack: Stack, ns: str, operator: Operator
+) -> None:
     name = stack.create_run(ns, "hello", payload={"name": "late"})
     time.sleep(1.5)
     assert stack.get_run(ns, name).get("status", {}).get("phase") in (None, "Pending")
@@ -178,12 +205,21 @@ def test_idempotency_key_does_not_execute_twice(stack: Stack, ns: str, operator:
 
 
 def test_operator_killed_mid_flight_every_run_finishes_and_no_attempt_has_two_pods(
-        stack: Stack, ns: str, start_operator: Callable[..., Operator]) -> None:
-    stack.apply_task(ns, "work", {
-        "source": source("def f(payload, ctx):\n    time.sleep(payload['s'])\n"
-                         "    if ctx.attempt.number == 1 and payload['fail']:\n        raise RuntimeError('first')\n"
-                         "    return payload['s']", "work"),
-        "retry": {"maxAttempts": 3, "minTimeoutMs": 1000, "randomize": False}})
+    stack: Stack, ns: str, start_operator: Callable[..., Operator]
+) -> None:
+    stack.apply_task(
+        ns,
+        "work",
+        {
+            "source": source(
+                "def f(payload, ctx):\n    time.sleep(payload['s'])\n"
+                "    if ctx.attempt.number == 1 and payload['fail']:\n        raise RuntimeError('first')\n"
+                "    return payload['s']",
+                "work",
+            ),
+            "retry": {"maxAttempts": 3, "minTimeoutMs": 1000, "randomize": False},
+        },
+    )
     with PodWatcher(stack, ns) as watcher:
         op = start_operator("first")
         names = [stack.create_run(ns, "work", payload={"s": 2 + i % 3, "fail": i % 2 == 0}) for i in range(8)]
@@ -206,18 +242,28 @@ def test_operator_killed_mid_flight_every_run_finishes_and_no_attempt_has_two_po
 
 
 def test_database_matches_run_status(stack: Stack, ns: str, operator: Operator, e2e_database: str) -> None:
-    stack.apply_task(ns, "flaky", {**example_task("flaky"), "retry": {"maxAttempts": 3, "minTimeoutMs": 200,
-                                                                        "randomize": False}})
+    stack.apply_task(
+        ns,
+        "flaky",
+        {**example_task("flaky"), "retry": {"maxAttempts": 3, "minTimeoutMs": 200, "randomize": False}},
+    )
     name = stack.create_run(ns, "flaky", payload={"failures": 1})
     status = stack.wait_run(ns, name)["status"]
     engine = create_engine(e2e_database, poolclass=NullPool)
     with engine.connect() as conn:
-        rows = conn.execute(text("SELECT number, pod_name, exit_code, reason FROM attempts WHERE run_id = :i "
-                                 "ORDER BY number"), {"i": status["runId"]}).all()
-        logs = conn.execute(text("SELECT count(*) FROM logs WHERE run_id = :i"), {"i": status["runId"]}).scalar()
+        rows = conn.execute(
+            text(
+                "SELECT number, pod_name, exit_code, reason FROM attempts WHERE run_id = :i ORDER BY number"
+            ),
+            {"i": status["runId"]},
+        ).all()
+        logs = conn.execute(
+            text("SELECT count(*) FROM logs WHERE run_id = :i"), {"i": status["runId"]}
+        ).scalar()
     engine.dispose()
     assert [(r.number, r.pod_name, r.exit_code, r.reason) for r in rows] == [
-        (a["number"], a["pod"], a["exitCode"], a["reason"]) for a in status["attempts"]]
+        (a["number"], a["pod"], a["exitCode"], a["reason"]) for a in status["attempts"]
+    ]
     assert logs and logs > 0
 
 
@@ -225,6 +271,19 @@ def test_examples_are_valid_manifests(stack: Stack, ns: str) -> None:
     import subprocess
 
     for path in sorted(Path(REPO / "examples").glob("*/*.yaml")):
-        out = subprocess.run(["kubectl", "--kubeconfig", stack.kubeconfig, "-n", ns, "create", "--dry-run=server",
-                              "-f", str(path)], capture_output=True, text=True)
+        out = subprocess.run(
+            [
+                "kubectl",
+                "--kubeconfig",
+                stack.kubeconfig,
+                "-n",
+                ns,
+                "create",
+                "--dry-run=server",
+                "-f",
+                str(path),
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert out.returncode == 0, f"{path}: {out.stderr}"
