@@ -62,6 +62,17 @@ database-url: ## print the database URL usable from the host
 install: venv ## install kubetask (CRDs + operator, Helm chart) into the current cluster
 	@hack/install-operator.sh
 
+.PHONY: helm-crds
+helm-crds: ## copy crds/*.yaml into the Helm chart (helm/kubetask/crds/)
+	@mkdir -p helm/kubetask/crds
+	@rm -f helm/kubetask/crds/*.yaml
+	@cp crds/*.yaml helm/kubetask/crds/
+
+.PHONY: helm-check
+helm-check: ## the chart's CRDs are copies of crds/, and `helm lint` is clean
+	@diff -r crds helm/kubetask/crds >/dev/null || { echo "helm/kubetask/crds differs from crds/: run 'make helm-crds'" >&2; diff -r crds helm/kubetask/crds >&2; exit 1; }
+	@source hack/lib.sh && helm lint --strict helm/kubetask --set database.url=postgresql+psycopg://u:p@db:5432/kubetask
+
 .PHONY: api-url
 api-url: ## print the kubetask API's base URL, reachable from the host
 	@hack/print.sh api-url
