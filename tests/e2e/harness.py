@@ -201,10 +201,9 @@ class Operator:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"operator exited {self.proc.returncode}:\n{self.log_tail()}")
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"{self.api}/healthz", timeout=2) as r:
-                    if r.status == 200:
-                        return self
+            with contextlib.suppress(OSError), urllib.request.urlopen(f"{self.api}/healthz", timeout=2) as r:
+                if r.status == 200:
+                    return self
             time.sleep(0.3)
         raise AssertionError(f"operator API did not come up:\n{self.log_tail()}")
 

@@ -142,4 +142,4 @@ def test_max_attempts_comes_from_the_resolved_task() -> None:
 
 
 def test_terminal_phases() -> None:
-    assert m.TERMINAL == {P.SUCCEEDED, P.FAILED, P.CANCELED, P.TIMED_OUT}
+    assert {P.SUCCEEDED, P.FAILED, P.CANCELED, P.TIMED_OUT} == m.TERMINAL

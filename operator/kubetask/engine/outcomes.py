@@ -81,8 +81,16 @@ def pod_end(pod: dict[str, Any] | None) -> PodEnd | None:
     return PodEnd(None, reason or phase, status.get("message") or f"pod {phase}")
 
 
-FATAL_WAITING = frozenset({"ErrImageNeverPull", "InvalidImageName", "ImagePullBackOff", "ErrImagePull",
-                           "CreateContainerConfigError", "CreateContainerError"})
+FATAL_WAITING = frozenset(
+    {
+        "ErrImageNeverPull",
+        "InvalidImageName",
+        "ImagePullBackOff",
+        "ErrImagePull",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+    }
+)
 
 
 def _waiting(status: dict[str, Any]) -> dict[str, Any] | None:

@@ -82,20 +82,20 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         await engine.dispose()
 
 
-def _kind(event: dict[str, Any]) -> str:
+def _kind(event: kopf.RawEvent) -> str:
     return str(event.get("type") or "ADDED")
 
 
 @kopf.on.event(GROUP, VERSION, "runs")
-async def run_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
+async def run_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
     await memo.controller.on_run_event(_kind(event), event["object"])
 
 
 @kopf.on.event(GROUP, VERSION, "tasks")
-async def task_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
+async def task_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
     await memo.controller.on_task_event(_kind(event), event["object"])
 
 
 @kopf.on.event(GROUP, VERSION, "queues")
-async def queue_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
+async def queue_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
     await memo.controller.on_queue_event(_kind(event), event["object"])

@@ -20,4 +20,4 @@ def run_operator(*, namespaces: list[str] | None = None, verbose: bool = False) 
     watched = namespaces or cfg.namespaces
     kopf.configure(verbose=verbose)
     # standalone: no kopf peering objects; replicas coordinate through PostgreSQL.
-    asyncio.run(kopf.operator(clusterwide=not watched, namespaces=watched or None, standalone=True))
+    asyncio.run(kopf.operator(clusterwide=not watched, namespaces=watched or (), standalone=True))
