@@ -166,9 +166,12 @@ class Operator:
         log_dir: Path,
         env: dict[str, str] | None = None,
         name: str = "op",
+        port: int | None = None,
     ) -> None:
         self.stack = stack
-        self.port = free_port()
+        # A restarted operator keeps its API address, as a Service would: pods created by
+        # the previous process still reach it.
+        self.port = port or free_port()
         self.log_path = log_dir / f"operator-{name}-{self.port}.log"
         self.env = {
             **os.environ,
