@@ -27,6 +27,9 @@ async def startup(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) ->
     cfg = _settings()
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 240
+    # kopf waits this long for more events of one object before handling them; our
+    # handlers are level-based and cheap, so react (almost) at once.
+    settings.batching.batch_window = 0.01
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     log.info(
         "kubetask operator %s starting (database %s)",
