@@ -88,6 +88,8 @@ class Controller:
         self._bg: set[asyncio.Task[Any]] = set()
         self._status = StatusSync(self)
         self._configmaps: set[str] = set()
+        self._task_status: dict[tuple[str, str], dict[str, Any]] = {}
+        self._task_generation: dict[tuple[str, str], Any] = {}
 
     # ---- helpers -----------------------------------------------------------------------------
 
@@ -152,7 +154,12 @@ class Controller:
                 for action in tr.actions:
                     if isinstance(action, m.Enqueue):
                         await self.admission.enqueue(
-                            s, q, run_id=run_id, key=row.concurrency_key or "", priority=row.priority
+                            s,
+                            q,
+                            run_id=run_id,
+                            key=row.concurrency_key or "",
+                            priority=row.priority,
+                            arrival=row.arrival,
                         )
                     elif isinstance(action, m.Dequeue):
                         await self.admission.dequeue(s, q, run_id=run_id)
@@ -178,6 +185,8 @@ class Controller:
                 self.wake_at(run_id, action.at)
             elif isinstance(action, m.Enqueue | m.ReleaseSlot):
                 admit = True
+            if isinstance(action, m.Enqueue | m.Dequeue | m.ReleaseSlot):
+                self._status.touch_queue(queue)
         if tr.state.terminal and (timer := self._timers.pop(run_id, None)) is not None:
             timer.cancel()
         self._status.touch(run_id)
@@ -413,6 +422,7 @@ class Controller:
                     concurrency_key=spec.concurrency_key,
                     idempotency_key=spec.idempotency_key,
                     priority=spec.priority,
+                    arrival=arrival_order(meta),
                     tags=spec.tags,
                     payload=spec.payload if payload_bytes <= MAX_PAYLOAD_BYTES else {},
                     phase=m.Phase.PENDING.value,
@@ -558,12 +568,16 @@ class Controller:
         ns, name = meta["namespace"], meta["name"]
         if kind == "DELETED":
             self.tasks.pop((ns, name), None)
+            self._task_status.pop((ns, name), None)
             return
+        known = self.tasks.get((ns, name))
+        if known is not None and self._task_generation.get((ns, name)) == meta.get("generation"):
+            return  # a status-only change (our own patch): nothing to do
+        self._task_generation[(ns, name)] = meta.get("generation")
         try:
             TaskSpec.model_validate(body.get("spec") or {})
         except ValidationError as e:
-            await self.kube.patch_status(
-                "tasks",
+            await self._patch_task_status(
                 ns,
                 name,
                 {
@@ -574,24 +588,8 @@ class Controller:
             return
         info = self._index_task(body)
         assert info is not None
-        conflict = await self.configure_queue(ns, info.queue)
-        limits = await self.admission.limits(queue_key(ns, info.queue))
-        conds = [_cond("Ready", True, "Accepted", "the task is ready to run")]
-        if conflict:
-            conds.append(_cond("QueueConflict", True, "QueueResourceWins", conflict))
-        await self.kube.patch_status(
-            "tasks",
-            ns,
-            name,
-            {
-                "image": info.spec.image or self.settings.runner_image,
-                "queue": info.queue,
-                "concurrencyLimit": limits.concurrency_limit if limits else None,
-                "perKeyConcurrencyLimit": limits.per_key_limit if limits else None,
-                "observedGeneration": meta.get("generation"),
-                "conditions": conds,
-            },
-        )
+        await self.configure_queue(ns, info.queue)
+        await self.refresh_task_status(info, meta.get("generation"))
         async with self.sessions() as s:
             pending = (
                 (
@@ -607,12 +605,70 @@ class Controller:
         for run_id in pending:
             self.spawn(self.recheck_pending(run_id))
 
-    async def configure_queue(self, ns: str, queue: str) -> str | None:
-        """Set the queue's limits: a Queue resource wins over Tasks' inline settings.
-        Returns a conflict message for a Task whose inline limits are overridden."""
+    async def refresh_task_status(self, info: TaskInfo, generation: int | None = None) -> None:
+        """Write the Task's effective image, queue and limits (and a conflict, if any)."""
+        conflict = self.queue_conflict(info)
+        limits = await self.admission.limits(queue_key(info.namespace, info.queue))
+        conds = [_cond("Ready", True, "Accepted", "the task is ready to run")]
+        if conflict:
+            conds.append(_cond("QueueConflict", True, "QueueResourceWins", conflict))
+        previous = self._task_status.get((info.namespace, info.name)) or {}
+        await self._patch_task_status(
+            info.namespace,
+            info.name,
+            {
+                "image": info.spec.image or self.settings.runner_image,
+                "queue": info.queue,
+                "concurrencyLimit": limits.concurrency_limit if limits else None,
+                "perKeyConcurrencyLimit": limits.per_key_limit if limits else None,
+                "observedGeneration": generation
+                if generation is not None
+                else previous.get("observedGeneration"),
+                "conditions": conds,
+            },
+        )
+
+    async def _patch_task_status(self, ns: str, name: str, status: dict[str, Any]) -> None:
+        """Patch only what changed; a condition keeps its lastTransitionTime while its
+        status stays the same (so our own patches do not trigger endless events)."""
+        previous = self._task_status.get((ns, name))
+        old_conds = {c["type"]: c for c in (previous or {}).get("conditions", [])}
+        for cond in status.get("conditions", []):
+            old = old_conds.get(cond["type"])
+            if old is not None and old["status"] == cond["status"]:
+                cond["lastTransitionTime"] = old["lastTransitionTime"]
+        if status == previous:
+            return
+        self._task_status[(ns, name)] = status
+        await self.kube.patch_status("tasks", ns, name, status)
+
+    def queue_conflict(self, info: TaskInfo) -> str | None:
+        qspec = self.queues.get((info.namespace, info.queue))
+        inline = info.spec.queue
+        if (
+            qspec is None
+            or inline is None
+            or not (inline.concurrency_limit or inline.per_key_concurrency_limit)
+        ):
+            return None
+        if (inline.concurrency_limit, inline.per_key_concurrency_limit) == (
+            qspec.concurrency_limit,
+            qspec.per_key_concurrency_limit,
+        ):
+            return None
+        return (
+            f"Queue {info.queue!r} sets concurrencyLimit={qspec.concurrency_limit}, "
+            f"perKeyConcurrencyLimit={qspec.per_key_concurrency_limit}; the Task's inline queue limits "
+            f"(concurrencyLimit={inline.concurrency_limit}, "
+            f"perKeyConcurrencyLimit={inline.per_key_concurrency_limit}) are ignored"
+        )
+
+    async def configure_queue(self, ns: str, queue: str) -> None:
+        """Set the queue's limits: a Queue resource wins over Tasks' inline settings
+        (see :meth:`queue_conflict`); among Tasks, the last one seen with inline limits."""
         qspec = self.queues.get((ns, queue))
         inline = [
-            i
+            i.spec.queue
             for i in self.tasks.values()
             if i.namespace == ns
             and i.queue == queue
@@ -623,32 +679,16 @@ class Controller:
             limits = QueueLimits(
                 qspec.concurrency_limit, qspec.per_key_concurrency_limit, qspec.paused, "queue"
             )
-            conflict = None
-            for i in inline:
-                assert i.spec.queue is not None
-                if (i.spec.queue.concurrency_limit, i.spec.queue.per_key_concurrency_limit) != (
-                    qspec.concurrency_limit,
-                    qspec.per_key_concurrency_limit,
-                ):
-                    conflict = (
-                        f"Queue {queue!r} sets concurrencyLimit={qspec.concurrency_limit}, "
-                        f"perKeyConcurrencyLimit={qspec.per_key_concurrency_limit}; the Task's inline "
-                        "queue limits are ignored"
-                    )
-        elif inline:
-            last = inline[-1].spec.queue
-            assert last is not None
-            limits = QueueLimits(last.concurrency_limit, last.per_key_concurrency_limit, False, "task")
-            conflict = None
+        elif inline and inline[-1] is not None:
+            limits = QueueLimits(
+                inline[-1].concurrency_limit, inline[-1].per_key_concurrency_limit, False, "task"
+            )
         else:
             limits = QueueLimits(source="default")
-            conflict = None
         key = queue_key(ns, queue)
-        before = await self.admission.limits(key)
-        if before != limits:
+        if await self.admission.limits(key) != limits:
             await self.admission.configure(key, limits)
             await self.admit(key)
-        return conflict
 
     async def on_queue_event(self, kind: str, body: dict[str, Any]) -> None:
         meta = body["metadata"]
@@ -657,10 +697,16 @@ class Controller:
             self.queues.pop((ns, name), None)
         else:
             try:
-                self.queues[(ns, name)] = QueueSpec.model_validate(body.get("spec") or {})
+                spec = QueueSpec.model_validate(body.get("spec") or {})
             except ValidationError:
                 return
+            if self.queues.get((ns, name)) == spec:
+                return  # a status-only change (our own patch)
+            self.queues[(ns, name)] = spec
         await self.configure_queue(ns, name)
+        for info in list(self.tasks.values()):
+            if info.namespace == ns and info.queue == name:
+                await self.refresh_task_status(info)
         self._status.touch_queue(queue_key(ns, name))
 
     # ---- start-up --------------------------------------------------------------------------------------
@@ -753,6 +799,7 @@ class StatusSync:
         self._conds: dict[str, dict[str, dict[str, Any]]] = {}
         self._queues_dirty: set[str] = set()
         self._queue_task: asyncio.Task[None] | None = None
+        self._queue_counts: dict[str, tuple[int, int]] = {}
 
     def touch(self, run_id: str) -> None:
         self._dirty.add(run_id)
@@ -871,9 +918,14 @@ class StatusSync:
                 ns, name = key.split("/", 1)
                 if (ns, name) not in self.c.queues:
                     continue
-                running, queued = await self.c.admission.counts(key)
+                counts = await self.c.admission.counts(key)
+                if self._queue_counts.get(key) == counts:
+                    continue
                 with contextlib.suppress(ApiException):
-                    await self.c.kube.patch_status("queues", ns, name, {"running": running, "queued": queued})
+                    await self.c.kube.patch_status(
+                        "queues", ns, name, {"running": counts[0], "queued": counts[1]}
+                    )
+                    self._queue_counts[key] = counts
             await asyncio.sleep(0.3)
 
 
@@ -908,6 +960,15 @@ def _report(raw: dict[str, Any] | None) -> Report | None:
 def _pod_started(pod: dict[str, Any]) -> datetime | None:
     raw = (pod.get("status") or {}).get("startTime")
     return datetime.fromisoformat(raw.replace("Z", "+00:00")) if isinstance(raw, str) else None
+
+
+def arrival_order(meta: dict[str, Any]) -> int:
+    """Order of a Run's creation in the API server: creationTimestamp (seconds), then
+    resourceVersion within the second (etcd's revisions increase; if a server's are not
+    numbers, ties fall back to the order the operator saw the Runs)."""
+    created = _created(meta, utcnow())
+    rv = str(meta.get("resourceVersion") or "")
+    return (int(created.timestamp()) << 32) | (int(rv) & 0xFFFFFFFF if rv.isdigit() else 0)
 
 
 def _created(meta: dict[str, Any], now: datetime) -> datetime:

@@ -62,7 +62,7 @@ async def add_runs(
         await s.flush()
         async with admission.locked_queue(s, queue) as q:
             for run_id, key, prio in specs:
-                await admission.enqueue(s, q, run_id=run_id, key=key, priority=prio)
+                await admission.enqueue(s, q, run_id=run_id, key=key, priority=prio, arrival=0)
 
 
 async def finish(

@@ -117,10 +117,12 @@ class Admission:
 
     # ---- entries and slots (inside the caller's transaction, queue row locked) ---------
 
-    async def enqueue(self, s: AsyncSession, q: t.Queue, *, run_id: str, key: str, priority: int) -> None:
+    async def enqueue(
+        self, s: AsyncSession, q: t.Queue, *, run_id: str, key: str, priority: int, arrival: int = 0
+    ) -> None:
         res = await s.execute(
             pg_insert(t.QueueEntry)
-            .values(run_id=run_id, queue=q.name, key=key, priority=priority)
+            .values(run_id=run_id, queue=q.name, key=key, priority=priority, arrival=arrival)
             .on_conflict_do_nothing(index_elements=[t.QueueEntry.run_id])
         )
         if res.rowcount == 0:  # type: ignore[attr-defined]
@@ -228,7 +230,9 @@ class Admission:
                             == (
                                 select(t.QueueEntry.run_id)
                                 .where(t.QueueEntry.queue == queue, t.QueueEntry.key == key)
-                                .order_by(t.QueueEntry.priority.desc(), t.QueueEntry.seq)
+                                .order_by(
+                                    t.QueueEntry.priority.desc(), t.QueueEntry.arrival, t.QueueEntry.seq
+                                )
                                 .limit(1)
                                 .scalar_subquery()
                             )

@@ -43,6 +43,8 @@ class Run(Base):
     concurrency_key: Mapped[str | None] = mapped_column(String(256))
     idempotency_key: Mapped[str | None] = mapped_column(String(256))
     priority: Mapped[int] = mapped_column(Integer, default=0)
+    #: Order of arrival in its queue (see QueueEntry.arrival).
+    arrival: Mapped[int] = mapped_column(BigInteger, default=0)
     tags: Mapped[list[Any]] = mapped_column(default=list)
     payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
     phase: Mapped[str] = mapped_column(String(16))
@@ -169,9 +171,14 @@ class QueueEntry(Base):
     queue: Mapped[str] = mapped_column(String(140))
     key: Mapped[str] = mapped_column(String(256))
     priority: Mapped[int] = mapped_column(Integer)
+    #: First come, first served means first *created* (the Run's creation in the API
+    #: server), not first seen by a handler: kopf handles Runs concurrently.
+    arrival: Mapped[int] = mapped_column(BigInteger)
     seq: Mapped[int] = mapped_column(BigInteger, Identity())
 
-    __table_args__ = (Index("ix_queue_entries_pick", "queue", "key", text("priority DESC"), "seq"),)
+    __table_args__ = (
+        Index("ix_queue_entries_pick", "queue", "key", text("priority DESC"), "arrival", "seq"),
+    )
 
 
 class Slot(Base):

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-24 03:17:14.098177
+Create Date: 2026-11-24 03:47:13.530062
 """
 
 from __future__ import annotations
@@ -34,13 +34,14 @@ def upgrade() -> None:
         sa.Column("queue", sa.String(length=140), nullable=False),
         sa.Column("key", sa.String(length=256), nullable=False),
         sa.Column("priority", sa.Integer(), nullable=False),
+        sa.Column("arrival", sa.BigInteger(), nullable=False),
         sa.Column("seq", sa.BigInteger(), sa.Identity(always=False), nullable=False),
         sa.PrimaryKeyConstraint("run_id"),
     )
     op.create_index(
         "ix_queue_entries_pick",
         "queue_entries",
-        ["queue", "key", sa.literal_column("priority DESC"), "seq"],
+        ["queue", "key", sa.literal_column("priority DESC"), "arrival", "seq"],
         unique=False,
     )
     op.create_table(
@@ -83,6 +84,7 @@ def upgrade() -> None:
         sa.Column("concurrency_key", sa.String(length=256), nullable=True),
         sa.Column("idempotency_key", sa.String(length=256), nullable=True),
         sa.Column("priority", sa.Integer(), nullable=False),
+        sa.Column("arrival", sa.BigInteger(), nullable=False),
         sa.Column("tags", postgresql.JSONB(astext_type=sa.Text()), nullable=False),
         sa.Column("payload", postgresql.JSONB(astext_type=sa.Text()), nullable=False),
         sa.Column("phase", sa.String(length=16), nullable=False),
