@@ -169,13 +169,14 @@ class Controller:
                     await self._finish_duplicates(s, row)
                 namespace, name = row.namespace, row.name
         log.info(
-            "run %s/%s (%s): %s -> %s (%s)",
+            "run %s/%s (%s): %s -> %s (%s: %s)",
             namespace,
             name,
             run_id,
             before.phase,
             tr.state.phase,
             tr.state.reason,
+            tr.state.message,
         )
         admit = False
         for action in tr.actions:

@@ -13,11 +13,13 @@ def run_operator(*, namespaces: list[str] | None = None, verbose: bool = False) 
     from kubetask.settings import settings
 
     cfg = settings()
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else getattr(logging, cfg.log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     watched = namespaces or cfg.namespaces
-    kopf.configure(verbose=verbose)
+    kopf.configure(verbose=verbose)  # the one logging setup (kopf's format, on the root logger)
+    logging.getLogger().setLevel(
+        logging.DEBUG if verbose else getattr(logging, cfg.log_level.upper(), logging.INFO)
+    )
+    if not verbose:
+        # kopf reports every handled event at INFO; ours are the interesting lines.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     # standalone: no kopf peering objects; replicas coordinate through PostgreSQL.
     asyncio.run(kopf.operator(clusterwide=not watched, namespaces=watched or (), standalone=True))
