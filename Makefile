@@ -82,8 +82,8 @@ up: cluster-up db-up images install ## cluster + database + images + operator
 
 .PHONY: down
 down: ## stop everything `make up` started
-	@hack/cluster-down.sh
 	@hack/db.sh down
+	@hack/cluster-down.sh
 
 .PHONY: demo
 demo: up ## bring the stack up and run the hello example end to end
