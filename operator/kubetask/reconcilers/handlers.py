@@ -40,16 +40,28 @@ async def startup(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) ->
     await asyncio.to_thread(db.upgrade, cfg.database_url)
     engine = db.make_engine(cfg.database_url)
     sessions = db.session_factory(engine)
-    await load_config()
-    kube = Kube()
-    controller = Controller(sessions=sessions, kube=kube, settings=cfg)
-    app = make_app(sessions=sessions, settings=cfg)
-    memo.runner = await start_api(app, cfg.api_host, cfg.api_port)
+    kube: Kube | None = None
+    controller: Controller | None = None
+    try:
+        await load_config()
+        kube = Kube()
+        controller = Controller(sessions=sessions, kube=kube, settings=cfg)
+        live, rv = await kube.list_pods(pods.POD_SELECTOR)
+        await controller.resync(live)
+        # The API last: its /healthz is the readiness probe, so it answers only once the
+        # operator is ready (runner pods retry for a while if they are quicker).
+        memo.runner = await start_api(make_app(sessions=sessions, settings=cfg), cfg.api_host, cfg.api_port)
+    except BaseException:
+        # kopf retries a failed start-up: leave nothing behind that the retry would trip on.
+        if controller is not None:
+            await controller.close()
+        if kube is not None:
+            await kube.close()
+        await engine.dispose()
+        raise
     memo.engine = engine
     memo.kube = kube
     memo.controller = controller
-    live, rv = await kube.list_pods(pods.POD_SELECTOR)
-    await controller.resync(live)
     memo.pod_watch = asyncio.create_task(
         kube.watch_pods(pods.POD_SELECTOR, _pod_handler(controller), resource_version=rv)
     )
