@@ -1,0 +1,486 @@
+"""What the benchmarks share: the local stack, throwaway databases and namespaces,
+percentiles, the result table and the JSON file.
+
+Benchmarks create namespaces ``bench-*`` and databases ``kubetask_bench_*`` and remove
+them when they end (also on Ctrl-C)."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import secrets
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # tests.e2e.harness, when not started from the repository root
+    sys.path.insert(0, str(REPO))
+if str(REPO / "operator") not in sys.path:
+    sys.path.insert(1, str(REPO / "operator"))
+
+from kubernetes.client.rest import ApiException  # noqa: E402
+from sqlalchemy import create_engine, text  # noqa: E402
+from sqlalchemy.engine import make_url  # noqa: E402
+from sqlalchemy.pool import NullPool  # noqa: E402
+from tests.e2e.harness import Operator, PodEvent, PodWatcher, Stack, hack  # noqa: E402
+
+RESULTS = REPO / "bench" / "results"
+#: What was seen to disturb the measurement (recorded in the JSON).
+DISTURBANCES: list[str] = []
+#: A nodeSelector no node matches: pods are created and stored but never scheduled, so
+#: no kubelet work is involved.
+NOWHERE = {"kubetask.dev/bench-node": "nowhere"}
+
+
+# ---- numbers ------------------------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    if not values:
+        return float("nan")
+    xs = sorted(values)
+    k = (len(xs) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def summary_ms(seconds: Sequence[float]) -> dict[str, float]:
+    """p50/p90/p99/mean/min/max of durations given in seconds, in milliseconds."""
+    ms = [s * 1000 for s in seconds]
+    if not ms:
+        return {"n": 0}
+    return {
+        "n": len(ms),
+        "p50": round(percentile(ms, 50), 3),
+        "p90": round(percentile(ms, 90), 3),
+        "p99": round(percentile(ms, 99), 3),
+        "mean": round(sum(ms) / len(ms), 3),
+        "min": round(min(ms), 3),
+        "max": round(max(ms), 3),
+    }
+
+
+def ratio(a: float, b: float) -> float:
+    return round(a / b, 3) if b else float("nan")
+
+
+def print_table(title: str, headers: list[str], rows: list[list[Any]]) -> None:
+    cells = [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    print(f"\n{title}")
+    print(
+        "  ".join(
+            h.ljust(w) if i == 0 else h.rjust(w)
+            for i, (h, w) in enumerate(zip(headers, widths, strict=False))
+        )
+    )
+    print("  ".join("-" * w for w in widths))
+    for r in cells:
+        print(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=False))
+            )
+        )
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:,.1f}" if abs(v) >= 100 else f"{v:.3g}" if abs(v) < 1 else f"{v:.2f}"
+    return str(v)
+
+
+class CpuMeter:
+    """This host's CPU use (all processes: the cluster runs here) between start() and
+    stop(), from /proc/stat; 100 means every core busy."""
+
+    def __init__(self) -> None:
+        self._start: tuple[int, int] | None = None
+        self.busy_percent = float("nan")
+
+    @staticmethod
+    def _read() -> tuple[int, int]:
+        with contextlib.suppress(OSError):
+            fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+            idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+            return sum(fields[:8]), idle
+        return 0, 0
+
+    def start(self) -> CpuMeter:
+        self._start = self._read()
+        return self
+
+    def stop(self) -> float:
+        total, idle = self._read()
+        if self._start and total > self._start[0]:
+            dt_total, dt_idle = total - self._start[0], idle - self._start[1]
+            self.busy_percent = round(100 * (dt_total - dt_idle) / dt_total, 1)
+        return self.busy_percent
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """user + system CPU time a process has used so far (Linux /proc)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return float("nan")
+
+
+def environment() -> dict[str, Any]:
+    def out(*cmd: str) -> str:
+        with contextlib.suppress(Exception):
+            return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+        return ""
+
+    return {
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "commit": out("git", "rev-parse", "--short", "HEAD"),
+        "dirty": bool(out("git", "status", "--porcelain", "--", "operator")),
+        "kubernetes": out("kubectl", "version", "-o", "json"),
+        "disturbances": DISTURBANCES,
+    }
+
+
+def write_results(name: str, args: Any, results: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = RESULTS / f"{name}-{stamp}.json"
+    env = environment()
+    with contextlib.suppress(Exception):
+        env["kubernetes"] = json.loads(env["kubernetes"]).get("serverVersion", {}).get("gitVersion", "")
+    doc = {
+        "benchmark": name,
+        "at": dt.datetime.now(dt.UTC).isoformat(),
+        "args": vars(args),
+        "env": env,
+        **results,
+    }
+    path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    print(f"\nresults: {path.relative_to(REPO)}")
+    return path
+
+
+# ---- the local stack ----------------------------------------------------------------------------------
+
+
+def stack() -> Stack:
+    """The running local stack (``make up`` or the e2e fixtures started it); KUBECONFIG
+    and KUBETASK_BENCH_HOST_IP (default 10.88.0.1, the address pods reach the host at)
+    override."""
+    kubeconfig = os.environ.get("KUBECONFIG") or hack("print.sh", "kubeconfig")
+    os.environ["KUBECONFIG"] = kubeconfig  # kubectl in environment()
+    st = Stack(
+        kubeconfig=kubeconfig,
+        runner_image=os.environ.get("KUBETASK_RUNNER_IMAGE") or hack("print.sh", "runner-image"),
+        database_url=os.environ.get("KUBETASK_BENCH_DATABASE_URL") or hack("print.sh", "database-url"),
+        host_ip=os.environ.get("KUBETASK_BENCH_HOST_IP", "10.88.0.1"),
+    )
+    try:
+        st.custom.list_cluster_custom_object("kubetask.dev", "v1alpha1", "runs", limit=1)
+    except ApiException:
+        subprocess.run(
+            ["kubectl", "apply", "--server-side", "-f", str(REPO / "crds")],
+            check=True,
+            capture_output=True,
+            env={**os.environ, "KUBECONFIG": kubeconfig},
+        )
+        subprocess.run(
+            [
+                "kubectl",
+                "wait",
+                "--for=condition=Established",
+                "--timeout=60s",
+                "crd/tasks.kubetask.dev",
+                "crd/runs.kubetask.dev",
+                "crd/queues.kubetask.dev",
+            ],
+            check=True,
+            capture_output=True,
+            env={**os.environ, "KUBECONFIG": kubeconfig},
+        )
+    warn_cluster_wide_operator(st)
+    return st
+
+
+def warn_cluster_wide_operator(st: Stack) -> None:
+    """An operator installed in the cluster that watches every namespace acts on the
+    benchmarks' Runs too (its own database, the same pod names): say so."""
+    from kubernetes import client
+
+    try:
+        dep = client.AppsV1Api().read_namespaced_deployment("kubetask-operator", "kubetask-system")
+    except ApiException:
+        return
+    if not (dep.status and dep.status.ready_replicas):
+        return
+    env = {e.name: e.value for e in (dep.spec.template.spec.containers[0].env or [])}
+    if env.get("KUBETASK_NAMESPACES") in (None, "", "[]"):
+        DISTURBANCES.append("kubetask-system/kubetask-operator watched every namespace")
+        print(
+            "WARNING: kubetask-system/kubetask-operator is running and watches every namespace: it will "
+            "act on the benchmark's Runs too. Scale it to 0 for clean numbers "
+            "(kubectl -n kubetask-system scale deploy/kubetask-operator --replicas=0).",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def admin_database_url() -> str:
+    return os.environ.get("KUBETASK_BENCH_DATABASE_URL") or hack("print.sh", "database-url")
+
+
+@contextlib.contextmanager
+def bench_database(admin_url: str, *, migrate: bool = True) -> Iterator[str]:
+    """A fresh database ``kubetask_bench_<random>`` (migrated), dropped at the end."""
+    from kubetask.store import db
+
+    name = f"kubetask_bench_{secrets.token_hex(4)}"
+    admin = create_engine(admin_url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    try:
+        if migrate:
+            db.upgrade(url)
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@contextlib.contextmanager
+def bench_namespace(st: Stack, prefix: str, *, wait_gone: bool = True) -> Iterator[str]:
+    """A namespace ``bench-<prefix>-<random>``, deleted at the end (waiting for it to go
+    when ``wait_gone``, so the next phase starts on a quiet cluster)."""
+    name = f"bench-{prefix}-{secrets.token_hex(3)}"
+    st.core.create_namespace({"metadata": {"name": name, "labels": {"kubetask.dev/bench": "true"}}})
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # pods need the default ServiceAccount
+        with contextlib.suppress(ApiException):
+            st.core.read_namespaced_service_account("default", name)
+            break
+        time.sleep(0.2)
+    try:
+        yield name
+    finally:
+        with contextlib.suppress(ApiException):
+            st.core.delete_namespace(name, propagation_policy="Background")
+        if wait_gone:
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline:
+                try:
+                    st.core.read_namespace(name)
+                except ApiException as e:
+                    if e.status == 404:
+                        break
+                time.sleep(1)
+
+
+def queued_in_db(url: str) -> int:
+    """Runs waiting in the queues of the database at ``url``."""
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(text("SELECT count(*) FROM queue_entries")).scalar_one())
+    finally:
+        engine.dispose()
+
+
+def log_dir() -> Path:
+    d = RESULTS / "logs"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+class CountingOperator(Operator):
+    """The harness's operator process, started through bench.opstats (statements and
+    transactions counted by code path, written to ``stats_path``)."""
+
+    def __init__(self, *args: Any, stats_path: Path, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stats_path = stats_path
+        self.env["KUBETASK_BENCH_OPSTATS"] = str(stats_path)
+
+    def start(self) -> Operator:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.opstats", "operator"],
+            env={**self.env, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"operator exited {self.proc.returncode}:\n{self.log_tail()}")
+            with contextlib.suppress(OSError), urllib.request.urlopen(f"{self.api}/healthz", timeout=2) as r:
+                if r.status == 200:
+                    return self
+            time.sleep(0.3)
+        raise RuntimeError(f"operator API did not come up:\n{self.log_tail()}")
+
+
+def start_operator(
+    st: Stack, database_url: str, ns: str, *, count_statements: bool = False, **env: str
+) -> Operator:
+    """A kubetask operator process on this host watching ``ns`` only."""
+    kwargs: dict[str, Any] = {
+        "database_url": database_url,
+        "namespaces": [ns],
+        "log_dir": log_dir(),
+        "name": "bench",
+        "env": {"KUBETASK_LOG_LEVEL": "WARNING", **env},
+    }
+    if count_statements:
+        stats = log_dir() / f"opstats-{ns}.json"
+        stats.unlink(missing_ok=True)
+        return CountingOperator(st, stats_path=stats, **kwargs).start()
+    return Operator(st, **kwargs).start()
+
+
+def task_source(body: str, task_id: str) -> str:
+    return f"from kubetask import task\n\n@task(id={task_id!r})\n{body}\n"
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str, every: float = 0.3) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(every)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def wait_task_ready(st: Stack, ns: str, name: str, timeout: float = 60) -> None:
+    def ready() -> bool:
+        body = st.custom.get_namespaced_custom_object("kubetask.dev", "v1alpha1", ns, "tasks", name)
+        conds = (body.get("status") or {}).get("conditions") or []
+        return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conds)
+
+    wait_for(ready, timeout, f"Task {ns}/{name} Ready")
+
+
+class ApiWrites:
+    """Mutating requests the API server answered between start() and stop(), by
+    resource, verb and code, from its ``apiserver_request_total`` metric. Cluster-wide:
+    anything else writing at the same time (other tests) is counted too."""
+
+    MUTATING = ("POST", "PUT", "PATCH", "DELETE", "APPLY")
+
+    def __init__(self, st: Stack) -> None:
+        self.st = st
+        self._before: dict[str, float] = {}
+        self.delta: dict[str, int] = {}
+
+    def _read(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        try:
+            raw = subprocess.run(
+                ["kubectl", "get", "--raw", "/metrics"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=True,
+                env={**os.environ, "KUBECONFIG": self.st.kubeconfig},
+            ).stdout
+        except Exception:  # metrics are a bonus; never fail a benchmark on them
+            return out
+        for line in raw.splitlines():
+            if not line.startswith("apiserver_request_total{"):
+                continue
+            labels_raw, _, value = line.rpartition(" ")
+            labels = dict(
+                part.split("=", 1) for part in labels_raw[len("apiserver_request_total{") : -1].split(",")
+            )
+            labels = {k: v.strip('"') for k, v in labels.items()}
+            if labels.get("verb") not in self.MUTATING:
+                continue
+            res = labels.get("resource", "") + (
+                f"/{labels['subresource']}" if labels.get("subresource") else ""
+            )
+            key = f"{labels['verb']} {res} {labels.get('code', '')}"
+            out[key] = out.get(key, 0.0) + float(value)
+        return out
+
+    def start(self) -> ApiWrites:
+        self._before = self._read()
+        return self
+
+    def stop(self) -> dict[str, int]:
+        after = self._read()
+        self.delta = {
+            k: int(v - self._before.get(k, 0.0))
+            for k, v in sorted(after.items())
+            if v - self._before.get(k, 0.0) > 0
+        }
+        return self.delta
+
+    def count(self, verb: str, resource: str, code: str | None = None) -> int:
+        return sum(
+            v
+            for k, v in self.delta.items()
+            if k.split(" ")[0] == verb
+            and k.split(" ")[1] == resource
+            and (code is None or k.split(" ")[2] == code)
+        )
+
+
+class AllPods(PodWatcher):
+    """The e2e PodWatcher, recording every pod of the namespace (Job pods too), each
+    event stamped with ``time.time()`` when this process received it."""
+
+    def __enter__(self) -> AllPods:
+        super().__enter__()
+        return self
+
+    def _record(self, kind: str, pod: Any) -> None:
+        labels = pod.metadata.labels or {}
+        with self._lock:
+            self.events.append(
+                PodEvent(
+                    time.time(),
+                    kind,
+                    pod.metadata.name,
+                    pod.metadata.uid,
+                    pod.status.phase or "",
+                    dict(labels),
+                )
+            )
+
+    def snapshot(self) -> list[PodEvent]:
+        with self._lock:
+            return list(self.events)
+
+    def first_added(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for ev in self.snapshot():
+            if ev.type == "ADDED":
+                out.setdefault(ev.name, ev.at)
+        return out
+
+    def first_ended(self) -> dict[str, float]:
+        """Pod uid -> when its terminal phase (Succeeded/Failed) was first seen."""
+        out: dict[str, float] = {}
+        for ev in self.snapshot():
+            if ev.phase in ("Succeeded", "Failed"):
+                out.setdefault(ev.uid, ev.at)
+        return out
+
+    def added_uids(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for ev in self.snapshot():
+            if ev.type == "ADDED":
+                out.setdefault(ev.uid, ev.at)
+        return out
