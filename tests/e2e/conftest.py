@@ -61,6 +61,22 @@ def stack() -> Stack:
         env=env,
         capture_output=True,
     )
+    # ... and wait until its pod is really gone (scaling down is asynchronous).
+    subprocess.run(
+        [
+            "kubectl",
+            "-n",
+            "kubetask-system",
+            "wait",
+            "--for=delete",
+            "pod",
+            "-l",
+            "app.kubernetes.io/name=kubetask,app.kubernetes.io/component=operator",
+            "--timeout=90s",
+        ],
+        env=env,
+        capture_output=True,
+    )
     return Stack(
         kubeconfig=kubeconfig,
         runner_image=os.environ.get("KUBETASK_RUNNER_IMAGE") or hack("print.sh", "runner-image"),

@@ -208,45 +208,48 @@ class Admission:
             self.statements += 1
             if q is None or q.paused:
                 return grants
-            while len(grants) < max_grants and q.queued > 0:
-                if q.concurrency_limit is not None and q.running >= q.concurrency_limit:
-                    break
-                pick = select(t.QueueKey.key).where(t.QueueKey.queue == queue, t.QueueKey.queued > 0)
-                if q.per_key_limit is not None:
-                    pick = pick.where(t.QueueKey.running < q.per_key_limit)
-                key = (
-                    await s.execute(
-                        pick.order_by(t.QueueKey.head_priority.desc(), t.QueueKey.last_served).limit(1)
-                    )
-                ).scalar_one_or_none()
-                self.statements += 1
-                if key is None:
-                    break  # every key with queued runs is at its per-key limit
-                run_id = (
-                    await s.execute(
-                        delete(t.QueueEntry)
-                        .where(
-                            t.QueueEntry.run_id
-                            == (
-                                select(t.QueueEntry.run_id)
-                                .where(t.QueueEntry.queue == queue, t.QueueEntry.key == key)
-                                .order_by(
-                                    t.QueueEntry.priority.desc(), t.QueueEntry.arrival, t.QueueEntry.seq
-                                )
-                                .limit(1)
-                                .scalar_subquery()
-                            )
+            # The queue row's counters change on every grant; flush them once, at commit,
+            # not before each SELECT of the loop (autoflush would write the row twice a grant).
+            with s.no_autoflush:
+                while len(grants) < max_grants and q.queued > 0:
+                    if q.concurrency_limit is not None and q.running >= q.concurrency_limit:
+                        break
+                    pick = select(t.QueueKey.key).where(t.QueueKey.queue == queue, t.QueueKey.queued > 0)
+                    if q.per_key_limit is not None:
+                        pick = pick.where(t.QueueKey.running < q.per_key_limit)
+                    key = (
+                        await s.execute(
+                            pick.order_by(t.QueueKey.head_priority.desc(), t.QueueKey.last_served).limit(1)
                         )
-                        .returning(t.QueueEntry.run_id)
-                    )
-                ).scalar_one()
-                self.statements += 1
-                q.queued -= 1
-                q.grants += 1
-                await self._after_dequeue(s, queue, key, running_delta=1, served=q.grants)
-                grant = await self._grant(s, q, run_id=run_id, key=key, retry_for=retry_for)
-                if grant is not None:
-                    grants.append(grant)
+                    ).scalar_one_or_none()
+                    self.statements += 1
+                    if key is None:
+                        break  # every key with queued runs is at its per-key limit
+                    run_id = (
+                        await s.execute(
+                            delete(t.QueueEntry)
+                            .where(
+                                t.QueueEntry.run_id
+                                == (
+                                    select(t.QueueEntry.run_id)
+                                    .where(t.QueueEntry.queue == queue, t.QueueEntry.key == key)
+                                    .order_by(
+                                        t.QueueEntry.priority.desc(), t.QueueEntry.arrival, t.QueueEntry.seq
+                                    )
+                                    .limit(1)
+                                    .scalar_subquery()
+                                )
+                            )
+                            .returning(t.QueueEntry.run_id)
+                        )
+                    ).scalar_one()
+                    self.statements += 1
+                    q.queued -= 1
+                    q.grants += 1
+                    await self._after_dequeue(s, queue, key, running_delta=1, served=q.grants)
+                    grant = await self._grant(s, q, run_id=run_id, key=key, retry_for=retry_for)
+                    if grant is not None:
+                        grants.append(grant)
             self.statements += 1  # the queue row's counters, flushed at commit
         return grants
 
