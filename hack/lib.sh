@@ -27,6 +27,7 @@ BASE_IMAGE="$IMAGE_PREFIX/debian-base:$DEBIAN_SUITE"
 BRIDGE_NAME=kubetask0
 POD_CIDR=10.88.0.0/16
 BRIDGE_IP=10.88.0.1
+BRIDGE_MAC=02:6b:74:0a:58:01
 SERVICE_CIDR=10.96.0.0/16
 KUBERNETES_SVC_IP=10.96.0.1
 DNS_SVC_IP=10.96.0.10
@@ -44,6 +45,13 @@ ensure_bridge() {
   # No `ip ... | grep -q`: under pipefail, grep's early exit can SIGPIPE ip and fail the test.
   if [[ "$(ip -4 addr show dev "$BRIDGE_NAME")" != *"inet $BRIDGE_IP/"* ]]; then
     ip addr add "$BRIDGE_IP/16" dev "$BRIDGE_NAME"
+  fi
+  # Pin the bridge's MAC. A Linux bridge otherwise takes the lowest MAC of its ports, so
+  # it changes whenever that pod's veth goes away, and every pod's ARP entry for the
+  # gateway goes stale: pods lose the host (PostgreSQL, the operator's API) for up to a
+  # minute. Locally administered address, derived from 10.88.0.1.
+  if [[ "$(ip link show dev "$BRIDGE_NAME")" != *"link/ether $BRIDGE_MAC "* ]]; then
+    ip link set "$BRIDGE_NAME" address "$BRIDGE_MAC"
   fi
   ip link set "$BRIDGE_NAME" up
 }

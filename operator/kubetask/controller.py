@@ -106,9 +106,10 @@ class Controller:
     async def close(self) -> None:
         for h in self._timers.values():
             h.cancel()
-        for task in list(self._bg):
+        pending = [*self._bg, *self._status.tasks()]
+        for task in pending:
             task.cancel()
-        await asyncio.gather(*self._bg, return_exceptions=True)
+        await asyncio.gather(*pending, return_exceptions=True)
 
     def mine(self, namespace: str) -> bool:
         """Whether this operator watches ``namespace`` (all of them when none are set)."""
@@ -904,6 +905,9 @@ class StatusSync:
                     f"output is {row.output_bytes} bytes, stored in PostgreSQL: kubetask runs get {row.id}"
                 )
         return status
+
+    def tasks(self) -> list[asyncio.Task[None]]:
+        return [self._queue_task] if self._queue_task is not None else []
 
     def touch_queue(self, queue: str) -> None:
         self._queues_dirty.add(queue)

@@ -87,6 +87,7 @@ def _pod_handler(controller: Controller) -> Any:
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     if (watch := memo.get("pod_watch")) is not None:
         watch.cancel()
+        await asyncio.gather(watch, return_exceptions=True)
     if (controller := memo.get("controller")) is not None:
         await controller.close()
     if (runner := memo.get("runner")) is not None:
