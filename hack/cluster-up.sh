@@ -390,6 +390,7 @@ host_setup() {
 # ---------------------------------------------------------------- main
 gen_pki
 write_configs
+ensure_bridge # cheap, and repairs the bridge's settings (its pinned MAC) on a running cluster
 
 if daemons_current && apiserver_ready && node_ready && coredns_ready &&
   image_present "$PAUSE_IMAGE" && image_present "$COREDNS_IMAGE"; then
