@@ -65,3 +65,9 @@ def test_models_reject_what_the_schema_rejects() -> None:
         TaskSpec.model_validate({"source": "x", "maxDurationSeconds": 4})
     with pytest.raises(ValidationError):
         RunSpec.model_validate({"task": "a", "unknownField": 1})
+
+
+@pytest.mark.parametrize("name", sorted(crdgen.all_crds()))
+def test_helm_chart_ships_the_same_crds(name: str) -> None:
+    chart = CRDS.parent / "helm" / "kubetask" / "crds" / name
+    assert chart.read_text() == (CRDS / name).read_text(), f"{chart} is stale: run `make helm-crds`"
