@@ -15,7 +15,7 @@ from kubetask import pods
 from kubetask.api.app import make_app, start_api
 from kubetask.controller import Controller
 from kubetask.kube import Kube, load_config
-from kubetask.settings import settings
+from kubetask.settings import settings as kubetask_settings
 from kubetask.spec import GROUP, VERSION
 from kubetask.store import db
 
@@ -24,13 +24,12 @@ log = logging.getLogger("kubetask.operator")
 
 @kopf.on.startup()
 async def startup(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> None:
-    cfg = _settings()
+    cfg = kubetask_settings()
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 240
     # kopf waits this long for more events of one object before handling them; our
     # handlers are level-based and cheap, so react (almost) at once.
     settings.batching.batch_window = 0.01
-    settings.persistence.finalizer = f"{GROUP}/finalizer"
     log.info(
         "kubetask operator %s starting (database %s)",
         cfg.operator_id or f"{socket.gethostname()}:{os.getpid()}",
@@ -68,10 +67,6 @@ async def startup(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) ->
     log.info(
         "kubetask operator ready: API on %s:%d, runners call %s", cfg.api_host, cfg.api_port, cfg.api_url
     )
-
-
-def _settings() -> Any:
-    return settings()
 
 
 def _pod_handler(controller: Controller) -> Any:
