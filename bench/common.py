@@ -15,7 +15,6 @@ import secrets
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from kubernetes.client.rest import ApiException  # noqa: E402
 from sqlalchemy import create_engine, text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 from sqlalchemy.pool import NullPool  # noqa: E402
-from tests.e2e.harness import Operator, PodEvent, PodWatcher, Stack, hack  # noqa: E402
+from tests.e2e.harness import Operator, PodEvent, PodWatcher, Stack, hack, install_crds  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 #: What was seen to disturb the measurement (recorded in the JSON).
@@ -188,26 +187,7 @@ def stack() -> Stack:
     try:
         st.custom.list_cluster_custom_object("kubetask.dev", "v1alpha1", "runs", limit=1)
     except ApiException:
-        subprocess.run(
-            ["kubectl", "apply", "--server-side", "-f", str(REPO / "crds")],
-            check=True,
-            capture_output=True,
-            env={**os.environ, "KUBECONFIG": kubeconfig},
-        )
-        subprocess.run(
-            [
-                "kubectl",
-                "wait",
-                "--for=condition=Established",
-                "--timeout=60s",
-                "crd/tasks.kubetask.dev",
-                "crd/runs.kubetask.dev",
-                "crd/queues.kubetask.dev",
-            ],
-            check=True,
-            capture_output=True,
-            env={**os.environ, "KUBECONFIG": kubeconfig},
-        )
+        install_crds(kubeconfig)
     warn_cluster_wide_operator(st)
     return st
 
@@ -311,25 +291,10 @@ class CountingOperator(Operator):
         super().__init__(*args, **kwargs)
         self.stats_path = stats_path
         self.env["KUBETASK_BENCH_OPSTATS"] = str(stats_path)
+        self.env["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
 
-    def start(self) -> Operator:
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.opstats", "operator"],
-            env={**self.env, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-        )
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"operator exited {self.proc.returncode}:\n{self.log_tail()}")
-            with contextlib.suppress(OSError), urllib.request.urlopen(f"{self.api}/healthz", timeout=2) as r:
-                if r.status == 200:
-                    return self
-            time.sleep(0.3)
-        raise RuntimeError(f"operator API did not come up:\n{self.log_tail()}")
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "bench.opstats", "operator"]
 
 
 def start_operator(

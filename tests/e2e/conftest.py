@@ -15,7 +15,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
-from tests.e2e.harness import REPO, Operator, Stack, free_port, hack, hack_verbose, namespace
+from tests.e2e.harness import Operator, Stack, free_port, hack, hack_verbose, install_crds, namespace
 
 pytestmark = pytest.mark.e2e
 
@@ -35,26 +35,7 @@ def stack() -> Stack:
     hack_verbose("images.sh", "all")
     kubeconfig = user_cluster or hack("print.sh", "kubeconfig")
     env = {**os.environ, "KUBECONFIG": kubeconfig}
-    subprocess.run(
-        ["kubectl", "apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds")],
-        check=True,
-        env=env,
-        capture_output=True,
-    )
-    subprocess.run(
-        [
-            "kubectl",
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/tasks.kubetask.dev",
-            "crd/runs.kubetask.dev",
-            "crd/queues.kubetask.dev",
-        ],
-        check=True,
-        env=env,
-        capture_output=True,
-    )
+    install_crds(kubeconfig)
     # An operator installed in the cluster would act on the tests' Runs too: pause it.
     subprocess.run(
         ["kubectl", "-n", "kubetask-system", "scale", "deployment/kubetask-operator", "--replicas=0"],
