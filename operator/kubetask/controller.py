@@ -20,7 +20,7 @@ import json
 import logging
 import random
 import secrets
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -43,6 +43,9 @@ from kubetask.store import tables as t
 from kubetask.store.runs import load_state, save_state
 
 log = logging.getLogger("kubetask.controller")
+
+#: Makes a run's next event inside the transition's transaction (see Controller.apply).
+EventSource = Callable[[AsyncSession, t.Run], Awaitable[m.Event | None]]
 
 
 def utcnow() -> datetime:
@@ -136,8 +139,13 @@ class Controller:
 
     # ---- the transition ------------------------------------------------------------------------
 
-    async def apply(self, run_id: str, event: m.Event) -> m.Transition | None:
-        """Apply one event to a run in one transaction, then carry out the actions."""
+    async def apply(self, run_id: str, event: m.Event | EventSource) -> m.Transition | None:
+        """Apply one event to a run in one transaction, then carry out the actions.
+
+        ``event`` may be a function that makes the event inside that transaction (with the
+        queue and run rows locked) and records what caused it, so the cause and the
+        transition commit together or not at all. It returns None when there is nothing
+        to apply (the cause was recorded before)."""
         now = utcnow()
         async with self.sessions.begin() as s:
             queue = (await s.execute(select(t.Run.queue).where(t.Run.id == run_id))).scalar_one_or_none()
@@ -147,6 +155,11 @@ class Controller:
                 row = (
                     await s.execute(select(t.Run).where(t.Run.id == run_id).with_for_update())
                 ).scalar_one()
+                if callable(event):
+                    made = await event(s, row)
+                    if made is None:
+                        return None
+                    event = made
                 before = load_state(row)
                 tr = m.step(before, event, now=now, retry=self.retry_for(row), rand=random.random)
                 if tr.state == before and not tr.actions:
@@ -342,9 +355,13 @@ class Controller:
         pod: dict[str, Any] | None = None,
         outcome: m.AttemptEnded | None = None,
     ) -> None:
-        """Record how an attempt ended (once), then move the run."""
-        now = utcnow()
-        async with self.sessions.begin() as s:
+        """Record how an attempt ended (once) and move the run, in one transaction.
+
+        One transaction matters: were the attempt's end committed first and the process
+        killed before the run moved, the restarted operator would find the attempt ended
+        and the run still Running, holding its queue slot for ever."""
+
+        async def record(s: AsyncSession, _run: t.Run) -> m.Event | None:
             row = (
                 await s.execute(
                     select(t.Attempt)
@@ -353,19 +370,17 @@ class Controller:
                 )
             ).scalar_one_or_none()
             if row is None or row.finished_at is not None:
-                first = False
-            else:
-                first = True
-                report = _report(row.report)
-                ev = outcome or classify(attempt=attempt, end=end, report=report)
-                row.finished_at = now
-                row.exit_code = end.exit_code
-                row.reason = ev.reason[:64]
-                row.error = {"type": ev.error.type, "message": ev.error.message} if ev.error else None
-                if pod is not None and row.started_at is None:
-                    row.started_at = _pod_started(pod)
-        if first:
-            await self.apply(run_id, ev)
+                return None
+            ev = outcome or classify(attempt=attempt, end=end, report=_report(row.report))
+            row.finished_at = utcnow()
+            row.exit_code = end.exit_code
+            row.reason = ev.reason[:64]
+            row.error = {"type": ev.error.type, "message": ev.error.message} if ev.error else None
+            if pod is not None and row.started_at is None:
+                row.started_at = _pod_started(pod)
+            return ev
+
+        await self.apply(run_id, record)
         if pod is not None and pod["metadata"].get("deletionTimestamp") is None:
             # Logs and output are in PostgreSQL; an ended pod only costs the node.
             ns, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
@@ -713,6 +728,34 @@ class Controller:
 
     # ---- start-up --------------------------------------------------------------------------------------
 
+    async def _delete_stray_pods(self, by_run: dict[tuple[str, int], dict[str, Any]]) -> None:
+        """Delete pods still running for an attempt that is over: a previous process
+        moved the run (canceled, timed out, deleted) and died before deleting the pod."""
+        if not by_run:
+            return
+        async with self.sessions() as s:
+            current = {
+                r.id: (r.phase, r.attempt)
+                for r in (
+                    await s.execute(
+                        select(t.Run.id, t.Run.phase, t.Run.attempt).where(
+                            t.Run.id.in_({run_id for run_id, _ in by_run})
+                        )
+                    )
+                ).all()
+            }
+        for (run_id, attempt), pod in by_run.items():
+            meta = pod["metadata"]
+            if (
+                not self.mine(meta["namespace"])
+                or run_id not in current
+                or current[run_id] == (m.Phase.RUNNING, attempt)
+            ):
+                continue  # unknown to this database, or the attempt is the run's live one
+            if meta.get("deletionTimestamp") is None and pod_end(pod) is None:
+                log.info("deleting pod %s/%s: its attempt is over", meta["namespace"], meta["name"])
+                await self.kube.delete_pod(meta["namespace"], meta["name"], grace=5)
+
     async def resync(self, live_pods: list[dict[str, Any]]) -> None:
         """Make PostgreSQL, the pods and the Runs agree after a (re)start."""
         for body in await self.kube.list_objects("tasks"):
@@ -747,7 +790,10 @@ class Controller:
             }
         for pod in live_pods:
             await self.on_pod_event("ADDED", pod)
+        await self._delete_stray_pods(by_run)
         for row in rows:
+            if not self.mine(row.namespace):
+                continue  # another operator's (one database may serve several)
             if row.uid not in live_uids:
                 await self.run_deleted(row.uid)
             elif row.phase == m.Phase.RUNNING:
@@ -773,7 +819,8 @@ class Controller:
             if self.mine(queue.split("/", 1)[0]):
                 await self.admit(queue)
         for row in rows:
-            self._status.touch(row.id)
+            if self.mine(row.namespace):
+                self._status.touch(row.id)
 
 
 # ---- status projection ------------------------------------------------------------------------------
