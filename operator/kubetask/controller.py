@@ -380,7 +380,19 @@ class Controller:
                 row.started_at = _pod_started(pod)
             return ev
 
-        await self.apply(run_id, record)
+        # Pod events repeat (the end, then the deletion, then DELETED): an end already
+        # recorded is answered by one unlocked read, without taking the queue's lock.
+        # finished_at is never unset, so a None here is re-checked under the locks.
+        async with self.sessions() as s:
+            finished = (
+                await s.execute(
+                    select(t.Attempt.finished_at).where(
+                        t.Attempt.run_id == run_id, t.Attempt.number == attempt
+                    )
+                )
+            ).scalar_one_or_none()
+        if finished is None:
+            await self.apply(run_id, record)
         if pod is not None and pod["metadata"].get("deletionTimestamp") is None:
             # Logs and output are in PostgreSQL; an ended pod only costs the node.
             ns, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
