@@ -40,7 +40,7 @@ from kubetask.kube import Kube
 from kubetask.settings import Settings
 from kubetask.spec import MAX_PAYLOAD_BYTES, MAX_STATUS_OUTPUT_BYTES, QueueSpec, RetrySpec, RunSpec, TaskSpec
 from kubetask.store import tables as t
-from kubetask.store.runs import load_state, save_state
+from kubetask.store.runs import attempt_view, iso, load_state, save_state
 
 log = logging.getLogger("kubetask.controller")
 
@@ -50,10 +50,6 @@ EventSource = Callable[[AsyncSession, t.Run], Awaitable[m.Event | None]]
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def iso(ts: datetime | None) -> str | None:
-    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ") if ts else None
 
 
 def new_run_id() -> str:
@@ -939,19 +935,7 @@ class StatusSync:
             "error": row.error,
             "reason": row.reason,
             "message": row.message,
-            "attempts": [
-                {
-                    "number": a.number,
-                    "pod": a.pod_name,
-                    "createdAt": iso(a.created_at),
-                    "startedAt": iso(a.started_at),
-                    "finishedAt": iso(a.finished_at),
-                    "exitCode": a.exit_code,
-                    "reason": a.reason,
-                    "error": a.error,
-                }
-                for a in attempts
-            ],
+            "attempts": [attempt_view(a, pod_key="pod") for a in attempts],
             "conditions": conds,
             "originalRun": row.original_run_id,
         }

@@ -39,6 +39,7 @@ from sqlalchemy.sql import func
 
 from kubetask.engine.machine import Phase
 from kubetask.settings import Settings
+from kubetask.store.runs import attempt_view, iso
 from kubetask.store.tables import Attempt, LogLine, Run
 
 log = logging.getLogger("kubetask.api")
@@ -155,15 +156,6 @@ async def _middleware(request: web.Request, handler: Handler) -> web.StreamRespo
 
 
 # ---- helpers ------------------------------------------------------------------------
-
-
-def iso(dt: datetime | None) -> str | None:
-    """ISO-8601 UTC with a ``Z`` (microseconds always present, so the format is fixed)."""
-    if dt is None:
-        return None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return dt.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def parse_time(value: str, *, now: datetime) -> datetime:
@@ -685,19 +677,7 @@ async def get_run(request: web.Request) -> web.Response:
         body["outputBytes"] = run.output_bytes
         if run.has_output:
             body["output"] = run.output
-        body["attempts"] = [
-            {
-                "number": a.number,
-                "podName": a.pod_name,
-                "createdAt": iso(a.created_at),
-                "startedAt": iso(a.started_at),
-                "finishedAt": iso(a.finished_at),
-                "exitCode": a.exit_code,
-                "reason": a.reason,
-                "error": a.error,
-            }
-            for a in attempts
-        ]
+        body["attempts"] = [attempt_view(a, pod_key="podName") for a in attempts]
     return web.json_response(body)
 
 

@@ -1,8 +1,10 @@
-"""Mapping between a ``runs`` row and the engine's :class:`RunState`."""
+"""Mapping between a ``runs`` row and the engine's :class:`RunState`, and the one JSON
+view of an attempt that the Run's status and the API share."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
+from typing import Any
 
 from kubetask.engine.machine import TERMINAL, Phase, RunError, RunState
 from kubetask.store import tables as t
@@ -19,6 +21,30 @@ def load_state(row: t.Run) -> RunState:
         reason=row.reason,
         message=row.message,
     )
+
+
+def iso(ts: datetime | None) -> str | None:
+    """ISO-8601 UTC with a ``Z`` (microseconds always present, so the format is fixed)."""
+    if ts is None:
+        return None
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=UTC)
+    return ts.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def attempt_view(a: t.Attempt, *, pod_key: str) -> dict[str, Any]:
+    """An attempt as JSON. The two contracts name the pod differently: the Run's
+    ``status.attempts[].pod``, the API's ``attempts[].podName``."""
+    return {
+        "number": a.number,
+        pod_key: a.pod_name,
+        "createdAt": iso(a.created_at),
+        "startedAt": iso(a.started_at),
+        "finishedAt": iso(a.finished_at),
+        "exitCode": a.exit_code,
+        "reason": a.reason,
+        "error": a.error,
+    }
 
 
 def save_state(row: t.Run, state: RunState, *, now: datetime) -> None:
