@@ -261,12 +261,13 @@ async def measure_depths(
 
 
 def cluster_part(args: argparse.Namespace) -> dict[str, Any]:
-    from tests.e2e.harness import GROUP, TERMINAL, VERSION
+    from tests.e2e.harness import TERMINAL
 
     from bench.common import (
         AllPods,
         bench_namespace,
         queued_in_db,
+        run_phases,
         stack,
         start_operator,
         task_source,
@@ -298,16 +299,11 @@ def cluster_part(args: argparse.Namespace) -> dict[str, Any]:
                 t_unpause = time.time()
                 st.apply_queue(ns, "q", {"concurrencyLimit": limit, "paused": False})
 
-                def phases() -> dict[str, int]:
-                    out: dict[str, int] = {}
-                    for r in st.custom.list_namespaced_custom_object(GROUP, VERSION, ns, "runs")["items"]:
-                        ph = (r.get("status") or {}).get("phase") or "?"
-                        out[ph] = out.get(ph, 0) + 1
-                    return out
-
-                wait_for(lambda: set(phases()) <= TERMINAL, args.timeout, "every Run to finish", every=2)
+                wait_for(
+                    lambda: set(run_phases(st, ns)) <= TERMINAL, args.timeout, "every Run to finish", every=2
+                )
                 t_done = time.time()
-                final = phases()
+                final = run_phases(st, ns)
             starts = sorted(w.added_uids().values())
             ends = sorted(w.first_ended().values())
             max_alive = w.max_alive_where(lambda labels: True)

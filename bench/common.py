@@ -11,11 +11,10 @@ import datetime as dt
 import json
 import os
 import platform
-import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +26,11 @@ if str(REPO / "operator") not in sys.path:
 
 from kubernetes.client.rest import ApiException  # noqa: E402
 from sqlalchemy import create_engine, text  # noqa: E402
-from sqlalchemy.engine import make_url  # noqa: E402
 from sqlalchemy.pool import NullPool  # noqa: E402
-from tests.e2e.harness import Operator, PodEvent, PodWatcher, Stack, hack, install_crds  # noqa: E402
+from tests.databases import scratch_database  # noqa: E402
+from tests.e2e.harness import Operator, PodEvent, PodWatcher, Stack, hack, install_crds, namespace  # noqa: E402
+
+from kubetask.spec import GROUP, VERSION  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 #: What was seen to disturb the measurement (recorded in the JSON).
@@ -219,52 +220,24 @@ def admin_database_url() -> str:
     return os.environ.get("KUBETASK_BENCH_DATABASE_URL") or hack("print.sh", "database-url")
 
 
-@contextlib.contextmanager
-def bench_database(admin_url: str, *, migrate: bool = True) -> Iterator[str]:
+def bench_database(admin_url: str, *, migrate: bool = True) -> contextlib.AbstractContextManager[str]:
     """A fresh database ``kubetask_bench_<random>`` (migrated), dropped at the end."""
-    from kubetask.store import db
-
-    name = f"kubetask_bench_{secrets.token_hex(4)}"
-    admin = create_engine(admin_url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-    try:
-        if migrate:
-            db.upgrade(url)
-        yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    return scratch_database(admin_url, "kubetask_bench", migrate=migrate)
 
 
-@contextlib.contextmanager
-def bench_namespace(st: Stack, prefix: str, *, wait_gone: bool = True) -> Iterator[str]:
-    """A namespace ``bench-<prefix>-<random>``, deleted at the end (waiting for it to go
-    when ``wait_gone``, so the next phase starts on a quiet cluster)."""
-    name = f"bench-{prefix}-{secrets.token_hex(3)}"
-    st.core.create_namespace({"metadata": {"name": name, "labels": {"kubetask.dev/bench": "true"}}})
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:  # pods need the default ServiceAccount
-        with contextlib.suppress(ApiException):
-            st.core.read_namespaced_service_account("default", name)
-            break
-        time.sleep(0.2)
-    try:
-        yield name
-    finally:
-        with contextlib.suppress(ApiException):
-            st.core.delete_namespace(name, propagation_policy="Background")
-        if wait_gone:
-            deadline = time.monotonic() + 180
-            while time.monotonic() < deadline:
-                try:
-                    st.core.read_namespace(name)
-                except ApiException as e:
-                    if e.status == 404:
-                        break
-                time.sleep(1)
+def bench_namespace(st: Stack, prefix: str) -> contextlib.AbstractContextManager[str]:
+    """A namespace ``bench-<prefix>-<random>``, deleted at the end; waits until it is gone,
+    so the next phase starts on a quiet cluster."""
+    return namespace(st, f"bench-{prefix}", label="kubetask.dev/bench", wait_gone=True)
+
+
+def run_phases(st: Stack, ns: str) -> dict[str, int]:
+    """How many of the namespace's Runs are in each phase ("?" before the first status)."""
+    out: dict[str, int] = {}
+    for r in st.custom.list_namespaced_custom_object(GROUP, VERSION, ns, "runs")["items"]:
+        ph = (r.get("status") or {}).get("phase") or "?"
+        out[ph] = out.get(ph, 0) + 1
+    return out
 
 
 def queued_in_db(url: str) -> int:

@@ -36,6 +36,7 @@ from bench.common import (
     bench_namespace,
     print_table,
     ratio,
+    run_phases,
     stack,
     start_operator,
     summary_ms,
@@ -44,6 +45,7 @@ from bench.common import (
     wait_task_ready,
     write_results,
 )
+from kubetask.pods import pod_name
 
 TASK = "noop"
 
@@ -208,23 +210,18 @@ def runs_phase(
     cpu = CpuMeter().start()
     prefix = f"run-{rnd}"
     t0s, achieved = paced(count, args.rate, create(prefix))
-    pods = [f"{prefix}-{i:04d}-1" for i in range(count)]  # kubetask.pods.pod_name(run, attempt 1)
+    pods = [pod_name(f"{prefix}-{i:04d}", 1) for i in range(count)]
     wait_for(lambda: all(p in w.first_added() for p in pods), args.timeout, "a pod for every Run", every=0.2)
     cpu.stop()
     seen = w.first_added()
     lat = [seen[p] - t0 for p, t0 in zip(pods, t0s, strict=True)]
 
-    def phases() -> dict[str, int]:
-        out: dict[str, int] = {}
-        for r in st.custom.list_namespaced_custom_object(GROUP, VERSION, ns, "runs")["items"]:
-            ph = (r.get("status") or {}).get("phase") or "?"
-            out[ph] = out.get(ph, 0) + 1
-        return out
-
     if not args.unscheduled:
         with contextlib.suppress(TimeoutError):
-            wait_for(lambda: set(phases()) <= TERMINAL, args.timeout, "every Run to finish", every=1)
-    final = phases()
+            wait_for(
+                lambda: set(run_phases(st, ns)) <= TERMINAL, args.timeout, "every Run to finish", every=1
+            )
+    final = run_phases(st, ns)
     runtimes = pod_runtimes(w, set(pods))
     # The operator deletes ended pods itself; deleting the Runs cancels the unscheduled ones
     # (the operator deletes their pods) and leaves nothing behind.

@@ -4,17 +4,14 @@ started when missing; or the cluster KUBECONFIG points at (kind, say)."""
 from __future__ import annotations
 
 import os
-import secrets
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
-from sqlalchemy.pool import NullPool
 
+from tests.databases import scratch_database
 from tests.e2e.harness import Operator, Stack, free_port, hack, hack_verbose, install_crds, namespace
 
 pytestmark = pytest.mark.e2e
@@ -68,16 +65,9 @@ def stack() -> Stack:
 
 @pytest.fixture(scope="session")
 def e2e_database(stack: Stack) -> Iterator[str]:
-    """A fresh database for this session's operators, dropped at the end."""
-    name = f"kubetask_e2e_{secrets.token_hex(4)}"
-    admin = create_engine(stack.database_url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(stack.database_url).set(database=name).render_as_string(hide_password=False)
-    yield url
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    """A fresh database for this session's operators (they migrate it), dropped at the end."""
+    with scratch_database(stack.database_url, "kubetask_e2e", migrate=False) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -63,6 +63,15 @@ class Stack:
         self.core = client.CoreV1Api()
         self.custom = client.CustomObjectsApi()
 
+    def kubectl(self, ns: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        """``kubectl -n <ns> <args>`` on this cluster, as a user would type it; never raises."""
+        return subprocess.run(
+            ["kubectl", "--kubeconfig", self.kubeconfig, "-n", ns, *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+        )
+
     # ---- resources ---------------------------------------------------------------------------
 
     def apply_task(self, ns: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -161,9 +170,13 @@ def install_crds(kubeconfig: str) -> None:
 
 
 @contextlib.contextmanager
-def namespace(stack: Stack, prefix: str) -> Iterator[str]:
+def namespace(
+    stack: Stack, prefix: str, *, label: str = "kubetask.dev/e2e", wait_gone: bool = False
+) -> Iterator[str]:
+    """A namespace ``<prefix>-<random>`` labelled ``label``, deleted at the end (waiting
+    for it to go when ``wait_gone``, so what comes next starts on a quiet cluster)."""
     name = f"{prefix}-{secrets.token_hex(3)}"
-    stack.core.create_namespace({"metadata": {"name": name, "labels": {"kubetask.dev/e2e": "true"}}})
+    stack.core.create_namespace({"metadata": {"name": name, "labels": {label: "true"}}})
     # The default ServiceAccount must exist before pods can be created in the namespace.
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -176,6 +189,14 @@ def namespace(stack: Stack, prefix: str) -> Iterator[str]:
     finally:
         with contextlib.suppress(ApiException):
             stack.core.delete_namespace(name, propagation_policy="Background")
+        deadline = time.monotonic() + 180
+        while wait_gone and time.monotonic() < deadline:
+            try:
+                stack.core.read_namespace(name)
+            except ApiException as e:
+                if e.status == 404:
+                    break
+            time.sleep(1)
 
 
 class Operator:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn
 
 import pytest
 from kubernetes_asyncio import config
@@ -40,6 +41,11 @@ TASK = {
 
 class OperatorKilled(Exception):
     """Stands for the SIGKILL: raised inside the transition's transaction."""
+
+
+async def killed(*_: Any, **__: Any) -> NoReturn:
+    """Put in place of the step the first operator does not live to finish."""
+    raise OperatorKilled
 
 
 class Operators:
@@ -96,9 +102,6 @@ async def _attempt_end_dies_halfway(ops: Operators, name: str) -> None:
     ended = m.AttemptEnded(1, m.Outcome.FAILED, "Crashed", m.RunError("Crashed", "exit 137"))
     pod_end = PodEnd(137, "Error", "killed")
 
-    async def killed(*_: Any, **__: Any) -> bool:
-        raise OperatorKilled
-
     # The first operator records the attempt's end and dies while moving the run.
     ops.first.admission.release = killed  # type: ignore[method-assign]
     with pytest.raises(OperatorKilled):
@@ -129,17 +132,6 @@ async def _attempt_end_dies_halfway(ops: Operators, name: str) -> None:
     )
 
 
-def test_an_attempts_end_and_the_runs_move_commit_together(stack: Stack, ns: str, e2e_database: str) -> None:
-    stack.apply_task(ns, "crash", TASK)
-    name = stack.create_run(ns, "crash")
-
-    async def scenario() -> None:
-        async with Operators(stack, ns, e2e_database) as ops:
-            await _attempt_end_dies_halfway(ops, name)
-
-    asyncio.run(scenario())
-
-
 async def _cancel_dies_before_the_pod_is_deleted(ops: Operators, name: str) -> None:
     row = await ops.start_run(name)
     pod_name = pods.pod_name(name, 1)
@@ -147,9 +139,6 @@ async def _cancel_dies_before_the_pod_is_deleted(ops: Operators, name: str) -> N
     while (await ops.row(t.Attempt, t.Attempt.run_id == row.id)).pod_uid is None:
         assert time.monotonic() < deadline, "the attempt's pod was not created"
         await asyncio.sleep(0.2)
-
-    async def killed(*_: Any, **__: Any) -> None:
-        raise OperatorKilled
 
     # The first operator commits the cancel and dies before deleting the pod.
     ops.first.kube.delete_pod = killed  # type: ignore[method-assign]
@@ -166,14 +155,25 @@ async def _cancel_dies_before_the_pod_is_deleted(ops: Operators, name: str) -> N
     assert pod is None or pod["metadata"].get("deletionTimestamp") is not None, pod["status"]
 
 
-def test_a_canceled_runs_pod_is_deleted_by_the_next_operator(
-    stack: Stack, ns: str, e2e_database: str
+def _play(
+    stack: Stack, ns: str, database_url: str, scenario: Callable[[Operators, str], Awaitable[None]]
 ) -> None:
+    """One Run of the crash Task, played through ``scenario`` by two operators."""
     stack.apply_task(ns, "crash", TASK)
     name = stack.create_run(ns, "crash")
 
-    async def scenario() -> None:
-        async with Operators(stack, ns, e2e_database) as ops:
-            await _cancel_dies_before_the_pod_is_deleted(ops, name)
+    async def play() -> None:
+        async with Operators(stack, ns, database_url) as ops:
+            await scenario(ops, name)
 
-    asyncio.run(scenario())
+    asyncio.run(play())
+
+
+def test_an_attempts_end_and_the_runs_move_commit_together(stack: Stack, ns: str, e2e_database: str) -> None:
+    _play(stack, ns, e2e_database, _attempt_end_dies_halfway)
+
+
+def test_a_canceled_runs_pod_is_deleted_by_the_next_operator(
+    stack: Stack, ns: str, e2e_database: str
+) -> None:
+    _play(stack, ns, e2e_database, _cancel_dies_before_the_pod_is_deleted)

@@ -71,22 +71,8 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
 def dry_run(
     stack: Stack, ns: str, manifest: dict[str, Any], verb: str = "create"
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            "kubectl",
-            "--kubeconfig",
-            stack.kubeconfig,
-            "-n",
-            ns,
-            verb,
-            "--dry-run=server",
-            "--validate=strict",
-            "-f",
-            "-",
-        ],
-        input=json.dumps(manifest),
-        capture_output=True,
-        text=True,
+    return stack.kubectl(
+        ns, verb, "--dry-run=server", "--validate=strict", "-f", "-", stdin=json.dumps(manifest)
     )
 
 
@@ -118,32 +104,15 @@ def test_good_manifests_are_accepted(stack: Stack, ns: str) -> None:
 
 
 def test_run_task_is_immutable_and_cancel_cannot_be_undone(stack: Stack, ns: str) -> None:
-    created = subprocess.run(
-        ["kubectl", "--kubeconfig", stack.kubeconfig, "-n", ns, "create", "-f", "-"],
-        input=json.dumps(run({"task": "t", "cancel": True}, name="immut")),
-        capture_output=True,
-        text=True,
+    created = stack.kubectl(
+        ns, "create", "-f", "-", stdin=json.dumps(run({"task": "t", "cancel": True}, name="immut"))
     )
     assert created.returncode == 0, created.stderr
     for patch, message in [
         ({"spec": {"task": "other"}}, "spec.task is immutable"),
         ({"spec": {"cancel": False}}, "spec.cancel cannot be set back to false"),
     ]:
-        out = subprocess.run(
-            [
-                "kubectl",
-                "--kubeconfig",
-                stack.kubeconfig,
-                "-n",
-                ns,
-                "patch",
-                "runs.kubetask.dev",
-                "immut",
-                "--type=merge",
-                "-p",
-                json.dumps(patch),
-            ],
-            capture_output=True,
-            text=True,
+        out = stack.kubectl(
+            ns, "patch", "runs.kubetask.dev", "immut", "--type=merge", "-p", json.dumps(patch)
         )
         assert out.returncode != 0 and message in out.stderr, out.stderr

@@ -268,22 +268,6 @@ def test_database_matches_run_status(stack: Stack, ns: str, operator: Operator, 
 
 
 def test_examples_are_valid_manifests(stack: Stack, ns: str) -> None:
-    import subprocess
-
     for path in sorted(Path(REPO / "examples").glob("*/*.yaml")):
-        out = subprocess.run(
-            [
-                "kubectl",
-                "--kubeconfig",
-                stack.kubeconfig,
-                "-n",
-                ns,
-                "create",
-                "--dry-run=server",
-                "-f",
-                str(path),
-            ],
-            capture_output=True,
-            text=True,
-        )
+        out = stack.kubectl(ns, "create", "--dry-run=server", "-f", str(path))
         assert out.returncode == 0, f"{path}: {out.stderr}"

@@ -9,7 +9,6 @@ through that URL's connection, migrated, and dropped at the end.
 from __future__ import annotations
 
 import os
-import secrets
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -24,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_asyn
 from sqlalchemy.pool import NullPool
 
 from kubetask.store import db
-from kubetask.store.tables import Base
+from tests.databases import scratch_database
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATABASE_URL = "postgresql+psycopg://kubetask:kubetask@127.0.0.1:54329/kubetask"
@@ -69,30 +68,11 @@ def database_url() -> str:
     return url
 
 
-def _has_migrations() -> bool:
-    return any((db.MIGRATIONS / "versions").glob("*.py"))
-
-
 @pytest.fixture(scope="session")
 def test_database_url(database_url: str) -> Iterator[str]:
     """A fresh, migrated database for this test session (dropped at the end)."""
-    name = f"kubetask_test_{secrets.token_hex(6)}"
-    admin = create_engine(database_url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(database_url).set(database=name).render_as_string(hide_password=False)
-    try:
-        if _has_migrations():
-            db.upgrade(url)
-        else:  # no Alembic revision yet: the schema straight from the models
-            engine = create_engine(url, poolclass=NullPool)
-            Base.metadata.create_all(engine)
-            engine.dispose()
+    with scratch_database(database_url, "kubetask_test") as url:
         yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
