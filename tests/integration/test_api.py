@@ -17,7 +17,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from kubetask.api.app import MAX_LOG_MESSAGE_BYTES, MAX_OUTPUT_BYTES, TRUNCATED, make_app
+from kubetask.api import make_app
+from kubetask.protocol import MAX_LOG_MESSAGE_BYTES, MAX_OUTPUT_BYTES, TRUNCATED
 from kubetask.settings import Settings
 from kubetask.store.tables import Attempt, LogLine, Run
 

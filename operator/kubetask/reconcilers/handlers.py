@@ -12,7 +12,7 @@ from typing import Any
 import kopf
 
 from kubetask import pods
-from kubetask.api.app import make_app, start_api
+from kubetask.api import make_app, start_api
 from kubetask.controller import Controller
 from kubetask.kube import Kube, load_config
 from kubetask.settings import settings as kubetask_settings
