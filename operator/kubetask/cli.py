@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
+from kubetask.engine.machine import TERMINAL
+
 if TYPE_CHECKING:
     import httpx
     from rich.console import Console
@@ -33,7 +35,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(crds_app, name="crds")
 app.add_typer(runs_app, name="runs")
 
-TERMINAL_PHASES = frozenset({"Succeeded", "Failed", "Canceled", "TimedOut"})
+TERMINAL_PHASES = frozenset(p.value for p in TERMINAL)
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from kubernetes_asyncio import client, config, watch
@@ -16,6 +16,9 @@ from kubetask.spec import GROUP, VERSION
 
 log = logging.getLogger(__name__)
 PodHandler = Callable[[str, dict[str, Any]], Awaitable[None]]
+RelistHandler = Callable[[list[dict[str, Any]]], Awaitable[None]]
+#: Page size of every list: start-up and resync cost follows live objects, in pages.
+PAGE = 500
 
 
 async def load_config() -> None:
@@ -77,13 +80,18 @@ class Kube:
                 return None
             raise
 
-    async def delete_pod(self, namespace: str, name: str, *, grace: int | None = None) -> None:
+    async def delete_pod(
+        self, namespace: str, name: str, *, grace: int | None = None, uid: str | None = None
+    ) -> None:
+        """Delete a pod (gone already is fine). With ``uid``, only that very pod (a
+        precondition: another pod of the same name is left alone)."""
+        body = {"preconditions": {"uid": uid}} if uid else None
         try:
             await self.core.delete_namespaced_pod(
-                name, namespace, grace_period_seconds=grace, propagation_policy="Background"
+                name, namespace, grace_period_seconds=grace, propagation_policy="Background", body=body
             )
         except ApiException as e:
-            if e.status != 404:
+            if e.status not in (404, 409):
                 raise
 
     async def delete_secret(self, namespace: str, name: str) -> None:
@@ -94,19 +102,43 @@ class Kube:
                 raise
 
     async def list_pods(self, selector: str) -> tuple[list[dict[str, Any]], str]:
-        res = await self.core.list_pod_for_all_namespaces(label_selector=selector)
-        return [self._dict(p) for p in res.items], res.metadata.resource_version
+        """Every pod matching ``selector``, in pages; and the list's resource version."""
+        items: list[dict[str, Any]] = []
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"label_selector": selector, "limit": PAGE}
+            if token:
+                kwargs["_continue"] = token
+            res = await self.core.list_pod_for_all_namespaces(**kwargs)
+            items.extend(self._dict(p) for p in res.items)
+            token = res.metadata._continue
+            if not token:
+                return items, res.metadata.resource_version
 
-    async def watch_pods(self, selector: str, handler: PodHandler, *, resource_version: str) -> None:
-        """Watch the operator's pods only (server-side label selector) from a list's
-        resource version, for ever. Relists (and replays as ADDED) when the watch expires."""
-        rv: str | None = resource_version
+    async def list_secrets(self, selector: str) -> list[dict[str, Any]]:
+        """Secrets matching ``selector`` (metadata only is all we read), in pages."""
+        items: list[dict[str, Any]] = []
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"label_selector": selector, "limit": PAGE}
+            if token:
+                kwargs["_continue"] = token
+            res = await self.core.list_secret_for_all_namespaces(**kwargs)
+            items.extend({"metadata": self._dict(p.metadata)} for p in res.items)
+            token = res.metadata._continue
+            if not token:
+                return items
+
+    async def watch_pods(self, selector: str, handler: PodHandler, relist: RelistHandler) -> None:
+        """List, then watch the operator's pods only (server-side label selector), for
+        ever. Each (re)list hands the complete set to ``relist`` (so pods that vanished
+        while the watch was down are noticed); each event goes to ``handler``."""
+        rv: str | None = None
         while True:
             try:
                 if rv is None:
                     pods, rv = await self.list_pods(selector)
-                    for pod in pods:
-                        await handler("ADDED", pod)
+                    await relist(pods)
                 while True:
                     w = watch.Watch()
                     async with w.stream(
@@ -114,6 +146,10 @@ class Kube:
                         label_selector=selector,
                         resource_version=rv,
                         timeout_seconds=240,
+                        # A watch on a connection that went silent (a partition, a paused
+                        # server) would wait for ever: the client gives up a bit after the
+                        # server should have ended it, and the loop re-lists.
+                        _request_timeout=270,
                         allow_watch_bookmarks=True,
                     ) as stream:
                         async for ev in stream:
@@ -137,9 +173,9 @@ class Kube:
                 if e.status != 410:
                     log.warning("pod watch failed (%s); relisting", e.status)
                     await asyncio.sleep(1)
-            except Exception:
+            except Exception as e:
                 rv = None
-                log.exception("pod watch failed; relisting")
+                log.warning("pod watch failed (%r); relisting", e)
                 await asyncio.sleep(1)
 
     # ---- kubetask resources -----------------------------------------------------------------
@@ -155,10 +191,29 @@ class Kube:
                 return None
             raise
 
-    async def list_objects(self, plural: str) -> list[dict[str, Any]]:
-        res = await self.custom.list_cluster_custom_object(GROUP, VERSION, plural)
-        items: list[dict[str, Any]] = res.get("items", [])
-        return items
+    async def iter_objects(self, plural: str) -> AsyncIterator[dict[str, Any]]:
+        """Every object of a kubetask kind, cluster-wide, fetched a page at a time."""
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"limit": PAGE}
+            if token:
+                kwargs["_continue"] = token
+            res = await self.custom.list_cluster_custom_object(GROUP, VERSION, plural, **kwargs)
+            for item in res.get("items", []):
+                yield item
+            token = (res.get("metadata") or {}).get("continue")
+            if not token:
+                return
+
+    async def delete_object(self, plural: str, namespace: str, name: str, *, uid: str) -> None:
+        """Delete a kubetask object, only if it is still the one with ``uid``."""
+        try:
+            await self.custom.delete_namespaced_custom_object(
+                GROUP, VERSION, namespace, plural, name, body={"preconditions": {"uid": uid}}
+            )
+        except ApiException as e:
+            if e.status not in (404, 409):
+                raise
 
     async def patch_status(self, plural: str, namespace: str, name: str, status: dict[str, Any]) -> bool:
         """Merge-patch the status subresource. False if the object is gone."""

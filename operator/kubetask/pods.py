@@ -9,12 +9,14 @@ from kubetask.spec import API_VERSION, TaskSpec
 
 LABEL_RUN = "kubetask.dev/run"
 LABEL_RUN_ID = "kubetask.dev/run-id"
+#: The Run resource's uid: a pod or Secret of a deleted Run of the same name is never adopted.
+LABEL_RUN_UID = "kubetask.dev/run-uid"
 LABEL_TASK = "kubetask.dev/task"
 LABEL_QUEUE = "kubetask.dev/queue"
 LABEL_ATTEMPT = "kubetask.dev/attempt"
 LABEL_MANAGED = "app.kubernetes.io/managed-by"
 MANAGED_BY = "kubetask"
-#: The server-side label selector the operator's pod watch uses.
+#: The server-side label selector the operator's pod watch (and Secret sweep) uses.
 POD_SELECTOR = f"{LABEL_MANAGED}={MANAGED_BY},{LABEL_RUN_ID}"
 
 TOKEN_DIR = "/var/run/kubetask/token"
@@ -30,19 +32,29 @@ def _short(value: str, limit: int) -> str:
     return f"{value[: limit - 9].rstrip('-.')}-{digest}"
 
 
-def pod_name(run_name: str, attempt: int) -> str:
-    """Deterministic: the same run and attempt always give the same name, so a repeated
-    create (after a crash, or from a second replica) is answered 409 and does no harm."""
-    return f"{_short(run_name, 63 - 1 - len(str(attempt)))}-{attempt}"
+def uid_part(run_uid: str) -> str:
+    """Five characters of the Run's uid: a Run deleted and created again under the same
+    name gets pods and Secrets of other names, so a 409 never means "the old one"."""
+    return run_uid.replace("-", "")[:5].lower()
 
 
-def token_secret_name(run_name: str, attempt: int) -> str:
-    return _short(f"{pod_name(run_name, attempt)}-token", 253)
+def pod_name(run_name: str, run_uid: str, attempt: int) -> str:
+    """Deterministic: the same Run (uid) and attempt always give the same name, so a
+    repeated create (after a crash, or from a second replica) is answered 409 and does
+    no harm; the 409 is then checked against the run-uid label."""
+    suffix = f"-{uid_part(run_uid)}-{attempt}"
+    return f"{_short(run_name, 63 - len(suffix))}{suffix}"
 
 
-def source_configmap_name(task_name: str, source: str) -> str:
+def token_secret_name(run_name: str, run_uid: str, attempt: int) -> str:
+    return _short(f"{pod_name(run_name, run_uid, attempt)}-token", 253)
+
+
+def source_configmap_name(task_name: str, task_uid: str, source: str) -> str:
+    """Tied to the Task's uid and its source: a Task deleted and applied again, or the
+    same Task in another namespace, gets its own ConfigMap (each owned by its Task)."""
     digest = hashlib.sha256(source.encode()).hexdigest()[:10]
-    return _short(f"kubetask-src-{task_name}-{digest}", 253)
+    return _short(f"kubetask-src-{task_name}-{uid_part(task_uid)}-{digest}", 253)
 
 
 def label_value(value: str) -> str:
@@ -68,7 +80,7 @@ def source_configmap(
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {
-            "name": source_configmap_name(task_name, source),
+            "name": source_configmap_name(task_name, task_owner["uid"], source),
             "namespace": namespace,
             "labels": {LABEL_MANAGED: MANAGED_BY, LABEL_TASK: label_value(task_name)},
             "ownerReferences": [task_owner],
@@ -77,16 +89,22 @@ def source_configmap(
     }
 
 
-def token_secret(*, run: dict[str, Any], attempt: int, token: str) -> dict[str, Any]:
+def token_secret(*, run: dict[str, Any], run_id: str, attempt: int, token: str) -> dict[str, Any]:
     meta = run["metadata"]
     return {
         "apiVersion": "v1",
         "kind": "Secret",
         "type": "Opaque",
         "metadata": {
-            "name": token_secret_name(meta["name"], attempt),
+            "name": token_secret_name(meta["name"], meta["uid"], attempt),
             "namespace": meta["namespace"],
-            "labels": {LABEL_MANAGED: MANAGED_BY, LABEL_RUN: label_value(meta["name"])},
+            "labels": {
+                LABEL_MANAGED: MANAGED_BY,
+                LABEL_RUN: label_value(meta["name"]),
+                LABEL_RUN_UID: meta["uid"],
+                LABEL_RUN_ID: run_id,
+                LABEL_ATTEMPT: str(attempt),
+            },
             "ownerReferences": [owner_ref(run)],
         },
         "stringData": {"token": token},
@@ -98,6 +116,7 @@ def attempt_pod(
     run: dict[str, Any],
     run_id: str,
     task_name: str,
+    task_uid: str,
     task: TaskSpec,
     queue: str,
     attempt: int,
@@ -107,7 +126,7 @@ def attempt_pod(
     image_pull_policy: str,
 ) -> dict[str, Any]:
     meta = run["metadata"]
-    name = pod_name(meta["name"], attempt)
+    name = pod_name(meta["name"], meta["uid"], attempt)
     env: list[dict[str, Any]] = [
         {"name": "KUBETASK_API_URL", "value": api_url},
         {"name": "KUBETASK_RUN_ID", "value": run_id},
@@ -121,7 +140,10 @@ def attempt_pod(
     volumes: list[dict[str, Any]] = [
         {
             "name": "token",
-            "secret": {"secretName": token_secret_name(meta["name"], attempt), "defaultMode": 0o440},
+            "secret": {
+                "secretName": token_secret_name(meta["name"], meta["uid"], attempt),
+                "defaultMode": 0o440,
+            },
         },
         {"name": "tmp", "emptyDir": {}},
     ]
@@ -132,7 +154,7 @@ def attempt_pod(
     if task.source is not None:
         env.append({"name": "KUBETASK_SOURCE_FILE", "value": f"{SOURCE_DIR}/task.py"})
         volumes.append(
-            {"name": "source", "configMap": {"name": source_configmap_name(task_name, task.source)}}
+            {"name": "source", "configMap": {"name": source_configmap_name(task_name, task_uid, task.source)}}
         )
         mounts.append({"name": "source", "mountPath": SOURCE_DIR, "readOnly": True})
     else:
@@ -188,6 +210,7 @@ def attempt_pod(
                 LABEL_MANAGED: MANAGED_BY,
                 LABEL_RUN: label_value(meta["name"]),
                 LABEL_RUN_ID: run_id,
+                LABEL_RUN_UID: meta["uid"],
                 LABEL_TASK: label_value(task_name),
                 LABEL_QUEUE: label_value(queue),
                 LABEL_ATTEMPT: str(attempt),

@@ -32,6 +32,63 @@ class Settings(BaseSettings):
     idempotency_ttl_seconds: int = Field(
         24 * 3600, description="How long an idempotencyKey keeps a second Run from executing."
     )
+    # ---- the control loop (docs/concepts.md, "Guarantees") -------------------------------
+    leader_election: bool = Field(
+        True, description="Elect one leader (a Lease) to reconcile; off only for a single process."
+    )
+    lease_namespace: str = Field(
+        "", description="Namespace of the Lease; default: the pod's namespace, else the first watched one."
+    )
+    lease_name: str = Field("kubetask-operator", description="Name of the leader-election Lease.")
+    lease_duration_seconds: float = Field(
+        10.0, gt=0, description="How long a candidate waits after the leader's last renewal to take over."
+    )
+    renew_deadline_seconds: float = Field(
+        7.0, gt=0, description="A leader that could not renew for this long stops acting (< lease duration)."
+    )
+    lease_retry_seconds: float = Field(2.0, gt=0, description="How often the lease is renewed / tried.")
+    workers: int = Field(8, ge=1, le=256, description="Runs reconciled at once.")
+    work_timeout_seconds: float = Field(
+        60.0, gt=0, description="A reconcile taking longer is cancelled and retried with back-off."
+    )
+    resync_seconds: float = Field(
+        30.0, gt=0, description="Period of the leader's resync (what events may have missed)."
+    )
+    grant_grace_seconds: float = Field(
+        10.0, ge=0, description="A granted attempt without a pod this long is repaired by the resync."
+    )
+    infra_retry_limit: int = Field(
+        10,
+        ge=0,
+        le=1000,
+        description="Attempts that may end before the task ran (not counted against maxAttempts).",
+    )
+    unschedulable_timeout_seconds: float = Field(
+        300.0, gt=0, description="An attempt whose pod cannot be scheduled this long ends (not counted)."
+    )
+    image_pull_timeout_seconds: float = Field(
+        180.0, gt=0, description="An attempt whose image cannot be pulled this long ends (not counted)."
+    )
+    pod_start_timeout_seconds: float = Field(
+        600.0, gt=0, description="An attempt whose container has not started this long ends (not counted)."
+    )
+    terminating_timeout_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="A pod still there this long past its deletion deadline (node lost) is force-deleted.",
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        7 * 24 * 3600,
+        ge=0,
+        description="Finished Run resources are deleted after this (Task and Run may override); "
+        "null keeps them.",
+    )
+    record_retention_days: float = Field(
+        90.0, ge=0, description="Records of runs whose resource is gone are deleted after this; 0 keeps them."
+    )
+    log_retention_days: float = Field(
+        30.0, ge=0, description="Log lines older than this are deleted; 0 keeps them."
+    )
     operator_id: str = Field(
         "", description="Name of this operator process (logs); default: host name + pid."
     )

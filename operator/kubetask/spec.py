@@ -110,6 +110,13 @@ class TaskSpec(_Model):
         None, ge=5, le=604_800, description="Wall-clock limit of one attempt; the run ends TimedOut."
     )
     pod_template: PodTemplate | None = Field(None, description="Pod customisation.")
+    ttl_seconds_after_finished: int | None = Field(
+        None,
+        ge=0,
+        le=31_536_000,
+        description="Delete each finished Run resource this long after it ends (its record stays in "
+        "PostgreSQL); a Run's own setting wins; default: the operator's.",
+    )
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -147,6 +154,13 @@ class RunSpec(_Model):
         None, ge=1, le=100, description="Overrides the Task's retry.maxAttempts."
     )
     cancel: bool = Field(False, description="Set true to cancel the run.")
+    ttl_seconds_after_finished: int | None = Field(
+        None,
+        ge=0,
+        le=31_536_000,
+        description="Delete this Run resource this long after it ends (its record stays in "
+        "PostgreSQL); default: the Task's, else the operator's.",
+    )
 
 
 class QueueSpec(_Model):

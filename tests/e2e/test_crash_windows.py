@@ -11,7 +11,6 @@ the run's move lost, its queue slot held for ever), which is why this file exist
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
 
@@ -20,7 +19,7 @@ from kubernetes_asyncio import config
 from sqlalchemy import select
 
 from kubetask import pods
-from kubetask.controller import Controller
+from kubetask.control.controller import Controller
 from kubetask.engine import machine as m
 from kubetask.engine.outcomes import PodEnd
 from kubetask.kube import Kube
@@ -72,12 +71,11 @@ class Operators:
         task = await self.first.kube.get_object("tasks", self.ns, "crash")
         assert task is not None
         for c in (self.first, self.restarted):
-            await c.on_task_event("ADDED", task)
+            await c.catalogue.on_task_event("ADDED", task)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         for c in (self.first, self.restarted):
-            await c.close()
             await c.kube.close()
         await self.engine.dispose()
 
@@ -86,10 +84,14 @@ class Operators:
             return (await s.execute(select(model).where(*where))).scalar_one()
 
     async def start_run(self, name: str) -> t.Run:
-        """The first operator sees the Run and admits it; returns its row, Running."""
+        """The first operator records the Run, resolves and admits it, one step at a time
+        (its work queues are not running); returns its row, Running."""
         run = await self.first.kube.get_object("runs", self.ns, name)
         assert run is not None
-        await self.first.run_created(run)
+        run_id = await self.first.intake.record(run)
+        await self.first.reconcile(run_id)  # Pending -> Queued
+        row = await self.row(t.Run, t.Run.id == run_id)
+        await self.first.admit(row.queue)  # Queued -> Running, attempt 1
         row = await self.row(t.Run, t.Run.uid == run["metadata"]["uid"])
         assert (row.phase, row.attempt) == (m.Phase.RUNNING, 1), (row.phase, row.reason, row.message)
         return row  # type: ignore[no-any-return]
@@ -99,13 +101,12 @@ async def _attempt_end_dies_halfway(ops: Operators, name: str) -> None:
     row = await ops.start_run(name)
     queue = row.queue
     assert await ops.first.admission.counts(queue) == (1, 0)
-    ended = m.AttemptEnded(1, m.Outcome.FAILED, "Crashed", m.RunError("Crashed", "exit 137"))
-    pod_end = PodEnd(137, "Error", "killed")
+    pod_end = PodEnd(137, "OOMKilled", "killed")
 
     # The first operator records the attempt's end and dies while moving the run.
     ops.first.admission.release = killed  # type: ignore[method-assign]
     with pytest.raises(OperatorKilled):
-        await ops.first.end_attempt(row.id, 1, pod_end, outcome=ended)
+        await ops.first.attempts.end(row.id, 1, pod_end)
 
     # Nothing of it stuck: the attempt is not marked ended, the run still owns its slot.
     attempt = await ops.row(t.Attempt, t.Attempt.run_id == row.id, t.Attempt.number == 1)
@@ -115,15 +116,18 @@ async def _attempt_end_dies_halfway(ops: Operators, name: str) -> None:
 
     # The restarted operator sees the same pod end again (its pod watch replays it):
     # the attempt ends and the run moves on, freeing the slot.
-    await ops.restarted.end_attempt(row.id, 1, pod_end, outcome=ended)
+    await ops.restarted.attempts.end(row.id, 1, pod_end)
     attempt = await ops.row(t.Attempt, t.Attempt.run_id == row.id, t.Attempt.number == 1)
-    assert attempt.finished_at is not None and attempt.reason == "Crashed"
+    assert attempt.finished_at is not None and attempt.reason == "OOMKilled"
     row = await ops.row(t.Run, t.Run.id == row.id)
-    assert (row.phase, row.reason) == (m.Phase.RETRYING, "Crashed"), (row.phase, row.reason)
+    assert (row.phase, row.reason) == (m.Phase.RETRYING, "OOMKilled"), (row.phase, row.reason)
+    # The back-off is a timer row: it survives the process that set it.
+    timer = await ops.row(t.Timer, t.Timer.key == row.id)
+    assert timer.due_at == row.next_attempt_at
     assert await ops.restarted.admission.counts(queue) == (0, 0)
 
     # Seen a third time, the same end changes nothing.
-    await ops.restarted.end_attempt(row.id, 1, pod_end, outcome=ended)
+    await ops.restarted.attempts.end(row.id, 1, pod_end)
     again = await ops.row(t.Run, t.Run.id == row.id)
     assert (again.phase, again.attempt, again.next_attempt_at) == (
         row.phase,
@@ -134,23 +138,24 @@ async def _attempt_end_dies_halfway(ops: Operators, name: str) -> None:
 
 async def _cancel_dies_before_the_pod_is_deleted(ops: Operators, name: str) -> None:
     row = await ops.start_run(name)
-    pod_name = pods.pod_name(name, 1)
-    deadline = time.monotonic() + 60
-    while (await ops.row(t.Attempt, t.Attempt.run_id == row.id)).pod_uid is None:
-        assert time.monotonic() < deadline, "the attempt's pod was not created"
-        await asyncio.sleep(0.2)
+    pod_name = pods.pod_name(name, row.uid, 1)
+    await ops.first.reconcile(row.id)  # creates the token Secret and the pod
+    assert (await ops.row(t.Attempt, t.Attempt.run_id == row.id)).pod_uid is not None
 
     # The first operator commits the cancel and dies before deleting the pod.
     ops.first.kube.delete_pod = killed  # type: ignore[method-assign]
+    await ops.first.transitions.apply(row.id, m.CancelRequested("Canceled", "spec.cancel was set to true"))
     with pytest.raises(OperatorKilled):
-        await ops.first.apply(row.id, m.CancelRequested("Canceled", "spec.cancel was set to true"))
+        await ops.first.reconcile(row.id)
     assert (await ops.row(t.Run, t.Run.id == row.id)).phase == m.Phase.CANCELED
     pod = await ops.restarted.kube.get_pod(ops.ns, pod_name)
     assert pod is not None and pod["metadata"].get("deletionTimestamp") is None
 
-    # The restarted operator's start-up finds the pod of an attempt that is over.
-    live, _ = await ops.restarted.kube.list_pods(pods.POD_SELECTOR)
-    await ops.restarted.resync(live)
+    # The restarted operator's first resync finds the run whose attempt is not over...
+    await ops.restarted.resync.once(initial=True)
+    assert row.id in ops.restarted.runs._queued
+    # ... and its reconcile deletes the pod (the slot is freed once the pod is gone).
+    await ops.restarted.reconcile(row.id)
     pod = await ops.restarted.kube.get_pod(ops.ns, pod_name)
     assert pod is None or pod["metadata"].get("deletionTimestamp") is not None, pod["status"]
 

@@ -200,7 +200,9 @@ def test_idempotency_key_does_not_execute_twice(stack: Stack, ns: str, operator:
     second = stack.create_run(ns, "hello", idempotencyKey="order-1")
     status = stack.wait_run(ns, second)["status"]
     assert status["originalRun"] == first_status["runId"]
-    assert status["phase"] == "Succeeded" and status["attempt"] == 0 and status["attempts"] == []
+    # The documented rule (docs/concepts.md): a duplicate ends at once in its own terminal
+    # phase, pointing at the original; it never executes, whatever the original's fate.
+    assert status["phase"] == "Deduplicated" and status["attempt"] == 0 and status["attempts"] == []
     assert status["reason"] == "Deduplicated"
 
 

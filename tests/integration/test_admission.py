@@ -280,7 +280,7 @@ async def test_grant_moves_the_run_to_running_with_its_attempt(
         att = await s.get(t.Attempt, ("g1", 1))
     assert run is not None and att is not None
     assert (run.phase, run.attempt, grant.attempt) == (m.Phase.RUNNING, 1, 1)
-    assert att.pod_name == "g1-1" and att.token_hash != grant.token
+    assert att.pod_name == pod_name("g1", "g1", 1) and att.token_hash != grant.token
     assert run.started_at is not None and run.started_at <= datetime.now(UTC)
 
 

@@ -142,4 +142,41 @@ def test_max_attempts_comes_from_the_resolved_task() -> None:
 
 
 def test_terminal_phases() -> None:
-    assert {P.SUCCEEDED, P.FAILED, P.CANCELED, P.TIMED_OUT} == m.TERMINAL
+    assert {P.SUCCEEDED, P.FAILED, P.CANCELED, P.TIMED_OUT, P.DEDUPLICATED} == m.TERMINAL
+
+
+def step(state: m.RunState, event: m.Event, limit: int = 10) -> m.Transition:
+    return m.step(state, event, now=NOW, retry=RETRY, rand=lambda: 0.0, infra_limit=limit)
+
+
+def test_a_duplicate_ends_at_once_and_nothing_promotes_it() -> None:
+    tr = step(S(P.PENDING), m.Deduplicated("run_orig", "same key"))
+    assert tr.state.phase is P.DEDUPLICATED and tr.state.terminal
+    for later in (m.TaskResolved(3), m.SlotGranted(), m.BackoffElapsed(), m.Rejected("X", "y")):
+        assert step(tr.state, later).state == tr.state
+
+
+def test_a_missing_task_waits_with_a_timer_and_stays_pending() -> None:
+    until = NOW + timedelta(seconds=30)
+    tr = step(S(P.PENDING), m.TaskMissing(until, "waiting"))
+    assert tr.state.phase is P.PENDING and tr.actions == (m.WakeAt(until),)
+
+
+def test_infrastructure_failures_do_not_use_up_attempts() -> None:
+    state = S(P.RUNNING, 3)  # attempts 1 and 2 failed in the task
+    tr = step(state, ended(3, m.Outcome.INFRA, "Unschedulable"))
+    assert tr.state.phase is P.RETRYING and tr.state.infra_failures == 1
+    assert tr.state.counted_attempts == 2  # attempt 3 never ran: a third real attempt remains
+    queued = m.step(
+        tr.state, m.BackoffElapsed(), now=tr.state.next_attempt_at or NOW, retry=RETRY, rand=lambda: 0.0
+    ).state
+    running = step(queued, m.SlotGranted()).state
+    assert running.attempt == 4 and running.counted_attempts == 3
+    assert step(running, ended(4, m.Outcome.FAILED)).state.reason == "RetriesExhausted"
+
+
+def test_infrastructure_failures_have_their_own_limit() -> None:
+    state = m.RunState(phase=P.RUNNING, attempt=3, max_attempts=3, infra_failures=2)
+    tr = step(state, ended(3, m.Outcome.INFRA, "QuotaExceeded"), limit=2)
+    assert (tr.state.phase, tr.state.reason) == (P.FAILED, "InfrastructureFailures")
+    assert any(isinstance(a, m.ReleaseSlot) for a in tr.actions)

@@ -1,9 +1,10 @@
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kubetask.engine.machine import Outcome
-from kubetask.engine.outcomes import Report, classify, pod_end
+from kubetask.engine.outcomes import Report, StartLimits, classify, pod_end, start_problem
 
 
 def pod(
@@ -88,7 +89,60 @@ def test_exit_zero_without_report_is_a_failure() -> None:
     assert classify(attempt=1, end=end, report=None).reason == "MissingResult"
 
 
-def test_image_that_cannot_be_pulled_ends_the_attempt() -> None:
-    end = pod_end(pod("Pending", waiting="ErrImageNeverPull"))
-    assert end is not None
-    assert classify(attempt=1, end=end, report=None).reason == "ErrImageNeverPull"
+LIMITS = StartLimits(
+    unschedulable=timedelta(seconds=300),
+    image_pull=timedelta(seconds=60),
+    start=timedelta(seconds=600),
+    terminating=timedelta(seconds=30),
+)
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def created(p: dict[str, Any], at: datetime = T0, **meta: Any) -> dict[str, Any]:
+    p["metadata"].update({"creationTimestamp": at.isoformat().replace("+00:00", "Z"), **meta})
+    return p
+
+
+def test_image_that_cannot_be_pulled_waits_then_ends_the_attempt_uncounted() -> None:
+    p = created(pod("Pending", waiting="ErrImageNeverPull"))
+    assert pod_end(p) is None  # the image may still arrive: not the end by itself
+    end, due = start_problem(p, now=T0 + timedelta(seconds=10), limits=LIMITS)
+    assert end is None and due == T0 + timedelta(seconds=60)
+    end, due = start_problem(p, now=T0 + timedelta(seconds=60), limits=LIMITS)
+    assert end is not None and end.infra and due is None
+    ev = classify(attempt=1, end=end, report=None)
+    assert (ev.outcome, ev.reason) == (Outcome.INFRA, "ErrImageNeverPull")
+
+
+def test_invalid_image_name_fails_at_once_without_retry() -> None:
+    end = pod_end(pod("Pending", waiting="InvalidImageName"))
+    assert end is not None and end.permanent
+    assert classify(attempt=1, end=end, report=None).outcome is Outcome.ABORTED
+
+
+def test_unschedulable_pod_ends_after_its_timeout_uncounted() -> None:
+    p = created(pod("Pending"))
+    p["status"]["conditions"] = [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/1 nodes"}
+    ]
+    end, due = start_problem(p, now=T0 + timedelta(seconds=299), limits=LIMITS)
+    assert end is None and due == T0 + timedelta(seconds=300)
+    end, _ = start_problem(p, now=T0 + timedelta(seconds=300), limits=LIMITS)
+    assert end is not None and end.infra and end.reason == "Unschedulable" and "0/1 nodes" in end.message
+
+
+def test_started_pod_has_no_start_deadline() -> None:
+    p = created(pod("Running"))
+    p["status"]["containerStatuses"][0]["state"] = {"running": {"startedAt": "x"}}
+    assert start_problem(p, now=T0 + timedelta(days=1), limits=LIMITS) == (None, None)
+
+
+def test_pod_stuck_terminating_on_a_lost_node_ends_after_the_terminating_timeout() -> None:
+    p = created(pod("Running"), deletionTimestamp=T0.isoformat().replace("+00:00", "Z"))
+    p["status"]["containerStatuses"][0]["state"] = {"running": {"startedAt": "x"}}
+    end, due = start_problem(p, now=T0 + timedelta(seconds=10), limits=LIMITS)
+    assert end is None and due == T0 + timedelta(seconds=30)
+    end, _ = start_problem(p, now=T0 + timedelta(seconds=30), limits=LIMITS)
+    # It ran: the node's loss counts as a failed attempt (the task may have done work).
+    assert end is not None and end.reason == "NodeLost" and not end.infra
+    assert classify(attempt=1, end=end, report=None).outcome is Outcome.FAILED

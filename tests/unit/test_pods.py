@@ -5,7 +5,10 @@ from typing import Any
 from kubetask import pods
 from kubetask.spec import TaskSpec
 
-RUN: dict[str, Any] = {"metadata": {"name": "hello-abc", "namespace": "ns1", "uid": "u-1"}}
+RUN: dict[str, Any] = {
+    "metadata": {"name": "hello-abc", "namespace": "ns1", "uid": "5f0c1a2b-0000-4000-8000-000000000001"}
+}
+UID = RUN["metadata"]["uid"]
 
 
 def build(task: TaskSpec, attempt: int = 2) -> dict[str, Any]:
@@ -13,6 +16,7 @@ def build(task: TaskSpec, attempt: int = 2) -> dict[str, Any]:
         run=RUN,
         run_id="run_1",
         task_name="hello",
+        task_uid="9a8b7c6d-1111-4000-8000-000000000002",
         task=task,
         queue="hello",
         attempt=attempt,
@@ -23,20 +27,34 @@ def build(task: TaskSpec, attempt: int = 2) -> dict[str, Any]:
     )
 
 
-def test_pod_name_is_deterministic_per_run_and_attempt() -> None:
-    assert pods.pod_name("hello-abc", 2) == "hello-abc-2"
-    assert build(TaskSpec(source="x"))["metadata"]["name"] == "hello-abc-2"
+def test_pod_name_is_deterministic_per_run_uid_and_attempt() -> None:
+    assert pods.pod_name("hello-abc", UID, 2) == "hello-abc-5f0c1-2"
+    assert build(TaskSpec(source="x"))["metadata"]["name"] == "hello-abc-5f0c1-2"
     long = "r" * 80
-    assert pods.pod_name(long, 7) == pods.pod_name(long, 7)
-    assert len(pods.pod_name(long, 7)) <= 63
-    assert pods.pod_name(long, 7) != pods.pod_name(long + "x", 7)
+    assert pods.pod_name(long, UID, 7) == pods.pod_name(long, UID, 7)
+    assert len(pods.pod_name(long, UID, 7)) <= 63
+    assert pods.pod_name(long, UID, 7) != pods.pod_name(long + "x", UID, 7)
+
+
+def test_a_run_created_again_under_the_same_name_gets_other_pod_and_secret_names() -> None:
+    again = "77aa0000-0000-4000-8000-000000000003"
+    assert pods.pod_name("hello-abc", UID, 1) != pods.pod_name("hello-abc", again, 1)
+    assert pods.token_secret_name("hello-abc", UID, 1) != pods.token_secret_name("hello-abc", again, 1)
+
+
+def test_source_configmap_is_tied_to_the_tasks_uid_and_source() -> None:
+    a = pods.source_configmap_name("hello", "aaaaa-1", "print(1)")
+    assert a == pods.source_configmap_name("hello", "aaaaa-1", "print(1)")
+    assert a != pods.source_configmap_name("hello", "bbbbb-1", "print(1)")  # re-applied Task
+    assert a != pods.source_configmap_name("hello", "aaaaa-1", "print(2)")  # edited source
 
 
 def test_pod_is_owned_by_the_run_and_labelled() -> None:
     pod = build(TaskSpec(source="x"))
-    assert pod["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+    assert pod["metadata"]["ownerReferences"][0]["uid"] == UID
     labels = pod["metadata"]["labels"]
     assert labels[pods.LABEL_RUN_ID] == "run_1"
+    assert labels[pods.LABEL_RUN_UID] == UID
     assert labels[pods.LABEL_TASK] == "hello"
     assert labels[pods.LABEL_QUEUE] == "hello"
     assert labels[pods.LABEL_ATTEMPT] == "2"
@@ -56,7 +74,7 @@ def test_token_is_mounted_from_a_secret_not_in_the_pod_spec() -> None:
     env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
     assert all("token" not in str(v) or v.endswith("/token") for v in env.values())
     secret_vols = [v for v in pod["spec"]["volumes"] if "secret" in v]
-    assert secret_vols[0]["secret"]["secretName"] == pods.token_secret_name("hello-abc", 2)
+    assert secret_vols[0]["secret"]["secretName"] == pods.token_secret_name("hello-abc", UID, 2)
 
 
 def test_inline_source_comes_from_a_configmap_and_entrypoint_from_env() -> None:

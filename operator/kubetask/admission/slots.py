@@ -31,6 +31,7 @@ from sqlalchemy import case, delete, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from kubetask import pods
 from kubetask.engine.machine import Phase, RunState, SlotGranted, step
 from kubetask.spec import RetrySpec
 from kubetask.store import tables as t
@@ -60,7 +61,10 @@ def hash_token(token: str) -> str:
 
 class Admission:
     def __init__(
-        self, sessions: async_sessionmaker[AsyncSession], *, pod_name: Callable[[str, int], str]
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        *,
+        pod_name: Callable[[str, str, int], str] = pods.pod_name,
     ) -> None:
         self._sessions = sessions
         self._pod_name = pod_name
@@ -278,7 +282,7 @@ class Admission:
             insert(t.Attempt).values(
                 run_id=run_id,
                 number=state.attempt,
-                pod_name=self._pod_name(run.name, state.attempt),
+                pod_name=self._pod_name(run.name, run.uid, state.attempt),
                 token_hash=hash_token(token),
             )
         )

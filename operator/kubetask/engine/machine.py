@@ -28,9 +28,11 @@ class Phase(enum.StrEnum):
     FAILED = "Failed"
     CANCELED = "Canceled"
     TIMED_OUT = "TimedOut"
+    #: Another run with the same idempotencyKey executes instead; this one never does.
+    DEDUPLICATED = "Deduplicated"
 
 
-TERMINAL = frozenset({Phase.SUCCEEDED, Phase.FAILED, Phase.CANCELED, Phase.TIMED_OUT})
+TERMINAL = frozenset({Phase.SUCCEEDED, Phase.FAILED, Phase.CANCELED, Phase.TIMED_OUT, Phase.DEDUPLICATED})
 
 
 @dataclass(frozen=True)
@@ -42,9 +44,13 @@ class RunError:
 @dataclass(frozen=True)
 class RunState:
     phase: Phase = Phase.PENDING
-    #: Number of the current (Running) or last attempt; 0 before the first.
+    #: Number of the current (Running) or last attempt; 0 before the first. Every pod
+    #: gets a new number, so attempts that never started (infra_failures) are numbered too.
     attempt: int = 0
     max_attempts: int = 3
+    #: Attempts that ended before the task ran (pod never started, quota, node lost):
+    #: they do not count against max_attempts, up to their own limit.
+    infra_failures: int = 0
     next_attempt_at: datetime | None = None
     error: RunError | None = None
     #: Machine-readable reason of the last transition (becomes a condition reason).
@@ -54,6 +60,11 @@ class RunState:
     @property
     def terminal(self) -> bool:
         return self.phase in TERMINAL
+
+    @property
+    def counted_attempts(self) -> int:
+        """Attempts that count against max_attempts (those in which the task ran)."""
+        return self.attempt - self.infra_failures
 
 
 # ---- events -------------------------------------------------------------------------
@@ -75,6 +86,22 @@ class Rejected:
 
 
 @dataclass(frozen=True)
+class TaskMissing:
+    """The Task does not exist (yet): the run waits for it until ``until``."""
+
+    until: datetime
+    message: str
+
+
+@dataclass(frozen=True)
+class Deduplicated:
+    """Another run holds the same idempotencyKey: this one ends without executing."""
+
+    original_run_id: str
+    message: str
+
+
+@dataclass(frozen=True)
 class SlotGranted:
     """Admission gave the run a slot: its next attempt's pod may be created."""
 
@@ -84,6 +111,9 @@ class Outcome(enum.StrEnum):
     FAILED = "Failed"  # retryable failure
     ABORTED = "Aborted"  # not retryable: AbortRun, load error, unserialisable output
     TIMED_OUT = "TimedOut"
+    #: The task never ran (pod never started, quota exceeded, node lost before start):
+    #: retried without using up an attempt, up to the infrastructure retry limit.
+    INFRA = "Infrastructure"
 
 
 @dataclass(frozen=True)
@@ -105,7 +135,16 @@ class CancelRequested:
     message: str = "the run was canceled"
 
 
-Event = TaskResolved | Rejected | SlotGranted | AttemptEnded | BackoffElapsed | CancelRequested
+Event = (
+    TaskResolved
+    | TaskMissing
+    | Deduplicated
+    | Rejected
+    | SlotGranted
+    | AttemptEnded
+    | BackoffElapsed
+    | CancelRequested
+)
 
 
 # ---- actions ------------------------------------------------------------------------
@@ -165,8 +204,10 @@ def step(
     now: datetime,
     retry: RetrySpec,
     rand: Callable[[], float],
+    infra_limit: int = 10,
 ) -> Transition:
-    """Apply one event. See the module docstring for the contract."""
+    """Apply one event. See the module docstring for the contract. ``infra_limit`` is
+    how many attempts may end before the task ran (Outcome.INFRA) without failing the run."""
     unchanged = Transition(state)
     match event:
         case TaskResolved(max_attempts=max_attempts):
@@ -181,6 +222,16 @@ def step(
                     message="waiting for a slot in the queue",
                 ),
                 (Enqueue(),),
+            )
+        case TaskMissing(until=until, message=message):
+            if state.phase is not Phase.PENDING:
+                return unchanged
+            return Transition(_to(state, reason="TaskNotFound", message=message), (WakeAt(until),))
+        case Deduplicated(message=message):
+            if state.phase is not Phase.PENDING:
+                return unchanged
+            return Transition(
+                _to(state, phase=Phase.DEDUPLICATED, reason="Deduplicated", message=message), (Dequeue(),)
             )
         case Rejected(reason=reason, message=message):
             if state.phase is not Phase.PENDING:
@@ -206,7 +257,8 @@ def step(
                     attempt=attempt,
                     next_attempt_at=None,
                     reason="PodCreated",
-                    message=f"attempt {attempt} of {state.max_attempts} is running",
+                    message=f"attempt {attempt - state.infra_failures} of {state.max_attempts} is running"
+                    + (f" (pod {attempt})" if state.infra_failures else ""),
                 ),
                 (CreatePod(attempt),),
             )
@@ -236,6 +288,36 @@ def step(
                     (release,),
                 )
             err = error or RunError(reason, f"attempt {attempt} failed: {reason}")
+            if outcome is Outcome.INFRA:
+                failures = state.infra_failures + 1
+                if failures > infra_limit:
+                    return Transition(
+                        _to(
+                            state,
+                            phase=Phase.FAILED,
+                            infra_failures=failures,
+                            error=err,
+                            reason="InfrastructureFailures",
+                            message=f"{failures} attempts could not start (limit {infra_limit}); "
+                            f"last: {err.message}",
+                        ),
+                        (release,),
+                    )
+                wait = timedelta(milliseconds=delay_ms(retry, failed_attempt=failures, rand=rand))
+                at = now + wait
+                return Transition(
+                    _to(
+                        state,
+                        phase=Phase.RETRYING,
+                        infra_failures=failures,
+                        error=err,
+                        next_attempt_at=at,
+                        reason=reason,
+                        message=f"attempt {attempt} could not start ({err.message}); it does not count; "
+                        f"next try after {wait.total_seconds():.3f}s",
+                    ),
+                    (release, WakeAt(at)),
+                )
             if outcome is Outcome.ABORTED:
                 return Transition(
                     _to(
@@ -247,7 +329,7 @@ def step(
                     ),
                     (release,),
                 )
-            if attempt >= state.max_attempts:
+            if state.counted_attempts >= state.max_attempts:
                 return Transition(
                     _to(
                         state,
@@ -258,7 +340,8 @@ def step(
                     ),
                     (release,),
                 )
-            wait = timedelta(milliseconds=delay_ms(retry, failed_attempt=attempt, rand=rand))
+            counted = state.counted_attempts
+            wait = timedelta(milliseconds=delay_ms(retry, failed_attempt=counted, rand=rand))
             at = now + wait
             return Transition(
                 _to(
@@ -267,7 +350,7 @@ def step(
                     error=err,
                     next_attempt_at=at,
                     reason=reason,
-                    message=f"attempt {attempt} failed ({err.message}); attempt {attempt + 1} "
+                    message=f"attempt {counted} failed ({err.message}); attempt {counted + 1} "
                     f"after {wait.total_seconds():.3f}s",
                 ),
                 (release, WakeAt(at)),
@@ -283,7 +366,7 @@ def step(
                     phase=Phase.QUEUED,
                     next_attempt_at=None,
                     reason="WaitingForSlot",
-                    message=f"attempt {state.attempt + 1} is waiting for a slot",
+                    message=f"attempt {state.counted_attempts + 1} is waiting for a slot",
                 ),
                 (Enqueue(),),
             )

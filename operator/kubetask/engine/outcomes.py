@@ -10,6 +10,11 @@ Which endings count as an attempt (all of them do; each consumes one of maxAttem
 - the pod ran past ``activeDeadlineSeconds`` (maxDurationSeconds) -> TimedOut, not retried
 - OOMKilled, Evicted, the pod deleted by someone else, the node lost, any other exit
                                                              -> Failed, retried
+- the container never started: unschedulable, image pull failing, container config
+  errors past their timeouts (:func:`start_problem`), ``exceeded quota`` on create, the
+  node lost before the container ran                         -> retried, NOT counted
+  against maxAttempts (up to the operator's infrastructure retry limit)
+- the image name is invalid, the pod spec is rejected        -> Failed, not retried
 A success the runner reported wins over the pod's fate afterwards (the output is in
 PostgreSQL already).
 """
@@ -17,6 +22,7 @@ PostgreSQL already).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 from kubetask.engine.machine import AttemptEnded, Outcome, RunError
@@ -52,6 +58,10 @@ class PodEnd:
     exit_code: int | None
     reason: str
     message: str
+    #: The task never ran (infrastructure): retried without counting as an attempt.
+    infra: bool = False
+    #: Can never work (invalid image name, rejected spec): not retried.
+    permanent: bool = False
 
 
 def pod_end(pod: dict[str, Any] | None) -> PodEnd | None:
@@ -64,10 +74,11 @@ def pod_end(pod: dict[str, Any] | None) -> PodEnd | None:
     terminated = _terminated(status)
     if phase not in ("Succeeded", "Failed"):
         waiting = _waiting(status)
-        if waiting is not None and waiting.get("reason") in FATAL_WAITING:
-            # The container can never start (no registry here, a typo in the image, a
-            # missing Secret): end the attempt instead of waiting for ever.
-            return PodEnd(None, str(waiting["reason"]), str(waiting.get("message") or waiting["reason"]))
+        if waiting is not None and waiting.get("reason") == "InvalidImageName":
+            # No retry can fix a malformed image reference.
+            return PodEnd(
+                None, "InvalidImageName", str(waiting.get("message") or "invalid image name"), permanent=True
+            )
         return None
     reason = status.get("reason") or ""
     if reason == "DeadlineExceeded":
@@ -81,16 +92,98 @@ def pod_end(pod: dict[str, Any] | None) -> PodEnd | None:
     return PodEnd(None, reason or phase, status.get("message") or f"pod {phase}")
 
 
-FATAL_WAITING = frozenset(
-    {
-        "ErrImageNeverPull",
-        "InvalidImageName",
-        "ImagePullBackOff",
-        "ErrImagePull",
-        "CreateContainerConfigError",
-        "CreateContainerError",
-    }
-)
+#: Waiting reasons of a container whose image cannot be had (yet).
+IMAGE_PULL_WAITING = frozenset({"ErrImageNeverPull", "ImagePullBackOff", "ErrImagePull"})
+#: Waiting reasons of a container that cannot be created (a missing Secret or ConfigMap...).
+CONFIG_WAITING = frozenset({"CreateContainerConfigError", "CreateContainerError"})
+
+
+@dataclass(frozen=True)
+class StartLimits:
+    """How long a pod may take to start before its attempt ends (not counted)."""
+
+    #: The scheduler cannot place the pod (PodScheduled=False, reason Unschedulable).
+    unschedulable: timedelta
+    #: The image cannot be pulled (ErrImagePull, ImagePullBackOff, ErrImageNeverPull).
+    image_pull: timedelta
+    #: Anything else that keeps the container from starting (config errors, slow node).
+    start: timedelta
+    #: A pod marked for deletion that is still there this long after its deadline
+    #: (its node is gone and cannot confirm): deleted by force.
+    terminating: timedelta
+
+
+def started(pod: dict[str, Any]) -> bool:
+    """Whether the task's container ever started (so the task may have run)."""
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        if cs.get("name") == "task":
+            state = cs.get("state") or {}
+            last = cs.get("lastState") or {}
+            return bool(state.get("running") or state.get("terminated") or last.get("terminated"))
+    return False
+
+
+def start_problem(
+    pod: dict[str, Any], *, now: datetime, limits: StartLimits
+) -> tuple[PodEnd | None, datetime | None]:
+    """For a pod that has not ended: (how its attempt ends now, or None; when to look
+    again, or None). Only pods whose container never started are judged here, except a
+    pod stuck terminating on a lost node."""
+    meta = pod.get("metadata") or {}
+    status = pod.get("status") or {}
+    deleting = _time(meta.get("deletionTimestamp"))
+    if deleting is not None:
+        deadline = deleting + limits.terminating
+        if now >= deadline:
+            return (
+                PodEnd(
+                    None,
+                    "NodeLost",
+                    "the pod was being deleted but its node never confirmed it (node lost?)",
+                    infra=not started(pod),
+                ),
+                None,
+            )
+        return None, deadline
+    if started(pod):
+        return None, None
+    created = _time(meta.get("creationTimestamp")) or now
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+            deadline = created + limits.unschedulable
+            if now >= deadline:
+                msg = str(cond.get("message") or "the pod could not be scheduled")
+                return PodEnd(
+                    None,
+                    "Unschedulable",
+                    f"not scheduled after {_secs(limits.unschedulable)}: {msg}",
+                    infra=True,
+                ), None
+            return None, deadline
+    waiting = _waiting(status)
+    reason = str((waiting or {}).get("reason") or "")
+    limit = limits.image_pull if reason in IMAGE_PULL_WAITING else limits.start
+    deadline = created + limit
+    if now >= deadline:
+        msg = str((waiting or {}).get("message") or reason or "the container did not start")
+        return (
+            PodEnd(
+                None,
+                reason or "PodStartTimeout",
+                f"the container did not start within {_secs(limit)}: {msg}",
+                infra=True,
+            ),
+            None,
+        )
+    return None, deadline
+
+
+def _secs(d: timedelta) -> str:
+    return f"{d.total_seconds():g}s"
+
+
+def _time(raw: Any) -> datetime | None:
+    return datetime.fromisoformat(raw.replace("Z", "+00:00")) if isinstance(raw, str) else None
 
 
 def _waiting(status: dict[str, Any]) -> dict[str, Any] | None:
@@ -112,6 +205,10 @@ def _terminated(status: dict[str, Any]) -> dict[str, Any] | None:
 def classify(*, attempt: int, end: PodEnd, report: Report | None) -> AttemptEnded:
     if report is not None and report.succeeded:
         return AttemptEnded(attempt, Outcome.SUCCEEDED, "Succeeded")
+    if end.permanent:
+        return AttemptEnded(attempt, Outcome.ABORTED, end.reason, RunError(end.reason, end.message))
+    if end.infra and report is None:
+        return AttemptEnded(attempt, Outcome.INFRA, end.reason, RunError(end.reason, end.message))
     if end.reason == "DeadlineExceeded":
         return AttemptEnded(
             attempt,

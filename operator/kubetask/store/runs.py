@@ -16,6 +16,7 @@ def load_state(row: t.Run) -> RunState:
         phase=Phase(row.phase),
         attempt=row.attempt,
         max_attempts=row.max_attempts,
+        infra_failures=row.infra_failures or 0,
         next_attempt_at=row.next_attempt_at,
         error=err,
         reason=row.reason,
@@ -47,6 +48,26 @@ def attempt_view(a: t.Attempt, *, pod_key: str) -> dict[str, Any]:
     }
 
 
+#: Reasons of a Pending or Failed run that mean "not accepted" (the Accepted condition).
+NOT_ACCEPTED = frozenset({"TaskNotFound", "PayloadTooLarge", "InvalidSpec"})
+
+
+def condition_statuses(phase: Phase, reason: str, attempt: int) -> dict[str, bool]:
+    """Which conditions a run in this state shows, and their status. The status
+    projection adds reasons and messages; the transition keeps their transition times."""
+    out: dict[str, bool] = {}
+    if reason in NOT_ACCEPTED:
+        out["Accepted"] = False
+    elif phase is not Phase.PENDING:
+        out["Accepted"] = True
+    if phase in (Phase.QUEUED, Phase.RETRYING):
+        out["Admitted"] = False
+    elif phase is Phase.RUNNING or (phase in TERMINAL and attempt > 0):
+        out["Admitted"] = True
+    out["Finished"] = phase in TERMINAL
+    return out
+
+
 def save_state(row: t.Run, state: RunState, *, now: datetime) -> None:
     if state.phase is Phase.RUNNING and row.started_at is None:
         row.started_at = now
@@ -55,6 +76,13 @@ def save_state(row: t.Run, state: RunState, *, now: datetime) -> None:
     row.phase = state.phase.value
     row.attempt = state.attempt
     row.max_attempts = state.max_attempts
+    row.infra_failures = state.infra_failures
+    times = dict(row.condition_times or {})
+    for ctype, status in condition_statuses(state.phase, state.reason, state.attempt).items():
+        value = "True" if status else "False"
+        if (times.get(ctype) or {}).get("status") != value:
+            times[ctype] = {"status": value, "time": iso(now)}
+    row.condition_times = times
     row.next_attempt_at = state.next_attempt_at
     row.error = {"type": state.error.type, "message": state.error.message} if state.error else None
     row.reason = state.reason

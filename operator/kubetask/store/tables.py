@@ -50,6 +50,15 @@ class Run(Base):
     phase: Mapped[str] = mapped_column(String(16))
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    #: Attempts that ended before the task ran; they do not count against max_attempts.
+    infra_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: spec.cancel was seen set (the reconcile turns it into a CancelRequested event).
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
+    #: Run.spec.ttlSecondsAfterFinished (None: the Task's, else the operator's default).
+    ttl_seconds: Mapped[int | None] = mapped_column(Integer)
+    #: Condition type -> {"status": "True"|"False", "time": ISO}: lastTransitionTime of each
+    #: condition, kept with the state so it survives restarts.
+    condition_times: Mapped[dict[str, Any] | None] = mapped_column()
     reason: Mapped[str] = mapped_column(String(64), default="")
     message: Mapped[str] = mapped_column(Text, default="")
     error: Mapped[dict[str, Any] | None] = mapped_column()
@@ -70,6 +79,8 @@ class Run(Base):
         Index("ix_runs_phase", "phase"),
         Index("ix_runs_tags", "tags", postgresql_using="gin"),
         Index("ix_runs_original", "original_run_id", postgresql_where=text("original_run_id IS NOT NULL")),
+        Index("ix_runs_finished", "finished_at", postgresql_where=text("finished_at IS NOT NULL")),
+        Index("ix_runs_live", "namespace", postgresql_where=text("finished_at IS NULL")),
     )
 
 
@@ -105,7 +116,7 @@ class LogLine(Base):
     stream: Mapped[str] = mapped_column(String(16))
     message: Mapped[str] = mapped_column(Text)
 
-    __table_args__ = (Index("ix_logs_run", "run_id", "id"),)
+    __table_args__ = (Index("ix_logs_run", "run_id", "id"), Index("ix_logs_ts", "ts"))
 
 
 class IdempotencyKey(Base):
@@ -193,3 +204,18 @@ class Slot(Base):
     granted_at: Mapped[datetime] = mapped_column(server_default=func.now())
 
     __table_args__ = (Index("ix_slots_queue", "queue"),)
+
+
+class Timer(Base):
+    """A durable wake-up: at ``due_at`` the leader reconciles ``key`` (a run id when
+    ``kind`` is "run"). Back-off, the unknown-Task grace period, pod start timeouts and
+    TTLs are all timers; nothing in memory is authoritative. One row per (kind, key): a
+    reconcile sets the next time its object needs looking at, or deletes the row."""
+
+    __tablename__ = "timers"
+
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    due_at: Mapped[datetime] = mapped_column()
+
+    __table_args__ = (Index("ix_timers_due", "due_at"),)

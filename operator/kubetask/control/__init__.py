@@ -1,0 +1,1 @@
+"""The controller, split by role (see each module's docstring)."""

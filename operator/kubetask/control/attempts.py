@@ -1,0 +1,295 @@
+"""Attempts: the Kubernetes side of a run's current attempt, made to match PostgreSQL.
+
+For a run whose attempt is live in the database (Running, or Canceled with its pod not
+yet gone) this module makes the cluster agree: it creates the token Secret, the source
+ConfigMap and the pod when they are missing, ends the attempt when its pod ended, was
+deleted, or never started within its limits, and deletes what belongs to attempts that
+are over. Every step is idempotent: names are deterministic and tied to the Run's uid,
+a 409 is checked against the run-uid label and never adopted blindly, and "the pod is
+gone" is only concluded after asking the API server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from kubernetes_asyncio.client.rest import ApiException
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from kubetask import pods
+from kubetask.admission.slots import hash_token
+from kubetask.control.catalogue import Catalogue
+from kubetask.control.podindex import PodIndex
+from kubetask.control.timers import RUN, clear_timer, set_timer
+from kubetask.control.transitions import Applied, EventSource
+from kubetask.engine import machine as m
+from kubetask.engine.outcomes import PodEnd, Report, StartLimits, classify, pod_end, start_problem
+from kubetask.kube import Kube
+from kubetask.settings import Settings
+from kubetask.store import tables as t
+
+log = logging.getLogger("kubetask.attempts")
+
+Apply = Callable[[str, m.Event | EventSource], Awaitable[Applied | None]]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Attempts:
+    def __init__(
+        self,
+        *,
+        sessions: async_sessionmaker[AsyncSession],
+        kube: Kube,
+        settings: Settings,
+        catalogue: Catalogue,
+        index: PodIndex,
+        apply: Apply,
+    ) -> None:
+        self.sessions = sessions
+        self.kube = kube
+        self.settings = settings
+        self.catalogue = catalogue
+        self.index = index
+        self.apply = apply
+        self.limits = StartLimits(
+            unschedulable=timedelta(seconds=settings.unschedulable_timeout_seconds),
+            image_pull=timedelta(seconds=settings.image_pull_timeout_seconds),
+            start=timedelta(seconds=settings.pod_start_timeout_seconds),
+            terminating=timedelta(seconds=settings.terminating_timeout_seconds),
+        )
+        #: Plaintext tokens of fresh grants, until their Secret exists (a hint: without
+        #: it a new token is issued, see _token).
+        self.tokens: dict[tuple[str, int], str] = {}
+        #: ConfigMaps known to exist, by namespace and full name (which carries the
+        #: Task's uid and the source's hash: never a name alone).
+        self._configmaps: set[tuple[str, str]] = set()
+        #: run id -> the pod deadline this process last wrote as the run's timer.
+        self._deadlines: dict[str, datetime | None] = {}
+
+    # ---- the live attempt ----------------------------------------------------------------
+
+    async def reconcile(self, row: t.Run, att: t.Attempt) -> None:
+        """Make the cluster match a live attempt (``att.finished_at`` is None)."""
+        pod = self.index.get(row.id, att.number)
+        if pod is None and row.phase == m.Phase.RUNNING and att.pod_uid is None:
+            pod = await self.kube.get_pod(row.namespace, att.pod_name)
+            if pod is None:
+                await self._start(row, att)
+                return
+        if pod is None:
+            # Not in the watch's view: ask the API server before believing it is gone.
+            pod = await self.kube.get_pod(row.namespace, att.pod_name)
+        if pod is not None and (pod["metadata"].get("labels") or {}).get(pods.LABEL_RUN_UID) != row.uid:
+            raise RuntimeError(
+                f"pod {row.namespace}/{att.pod_name} belongs to another Run (run-uid label differs)"
+            )
+        if pod is not None and att.pod_uid is None:
+            await self._record_pod(row.id, att.number, pod)
+        if pod is None:
+            gone = pod_end(None)
+            assert gone is not None
+            await self.end(row.id, att.number, gone)
+            return
+        end = pod_end(pod)
+        if end is None:
+            if row.phase != m.Phase.RUNNING and pod["metadata"].get("deletionTimestamp") is None:
+                # Canceled (or deleted) while the pod runs: its slot is released once the
+                # pod is gone, so a watcher never sees the queue's limit exceeded.
+                await self.kube.delete_pod(row.namespace, att.pod_name, grace=5, uid=pod["metadata"]["uid"])
+                return
+            end, due = start_problem(pod, now=utcnow(), limits=self.limits)
+            if end is None:
+                await self._deadline(row.id, due)
+                return
+            log.info("pod %s/%s: %s", row.namespace, att.pod_name, end.message)
+            # Force only what is stuck terminating (its kubelet is gone and cannot confirm).
+            grace = 0 if end.reason == "NodeLost" else 5
+            await self.kube.delete_pod(row.namespace, att.pod_name, grace=grace, uid=pod["metadata"]["uid"])
+        await self.end(row.id, att.number, end, pod=pod)
+
+    async def _start(self, row: t.Run, att: t.Attempt) -> None:
+        """Create the token Secret, the source ConfigMap and the attempt's pod."""
+        info = await self.catalogue.task(row.namespace, row.task)
+        if info is None:
+            await self.end(
+                row.id,
+                att.number,
+                PodEnd(None, "TaskNotFound", f"Task {row.task} was deleted", permanent=True),
+            )
+            return
+        run_body = {"metadata": {"name": row.name, "namespace": row.namespace, "uid": row.uid}}
+        token = self.tokens.pop((row.id, att.number), None)
+        fresh = token is not None
+        if token is None:
+            # The grant's plaintext is gone (a restart, a retry): issue a new token first,
+            # then the Secret that carries it, so the two always agree before the pod runs.
+            token = secrets.token_urlsafe(32)
+            async with self.sessions.begin() as s:
+                await s.execute(
+                    update(t.Attempt)
+                    .where(t.Attempt.run_id == row.id, t.Attempt.number == att.number)
+                    .values(token_hash=hash_token(token))
+                )
+        secret = pods.token_secret(run=run_body, run_id=row.id, attempt=att.number, token=token)
+        if fresh:
+            if await self.kube.create(secret) is None:
+                await self.kube.replace_secret(secret)
+        else:
+            await self.kube.replace_secret(secret)
+        if info.spec.source is not None:
+            cm = pods.source_configmap_name(info.name, info.uid, info.spec.source)
+            if (row.namespace, cm) not in self._configmaps:
+                await self.kube.create(
+                    pods.source_configmap(
+                        task_name=info.name,
+                        namespace=row.namespace,
+                        source=info.spec.source,
+                        task_owner=info.owner(),
+                    )
+                )
+                self._configmaps.add((row.namespace, cm))
+        manifest = pods.attempt_pod(
+            run=run_body,
+            run_id=row.id,
+            task_name=info.name,
+            task_uid=info.uid,
+            task=info.spec,
+            queue=info.queue,
+            attempt=att.number,
+            max_attempts=row.max_attempts,
+            api_url=self.settings.api_url,
+            default_image=self.settings.runner_image,
+            image_pull_policy=self.settings.image_pull_policy,
+        )
+        try:
+            created = await self.kube.create(manifest)
+        except ApiException as e:
+            message = api_message(e)
+            if e.status == 403 and "exceeded quota" in message:
+                # The Job controller's answer: wait and try again. The task never ran,
+                # so this does not use up an attempt.
+                end = PodEnd(None, "QuotaExceeded", message, infra=True)
+            elif e.status in (400, 403, 422):
+                end = PodEnd(None, "PodRejected", message, permanent=True)
+            else:
+                raise  # 5xx, 429, timeouts: the work queue retries with back-off
+            log.info("pod %s/%s rejected (%s): %s", row.namespace, att.pod_name, e.status, message)
+            await self.end(row.id, att.number, end)
+            return
+        if created is None:  # 409: this name exists; it must be this Run's pod
+            created = await self.kube.get_pod(row.namespace, att.pod_name)
+            if created is None:
+                raise RuntimeError(f"pod {att.pod_name} existed and vanished; trying again")
+            if (created["metadata"].get("labels") or {}).get(pods.LABEL_RUN_UID) != row.uid:
+                raise RuntimeError(f"pod {row.namespace}/{att.pod_name} belongs to another Run")
+        self.index.put(created)
+        await self._record_pod(row.id, att.number, created)
+
+    async def _record_pod(self, run_id: str, attempt: int, pod: dict[str, Any]) -> None:
+        async with self.sessions.begin() as s:
+            await s.execute(
+                update(t.Attempt)
+                .where(t.Attempt.run_id == run_id, t.Attempt.number == attempt, t.Attempt.pod_uid.is_(None))
+                .values(pod_uid=pod["metadata"]["uid"])
+            )
+
+    async def _deadline(self, run_id: str, due: datetime | None) -> None:
+        """Keep the run's timer at its pod's next deadline. Skips the write when this
+        process set the same value already (a stale timer left by another process only
+        costs one extra reconcile when it fires)."""
+        if self._deadlines.get(run_id) == due:
+            return
+        async with self.sessions.begin() as s:
+            if due is not None:
+                await set_timer(s, kind=RUN, key=run_id, due_at=due)
+            else:
+                await clear_timer(s, kind=RUN, key=run_id)
+        if due is None:
+            self._deadlines.pop(run_id, None)
+        else:
+            self._deadlines[run_id] = due
+
+    def forget(self, run_id: str) -> None:
+        """The run's timer was rewritten by a transition: the deadline hint is stale."""
+        self._deadlines.pop(run_id, None)
+
+    # ---- ending --------------------------------------------------------------------------
+
+    async def end(self, run_id: str, attempt: int, end: PodEnd, *, pod: dict[str, Any] | None = None) -> None:
+        """Record how an attempt ended (once) and move the run, in one transaction.
+
+        One transaction matters: were the attempt's end committed first and the process
+        killed before the run moved, the restarted operator would find the attempt ended
+        and the run still Running, holding its queue slot for ever."""
+
+        async def record(s: AsyncSession, _run: t.Run) -> m.Event | None:
+            row = (
+                await s.execute(
+                    select(t.Attempt)
+                    .where(t.Attempt.run_id == run_id, t.Attempt.number == attempt)
+                    .with_for_update()
+                )
+            ).scalar_one_or_none()
+            if row is None or row.finished_at is not None:
+                return None
+            ev = classify(attempt=attempt, end=end, report=_report(row.report))
+            row.finished_at = utcnow()
+            row.exit_code = end.exit_code
+            row.reason = ev.reason[:64]
+            row.error = {"type": ev.error.type, "message": ev.error.message} if ev.error else None
+            if pod is not None and row.started_at is None:
+                row.started_at = _pod_started(pod)
+            return ev
+
+        await self.apply(run_id, record)
+
+    # ---- what is over --------------------------------------------------------------------
+
+    async def clean_up(self, row: t.Run, live_attempt: int | None) -> None:
+        """Delete the pods (and token Secrets) of this run's attempts that are over: an
+        ended pod only costs the node, its logs and output are in PostgreSQL."""
+        for attempt, pod in self.index.of_run(row.id):
+            if attempt == live_attempt:
+                continue
+            meta = pod["metadata"]
+            if meta.get("deletionTimestamp") is None:
+                ended = pod_end(pod) is not None
+                await self.kube.delete_pod(
+                    meta["namespace"], meta["name"], grace=0 if ended else 5, uid=meta["uid"]
+                )
+                await self.kube.delete_secret(
+                    meta["namespace"], pods.token_secret_name(row.name, row.uid, attempt)
+                )
+
+
+def _report(raw: dict[str, Any] | None) -> Report | None:
+    if not raw:
+        return None
+    err = raw.get("error") or {}
+    return Report(
+        succeeded=bool(raw.get("succeeded")),
+        retryable=bool(raw.get("retryable", True)),
+        error_type=err.get("type"),
+        error_message=err.get("message"),
+    )
+
+
+def _pod_started(pod: dict[str, Any]) -> datetime | None:
+    raw = (pod.get("status") or {}).get("startTime")
+    return datetime.fromisoformat(raw.replace("Z", "+00:00")) if isinstance(raw, str) else None
+
+
+def api_message(e: ApiException) -> str:
+    try:
+        return str(json.loads(e.body or b"{}").get("message"))
+    except Exception:
+        return f"{e.status} {e.reason}"

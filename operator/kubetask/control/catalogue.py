@@ -1,0 +1,272 @@
+"""The Task and Queue catalogue: what each Task runs and which limits each queue has.
+
+An index of the Task and Queue resources (keyed by namespace and name, carrying the
+uid so a Task deleted and applied again is a different Task), the queue limits written
+to PostgreSQL for admission, and the Task/Queue status the operator reports. The index
+is a cache: a miss asks the API server, and the resync relists both kinds.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from kubetask.admission import Admission, QueueLimits
+from kubetask.kube import Kube
+from kubetask.settings import Settings
+from kubetask.spec import QueueSpec, TaskSpec
+from kubetask.store.runs import iso
+
+log = logging.getLogger("kubetask.catalogue")
+
+
+def queue_key(namespace: str, name: str) -> str:
+    return f"{namespace}/{name}"
+
+
+def condition(ctype: str, status: bool, reason: str, message: str) -> dict[str, Any]:
+    return {
+        "type": ctype,
+        "status": "True" if status else "False",
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": iso(datetime.now(UTC)),
+    }
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    name: str
+    namespace: str
+    uid: str
+    spec: TaskSpec
+
+    @property
+    def queue(self) -> str:
+        return self.spec.queue_name(self.name)
+
+    def owner(self) -> dict[str, Any]:
+        return {"apiVersion": "kubetask.dev/v1alpha1", "kind": "Task", "name": self.name, "uid": self.uid}
+
+
+class Catalogue:
+    def __init__(
+        self,
+        *,
+        kube: Kube,
+        admission: Admission,
+        settings: Settings,
+        queue_changed: Callable[[str], None],
+    ) -> None:
+        self.kube = kube
+        self.admission = admission
+        self.settings = settings
+        #: Called with a queue's key when its limits changed (admission may grant more).
+        self._queue_changed = queue_changed
+        self.tasks: dict[tuple[str, str], TaskInfo] = {}
+        self.queues: dict[tuple[str, str], QueueSpec] = {}
+        self._task_status: dict[tuple[str, str], dict[str, Any]] = {}
+        self._task_generation: dict[tuple[str, str], Any] = {}
+        self._limits: dict[str, QueueLimits] = {}
+
+    # ---- tasks ---------------------------------------------------------------------------
+
+    async def task(self, namespace: str, name: str) -> TaskInfo | None:
+        info = self.tasks.get((namespace, name))
+        if info is not None:
+            return info
+        body = await self.kube.get_object("tasks", namespace, name)
+        return self.index_task(body) if body else None
+
+    def index_task(self, body: dict[str, Any]) -> TaskInfo | None:
+        meta = body["metadata"]
+        try:
+            spec = TaskSpec.model_validate(body.get("spec") or {})
+        except ValidationError:
+            return None
+        info = TaskInfo(meta["name"], meta["namespace"], meta["uid"], spec)
+        self.tasks[(info.namespace, info.name)] = info
+        return info
+
+    async def on_task_event(self, kind: str, body: dict[str, Any]) -> TaskInfo | None:
+        """Index the Task and report its status. Returns it when its spec changed (or it
+        appeared), so the caller can look at the runs that were waiting for it."""
+        meta = body["metadata"]
+        ns, name = meta["namespace"], meta["name"]
+        if kind == "DELETED":
+            known = self.tasks.get((ns, name))
+            if known is not None and known.uid == meta["uid"]:
+                self.tasks.pop((ns, name), None)
+                self._task_status.pop((ns, name), None)
+                self._task_generation.pop((ns, name), None)
+            return None
+        known = self.tasks.get((ns, name))
+        if (
+            known is not None
+            and known.uid == meta["uid"]
+            and self._task_generation.get((ns, name)) == meta.get("generation")
+        ):
+            return None  # a status-only change (our own patch): nothing to do
+        self._task_generation[(ns, name)] = meta.get("generation")
+        try:
+            TaskSpec.model_validate(body.get("spec") or {})
+        except ValidationError as e:
+            await self._patch_task_status(
+                ns,
+                name,
+                {
+                    "conditions": [condition("Ready", False, "InvalidSpec", str(e.errors()[0]["msg"]))],
+                    "observedGeneration": meta.get("generation"),
+                },
+            )
+            return None
+        info = self.index_task(body)
+        assert info is not None
+        await self.configure_queue(ns, info.queue)
+        await self.refresh_task_status(info, meta.get("generation"))
+        return info
+
+    async def refresh_task_status(self, info: TaskInfo, generation: int | None = None) -> None:
+        """Write the Task's effective image, queue and limits (and a conflict, if any)."""
+        conflict = self.queue_conflict(info)
+        limits = await self.admission.limits(queue_key(info.namespace, info.queue))
+        conds = [condition("Ready", True, "Accepted", "the task is ready to run")]
+        if conflict:
+            conds.append(condition("QueueConflict", True, "QueueResourceWins", conflict))
+        previous = self._task_status.get((info.namespace, info.name)) or {}
+        await self._patch_task_status(
+            info.namespace,
+            info.name,
+            {
+                "image": info.spec.image or self.settings.runner_image,
+                "queue": info.queue,
+                "concurrencyLimit": limits.concurrency_limit if limits else None,
+                "perKeyConcurrencyLimit": limits.per_key_limit if limits else None,
+                "observedGeneration": generation
+                if generation is not None
+                else previous.get("observedGeneration"),
+                "conditions": conds,
+            },
+        )
+
+    async def _patch_task_status(self, ns: str, name: str, status: dict[str, Any]) -> None:
+        """Patch only what changed; a condition keeps its lastTransitionTime while its
+        status stays the same (so our own patches do not trigger endless events)."""
+        previous = self._task_status.get((ns, name))
+        old_conds = {c["type"]: c for c in (previous or {}).get("conditions", [])}
+        for cond in status.get("conditions", []):
+            old = old_conds.get(cond["type"])
+            if old is not None and old["status"] == cond["status"]:
+                cond["lastTransitionTime"] = old["lastTransitionTime"]
+        if status == previous:
+            return
+        self._task_status[(ns, name)] = status
+        await self.kube.patch_status("tasks", ns, name, status)
+
+    # ---- queues --------------------------------------------------------------------------
+
+    def queue_conflict(self, info: TaskInfo) -> str | None:
+        qspec = self.queues.get((info.namespace, info.queue))
+        inline = info.spec.queue
+        if (
+            qspec is None
+            or inline is None
+            or not (inline.concurrency_limit or inline.per_key_concurrency_limit)
+        ):
+            return None
+        if (inline.concurrency_limit, inline.per_key_concurrency_limit) == (
+            qspec.concurrency_limit,
+            qspec.per_key_concurrency_limit,
+        ):
+            return None
+        return (
+            f"Queue {info.queue!r} sets concurrencyLimit={qspec.concurrency_limit}, "
+            f"perKeyConcurrencyLimit={qspec.per_key_concurrency_limit}; the Task's inline queue limits "
+            f"(concurrencyLimit={inline.concurrency_limit}, "
+            f"perKeyConcurrencyLimit={inline.per_key_concurrency_limit}) are ignored"
+        )
+
+    def limits_for(self, ns: str, queue: str) -> QueueLimits:
+        """A Queue resource wins over Tasks' inline settings (see :meth:`queue_conflict`);
+        among Tasks, the last one seen with inline limits."""
+        qspec = self.queues.get((ns, queue))
+        inline = [
+            i.spec.queue
+            for i in self.tasks.values()
+            if i.namespace == ns
+            and i.queue == queue
+            and i.spec.queue
+            and (i.spec.queue.concurrency_limit or i.spec.queue.per_key_concurrency_limit)
+        ]
+        if qspec is not None:
+            return QueueLimits(
+                qspec.concurrency_limit, qspec.per_key_concurrency_limit, qspec.paused, "queue"
+            )
+        if inline and inline[-1] is not None:
+            return QueueLimits(
+                inline[-1].concurrency_limit, inline[-1].per_key_concurrency_limit, False, "task"
+            )
+        return QueueLimits(source="default")
+
+    async def configure_queue(self, ns: str, queue: str) -> None:
+        limits = self.limits_for(ns, queue)
+        key = queue_key(ns, queue)
+        if self._limits.get(key) == limits:
+            return  # known to be in the database already (no query)
+        if await self.admission.limits(key) != limits:
+            await self.admission.configure(key, limits)
+            self._queue_changed(key)
+        self._limits[key] = limits
+
+    async def on_queue_event(self, kind: str, body: dict[str, Any]) -> None:
+        meta = body["metadata"]
+        ns, name = meta["namespace"], meta["name"]
+        if kind == "DELETED":
+            self.queues.pop((ns, name), None)
+        else:
+            try:
+                spec = QueueSpec.model_validate(body.get("spec") or {})
+            except ValidationError:
+                return
+            if self.queues.get((ns, name)) == spec:
+                return  # a status-only change (our own patch)
+            self.queues[(ns, name)] = spec
+        await self.configure_queue(ns, name)
+        for info in list(self.tasks.values()):
+            if info.namespace == ns and info.queue == name:
+                await self.refresh_task_status(info)
+
+    async def relist(self, mine: Callable[[str], bool]) -> None:
+        """Rebuild the index from the API server (start-up and resync), and configure
+        every queue the index names."""
+        seen_tasks: set[tuple[str, str]] = set()
+        async for body in self.kube.iter_objects("tasks"):
+            meta = body["metadata"]
+            if mine(meta["namespace"]):
+                known = self.tasks.get((meta["namespace"], meta["name"]))
+                if known is None or known.uid != meta["uid"]:
+                    await self.on_task_event("ADDED", body)
+                seen_tasks.add((meta["namespace"], meta["name"]))
+        for key in set(self.tasks) - seen_tasks:
+            self.tasks.pop(key, None)
+        seen_queues: set[tuple[str, str]] = set()
+        async for body in self.kube.iter_objects("queues"):
+            meta = body["metadata"]
+            if not mine(meta["namespace"]):
+                continue
+            seen_queues.add((meta["namespace"], meta["name"]))
+            try:
+                self.queues[(meta["namespace"], meta["name"])] = QueueSpec.model_validate(
+                    body.get("spec") or {}
+                )
+            except ValidationError:
+                continue
+        for key in set(self.queues) - seen_queues:
+            self.queues.pop(key, None)
+        for ns, q in {(i.namespace, i.queue) for i in self.tasks.values()} | set(self.queues):
+            await self.configure_queue(ns, q)

@@ -1,0 +1,233 @@
+"""Intake: a Run resource becomes a row, and a Pending run is resolved.
+
+Recording a Run is one idempotent INSERT keyed by the Run's uid (a repeated event, a
+second replica, a resync all find the row there). Everything else about a new run is
+decided by its reconcile while it is Pending, through the engine's transitions:
+
+- a spec the operator cannot use (payload too large, ...) -> ``Rejected``;
+- its idempotencyKey already held by another run -> ``Deduplicated``, a terminal phase
+  that points at the original and that nothing can promote (the claim is an upsert on a
+  unique key, so of N runs created at once exactly one owns the key);
+- its Task exists -> ``TaskResolved`` (queued for a slot);
+- its Task is unknown -> it waits (a timer) until the grace period ends -> ``Rejected``.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from kubetask.control.catalogue import Catalogue, queue_key
+from kubetask.control.transitions import Applied, EventSource
+from kubetask.engine import machine as m
+from kubetask.settings import Settings
+from kubetask.spec import MAX_PAYLOAD_BYTES, RunSpec
+from kubetask.store import tables as t
+from kubetask.store.runs import iso
+
+Apply = Callable[[str, m.Event | EventSource], Awaitable[Applied | None]]
+
+#: Reasons recorded at intake for a spec that can never run.
+REJECTED_AT_INTAKE = frozenset({"InvalidSpec", "PayloadTooLarge"})
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_run_id() -> str:
+    return "run_" + secrets.token_hex(10)
+
+
+def arrival_order(meta: dict[str, Any]) -> int:
+    """Order of a Run's creation in the API server: creationTimestamp (seconds), then
+    resourceVersion within the second (etcd's revisions increase; if a server's are not
+    numbers, ties fall back to the order the operator saw the Runs)."""
+    created = created_at(meta, utcnow())
+    rv = str(meta.get("resourceVersion") or "")
+    return (int(created.timestamp()) << 32) | (int(rv) & 0xFFFFFFFF if rv.isdigit() else 0)
+
+
+def created_at(meta: dict[str, Any], now: datetime) -> datetime:
+    raw = meta.get("creationTimestamp")
+    return datetime.fromisoformat(raw.replace("Z", "+00:00")) if isinstance(raw, str) else now
+
+
+class Intake:
+    def __init__(
+        self,
+        *,
+        sessions: async_sessionmaker[AsyncSession],
+        catalogue: Catalogue,
+        settings: Settings,
+        apply: Apply,
+    ) -> None:
+        self.sessions = sessions
+        self.catalogue = catalogue
+        self.settings = settings
+        self.apply = apply
+
+    async def record(self, body: dict[str, Any]) -> str:
+        """The run id of this Run resource, inserting its row (Pending) if new."""
+        meta = body["metadata"]
+        ns, name = meta["namespace"], meta["name"]
+        raw = body.get("spec") or {}
+        payload_bytes = len(json.dumps(raw.get("payload") or {}, separators=(",", ":")).encode())
+        reason, message = "Created", ""
+        try:
+            spec = RunSpec.model_validate(raw)
+        except ValidationError as e:
+            spec = RunSpec(task=str(raw.get("task") or "unknown"))
+            reason, message = "InvalidSpec", f"spec is invalid: {e.errors()[0]['msg']}"
+        if payload_bytes > MAX_PAYLOAD_BYTES:
+            reason, message = (
+                "PayloadTooLarge",
+                f"spec.payload is {payload_bytes} bytes; the limit is {MAX_PAYLOAD_BYTES} bytes: "
+                "put large inputs in object storage and pass a reference",
+            )
+        info = self.catalogue.tasks.get((ns, spec.task))
+        now = utcnow()
+        async with self.sessions.begin() as s:
+            run_id = (
+                await s.execute(
+                    pg_insert(t.Run)
+                    .values(
+                        id=new_run_id(),
+                        namespace=ns,
+                        name=name,
+                        uid=meta["uid"],
+                        task=spec.task,
+                        queue=queue_key(ns, info.queue if info else spec.task),
+                        concurrency_key=spec.concurrency_key,
+                        idempotency_key=spec.idempotency_key,
+                        priority=spec.priority,
+                        arrival=arrival_order(meta),
+                        tags=spec.tags,
+                        payload=spec.payload if payload_bytes <= MAX_PAYLOAD_BYTES else {},
+                        phase=m.Phase.PENDING.value,
+                        attempt=0,
+                        max_attempts=spec.max_attempts or 0,
+                        cancel_requested=spec.cancel,
+                        ttl_seconds=spec.ttl_seconds_after_finished,
+                        reason=reason,
+                        message=message,
+                        created_at=created_at(meta, now),
+                    )
+                    .on_conflict_do_nothing(index_elements=[t.Run.uid])
+                    .returning(t.Run.id)
+                )
+            ).scalar_one_or_none()
+            if run_id is None:  # recorded before (a repeated event, another replica)
+                run_id = (await s.execute(select(t.Run.id).where(t.Run.uid == meta["uid"]))).scalar_one()
+        return run_id
+
+    async def resolve(self, row: t.Run) -> None:
+        """The reconcile of a Pending run."""
+        if row.reason in REJECTED_AT_INTAKE:
+            await self.apply(row.id, m.Rejected(row.reason, row.message))
+            return
+        if row.idempotency_key and row.original_run_id is None:
+            original = await self._claim(row)
+            if original is not None:
+                await self.apply(row.id, _deduplicate(row.id, original, row.idempotency_key))
+                return
+        info = await self.catalogue.task(row.namespace, row.task)
+        if info is not None:
+            queue = queue_key(row.namespace, info.queue)
+            if queue != row.queue:  # not in any queue yet: safe to move
+                async with self.sessions.begin() as s:
+                    await s.execute(
+                        update(t.Run)
+                        .where(t.Run.id == row.id, t.Run.phase == m.Phase.PENDING)
+                        .values(queue=queue)
+                    )
+            await self.catalogue.configure_queue(row.namespace, info.queue)
+            # max_attempts 0 means "from the Task", which may have been unknown at intake.
+            await self.apply(
+                row.id, m.TaskResolved(max_attempts=row.max_attempts or info.spec.retry.max_attempts)
+            )
+            return
+        grace = self.settings.task_grace_seconds
+        deadline = row.created_at + timedelta(seconds=grace)
+        if utcnow() >= deadline:
+            await self.apply(
+                row.id,
+                m.Rejected(
+                    "TaskNotFound",
+                    f"Task {row.task!r} does not exist in namespace {row.namespace!r} (waited "
+                    f"{grace:.0f}s for it); create it, then create the Run again",
+                ),
+            )
+        else:
+            await self.apply(
+                row.id,
+                m.TaskMissing(
+                    until=deadline,
+                    message=f"Task {row.task!r} not found in namespace {row.namespace!r}; waiting until "
+                    f"{iso(deadline)} for it to appear",
+                ),
+            )
+
+    async def _claim(self, row: t.Run) -> str | None:
+        """Claim the run's idempotencyKey; the original run's id if another holds it.
+
+        An upsert on the key's primary key: concurrent claims are serialised by
+        PostgreSQL, the first to commit owns the key, the others see it. Claiming again
+        (a repeated reconcile) is harmless."""
+        assert row.idempotency_key
+        now = utcnow()
+        expires = now + timedelta(seconds=self.settings.idempotency_ttl_seconds)
+        async with self.sessions.begin() as s:
+            stmt = pg_insert(t.IdempotencyKey).values(
+                namespace=row.namespace,
+                task=row.task,
+                key=row.idempotency_key,
+                run_id=row.id,
+                expires_at=expires,
+            )
+            owner = (
+                await s.execute(
+                    stmt.on_conflict_do_update(
+                        index_elements=[
+                            t.IdempotencyKey.namespace,
+                            t.IdempotencyKey.task,
+                            t.IdempotencyKey.key,
+                        ],
+                        set_={"run_id": row.id, "expires_at": expires},
+                        where=t.IdempotencyKey.expires_at < now,
+                    ).returning(t.IdempotencyKey.run_id)
+                )
+            ).scalar_one_or_none()
+            if owner is None:  # the key is held and unexpired: read who holds it
+                owner = (
+                    await s.execute(
+                        select(t.IdempotencyKey.run_id).where(
+                            t.IdempotencyKey.namespace == row.namespace,
+                            t.IdempotencyKey.task == row.task,
+                            t.IdempotencyKey.key == row.idempotency_key,
+                        )
+                    )
+                ).scalar_one()
+        return None if owner == row.id else owner
+
+
+def _deduplicate(run_id: str, original: str, key: str) -> EventSource:
+    async def source(s: AsyncSession, row: t.Run) -> m.Event | None:
+        orig = await s.get(t.Run, original)
+        row.original_run_id = original
+        where = f"run {orig.name} ({original})" if orig else f"run {original}"
+        return m.Deduplicated(
+            original,
+            f"idempotencyKey {key!r} was already used by {where}; this run does not execute: "
+            f"see status.originalRun",
+        )
+
+    return source

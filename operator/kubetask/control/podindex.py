@@ -1,0 +1,82 @@
+"""The attempt pods the operator knows of, from its pod watch: (run id, attempt) -> pod.
+
+Only a cache for speed. The reconcile never concludes "the pod is gone" from a miss
+here alone: it asks the API server first (a watch may lag, a relist may be under way).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from kubetask import pods
+from kubetask.engine.outcomes import pod_end, started
+
+AttemptKey = tuple[str, int]
+
+
+def attempt_key(pod: dict[str, Any]) -> AttemptKey | None:
+    labels = pod["metadata"].get("labels") or {}
+    run_id = labels.get(pods.LABEL_RUN_ID)
+    with contextlib.suppress(TypeError, ValueError):
+        if run_id:
+            return run_id, int(labels.get(pods.LABEL_ATTEMPT, ""))
+    return None
+
+
+class PodIndex:
+    def __init__(self, *, mine: Callable[[str], bool], changed: Callable[[str], None]) -> None:
+        self._mine = mine
+        #: Called with the run id of every pod that changed (or vanished).
+        self._changed = changed
+        self._pods: dict[AttemptKey, dict[str, Any]] = {}
+        self.synced = False
+
+    def get(self, run_id: str, attempt: int) -> dict[str, Any] | None:
+        return self._pods.get((run_id, attempt))
+
+    def of_run(self, run_id: str) -> Iterator[tuple[int, dict[str, Any]]]:
+        for (rid, attempt), pod in list(self._pods.items()):
+            if rid == run_id:
+                yield attempt, pod
+
+    def put(self, pod: dict[str, Any]) -> None:
+        key = attempt_key(pod)
+        if key is not None:
+            self._pods[key] = pod
+
+    def __len__(self) -> int:
+        return len(self._pods)
+
+    def items(self) -> list[tuple[AttemptKey, dict[str, Any]]]:
+        return list(self._pods.items())
+
+    async def on_event(self, kind: str, pod: dict[str, Any]) -> None:
+        if not self._mine(pod["metadata"]["namespace"]):
+            return
+        key = attempt_key(pod)
+        if key is None:
+            return
+        if kind == "DELETED":
+            known = self._pods.get(key)
+            if known is None or known["metadata"]["uid"] == pod["metadata"]["uid"]:
+                self._pods.pop(key, None)
+        else:
+            self._pods[key] = pod
+            if started(pod) and pod_end(pod) is None and pod["metadata"].get("deletionTimestamp") is None:
+                return  # running normally: nothing for the reconcile to do (saves queries)
+        self._changed(key[0])
+
+    async def on_relist(self, listed: list[dict[str, Any]]) -> None:
+        """A complete list: pods missing from it are gone (their runs are looked at)."""
+        fresh: dict[AttemptKey, dict[str, Any]] = {}
+        for pod in listed:
+            key = attempt_key(pod)
+            if key is not None and self._mine(pod["metadata"]["namespace"]):
+                fresh[key] = pod
+        gone = set(self._pods) - set(fresh)
+        self._pods = fresh
+        self.synced = True
+        for run_id in {k[0] for k in gone} | {k[0] for k in fresh}:
+            self._changed(run_id)
