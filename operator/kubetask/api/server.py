@@ -60,7 +60,10 @@ async def start_api(app: web.Application, host: str, port: int, *, access_log: b
     ``await runner.cleanup()``."""
     runner = web.AppRunner(app, access_log=logging.getLogger("aiohttp.access") if access_log else None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    # SO_REUSEPORT: operators on one host may share the port, the kernel spreading
+    # connections over them as a Service spreads them over replicas (the e2e tests run
+    # two at once); a port held by another program still fails to bind.
+    site = web.TCPSite(runner, host, port, reuse_port=True)
     await site.start()
     log.info("kubetask API listening on %s:%s", host, port)
     return runner
