@@ -6,6 +6,8 @@ operator would give the pod, and checks the requests it made and its exit code.
 
 from __future__ import annotations
 
+import io
+import itertools
 import json
 import os
 import signal
@@ -14,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,7 +25,19 @@ from typing import Any
 
 import pytest
 
-from kubetask.runner.main import MAX_LINE_BYTES, ExitCode, truncate_line
+from kubetask.protocol import (
+    EXIT_ABORTED,
+    EXIT_API_UNREACHABLE,
+    EXIT_LOAD_ERROR,
+    EXIT_OK,
+    EXIT_OUTPUT_NOT_SERIALIZABLE,
+    EXIT_TASK_ERROR,
+    LogBatch,
+    LogEntry,
+)
+from kubetask.runner.client import DEFAULT_RETRY_SECONDS, ApiClient, ApiError, Backoff
+from kubetask.runner.config import RunnerConfig
+from kubetask.runner.logship import MAX_LINE_BYTES, LogShipper, truncate_line
 
 TOKEN = "attempt-token-123"
 
@@ -34,6 +49,7 @@ class Request:
     authorization: str | None
     content_type: str | None
     body: Any
+    at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -233,7 +249,7 @@ ADD_SOURCE = """
 def test_inline_task_fetches_payload_ships_logs_and_reports_output(tmp_path: Path, api: FakeApi) -> None:
     result = run_runner(tmp_path, api.url, source=ADD_SOURCE)
 
-    assert result.code == ExitCode.SUCCEEDED == 0, result.stderr
+    assert result.code == EXIT_OK == 0, result.stderr
     # every request carried the per-attempt token as a bearer token
     assert api.requests and all(r.authorization == f"Bearer {TOKEN}" for r in api.requests)
     # payload fetched first, completion last, logs in between
@@ -315,7 +331,7 @@ def test_task_that_raises_is_reported_retryable_and_exits_1(tmp_path: Path, api:
     """
     result = run_runner(tmp_path, api.url, source=source)
 
-    assert result.code == ExitCode.TASK_FAILED == 1, result.stderr
+    assert result.code == EXIT_TASK_ERROR == 1, result.stderr
     completion = api.completion
     assert completion["status"] == "failed"
     assert completion["retryable"] is True
@@ -336,7 +352,7 @@ def test_abort_run_is_reported_not_retryable_and_exits_10(tmp_path: Path, api: F
     """
     result = run_runner(tmp_path, api.url, source=source)
 
-    assert result.code == ExitCode.ABORTED == 10, result.stderr
+    assert result.code == EXIT_ABORTED == 10, result.stderr
     completion = api.completion
     assert completion["status"] == "failed"
     assert completion["retryable"] is False
@@ -359,7 +375,7 @@ def test_output_that_is_not_json_is_reported_and_exits_13(tmp_path: Path, api: F
     """
     result = run_runner(tmp_path, api.url, source=source)
 
-    assert result.code == ExitCode.OUTPUT_NOT_SERIALIZABLE == 13, result.stderr
+    assert result.code == EXIT_OUTPUT_NOT_SERIALIZABLE == 13, result.stderr
     completion = api.completion
     assert completion["status"] == "failed"
     assert completion["retryable"] is False
@@ -433,7 +449,7 @@ def test_task_that_cannot_be_loaded_is_reported_and_exits_11(
 ) -> None:
     result = run_runner(tmp_path, api.url, source=source, entrypoint=entrypoint, modules=modules)
 
-    assert result.code == ExitCode.LOAD_FAILED == 11, result.stderr
+    assert result.code == EXIT_LOAD_ERROR == 11, result.stderr
     completion = api.completion
     assert completion["status"] == "failed"
     assert completion["retryable"] is False
@@ -468,7 +484,7 @@ def test_rejected_token_exits_12_without_running_the_task(tmp_path: Path, api: F
     source = ADD_SOURCE.replace('print("hello from stdout")', 'open("ran", "w").close()')
     result = run_runner(tmp_path, api.url, source=source, token="wrong-token")
 
-    assert result.code == ExitCode.API_UNAVAILABLE == 12, result.stderr
+    assert result.code == EXIT_API_UNREACHABLE == 12, result.stderr
     assert [r.path for r in api.requests if r.path != "/runner/v1/logs"] == ["/runner/v1/attempt"]
     assert not (tmp_path / "ran").exists()
     assert "HTTP 401" in summary_line(result)
@@ -542,6 +558,90 @@ def test_output_the_api_rejects_is_reported_as_a_failure_and_exits_13(tmp_path: 
     assert second["error"]["type"] == "OutputRejected"
     assert "HTTP 413" in second["error"]["message"]
     assert any("rejected the task's output" in line["message"] for line in api.log_lines)
+
+
+def test_output_the_api_would_refuse_is_reported_as_rejected_without_sending_it(
+    tmp_path: Path, api: FakeApi
+) -> None:
+    source = """
+        from kubetask import task
+
+        @task
+        def hello(payload, ctx):
+            return {"text": "nul\\x00byte"}
+    """
+    result = run_runner(tmp_path, api.url, source=source)
+
+    assert result.code == EXIT_OUTPUT_NOT_SERIALIZABLE, result.stderr
+    completion = api.completion  # the only one: the output itself was never sent
+    assert completion["status"] == "failed" and completion["retryable"] is False
+    assert completion["error"]["type"] == "OutputRejected"
+    assert "NUL character" in completion["error"]["message"]
+
+
+# --------------------------------------------------------------------------- retries
+
+
+def test_reporting_is_retried_for_ten_minutes_by_default() -> None:
+    config = RunnerConfig.from_env({"KUBETASK_API_URL": "http://127.0.0.1:1"})
+    assert config.retry_budget_seconds == DEFAULT_RETRY_SECONDS == 600
+    assert ApiClient("http://127.0.0.1:1", TOKEN).retry_budget_seconds == 600
+    env = {"KUBETASK_API_URL": "http://127.0.0.1:1", "KUBETASK_API_RETRY_SECONDS": "45"}
+    assert RunnerConfig.from_env(env).retry_budget_seconds == 45
+
+
+def test_backoff_doubles_up_to_the_cap_with_jitter() -> None:
+    delays = Backoff(first=0.2, cap=5.0, jitter=0.5).delays()
+    waits = [next(delays) for _ in range(12)]
+    nominal = [min(0.2 * 2**i, 5.0) for i in range(12)]
+    assert all(n / 2 <= w <= n for w, n in zip(waits, nominal, strict=True))
+    assert len(set(waits)) == len(waits)  # random, so pods do not retry in step
+
+
+def test_retry_of_server_errors_stops_at_the_budget(api: FakeApi) -> None:
+    api.responses["/runner/v1/attempt"] = [503]
+    client = ApiClient(api.url, TOKEN, retry_budget_seconds=1.5, backoff=Backoff(first=0.05, cap=0.2))
+    started = time.monotonic()
+    with pytest.raises(ApiError) as failure:
+        client.get_attempt()
+    elapsed = time.monotonic() - started
+    client.close()
+
+    assert 1.5 <= elapsed < 2.5
+    assert failure.value.status == 503 and "HTTP 503" in str(failure.value)
+    assert "gave up after 1.5s" in str(failure.value)
+    tries = [r.at for r in api.calls("/runner/v1/attempt")]
+    gaps = [b - a for a, b in itertools.pairwise(tries)]
+    assert len(tries) >= 6 and max(gaps) < 0.2 + 0.15  # capped back-off
+
+
+def test_log_shipping_gives_up_after_its_own_short_budget(api: FakeApi) -> None:
+    api.responses["/runner/v1/logs"] = [503]
+    client = ApiClient(api.url, TOKEN, backoff=Backoff(first=0.05, cap=0.2))
+    echo = io.StringIO()
+    shipper = LogShipper(client, echo=echo, interval=0.05, send_budget_seconds=1.0)
+    shipper.start()
+    for i in range(10):
+        shipper.add("INFO", "stdout", f"line {i}")
+    time.sleep(0.2)  # the background thread is retrying its first batch
+    started = time.monotonic()
+    shipper.close()
+    elapsed = time.monotonic() - started
+    client.close()
+
+    # The batch in flight and what was left share one budget: completion is not held up.
+    assert elapsed < 1.0 + 0.5
+    assert shipper.sent_lines == 0 and shipper.lost_lines == 10
+    assert "log lines not shipped" in echo.getvalue() and "HTTP 503" in echo.getvalue()
+
+
+def test_log_batches_are_sent_as_the_protocol_models(api: FakeApi) -> None:
+    client = ApiClient(api.url, TOKEN)
+    client.post_logs(LogBatch(lines=[LogEntry(level="INFO", stream="log", message="hi\x00")]))
+    client.close()
+
+    (request,) = api.calls("/runner/v1/logs")
+    assert request.body == {"lines": [{"ts": None, "level": "INFO", "stream": "log", "message": "hi\ufffd"}]}
 
 
 # --------------------------------------------------------------------------- log shipping details
