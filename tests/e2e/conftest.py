@@ -91,12 +91,28 @@ def start_operator(
     started: list[Operator] = []
     port = free_port()
 
-    def start(name: str = "op", **env: str) -> Operator:
+    def start(
+        name: str = "op",
+        *,
+        namespaces: list[str] | None = None,
+        own_port: bool = False,
+        wait_ready: bool = True,
+        **env: str,
+    ) -> Operator:
+        """An operator for this test's namespace (or ``namespaces``). Operators of one test
+        share the API port, as replicas behind a Service do (they bind it with
+        SO_REUSEPORT, so two can run at once); ``own_port`` gives one a port of its own."""
         op = Operator(
-            stack, database_url=e2e_database, namespaces=[ns], log_dir=log_dir, name=name, env=env, port=port
+            stack,
+            database_url=e2e_database,
+            namespaces=namespaces or [ns],
+            log_dir=log_dir,
+            name=name,
+            env=env,
+            port=None if own_port else port,
         )
         started.append(op)
-        return op.start()
+        return op.start(wait_ready=wait_ready)
 
     yield start
     failed = request.node.rep_call.failed if hasattr(request.node, "rep_call") else False

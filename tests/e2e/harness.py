@@ -24,7 +24,7 @@ from kubernetes.client.rest import ApiException
 
 REPO = Path(__file__).resolve().parents[2]
 GROUP, VERSION = "kubetask.dev", "v1alpha1"
-TERMINAL = {"Succeeded", "Failed", "Canceled", "TimedOut"}
+TERMINAL = {"Succeeded", "Failed", "Canceled", "TimedOut", "Deduplicated"}
 
 
 def hack(*args: str) -> str:
@@ -229,9 +229,18 @@ class Operator:
             "KUBETASK_NAMESPACES": json.dumps(namespaces),
             "KUBETASK_TASK_GRACE_SECONDS": "5",
             "KUBETASK_OPERATOR_ID": name,
+            # Each test's operators elect their leader on a Lease in the test's namespace,
+            # with short periods so fail-over tests take seconds, not minutes.
+            "KUBETASK_LEASE_NAMESPACE": namespaces[0],
+            "KUBETASK_LEASE_DURATION_SECONDS": "4",
+            "KUBETASK_RENEW_DEADLINE_SECONDS": "3",
+            "KUBETASK_LEASE_RETRY_SECONDS": "0.5",
+            "KUBETASK_RESYNC_SECONDS": "5",
             **(env or {}),
         }
         self.proc: subprocess.Popen[bytes] | None = None
+        self.name = name
+        self.start_marker = ""
 
     @property
     def api(self) -> str:
@@ -241,8 +250,13 @@ class Operator:
         """How the operator process is started (benchmarks wrap it to count statements)."""
         return [sys.executable, "-m", "kubetask.cli", "operator"]
 
-    def start(self) -> Operator:
+    def start(self, *, wait_ready: bool = True) -> Operator:
+        """Start the process; with ``wait_ready``, wait until it leads and its first resync
+        is done (``/healthz`` answers as soon as the API is up, on every replica)."""
         log = self.log_path.open("ab")
+        self.start_marker = f"--- kubetask e2e: operator {self.name} started {time.time():.6f} ---\n"
+        log.write(self.start_marker.encode())
+        log.flush()
         self.proc = subprocess.Popen(
             self.command(),
             env=self.env,
@@ -255,7 +269,7 @@ class Operator:
             if self.proc.poll() is not None:
                 raise AssertionError(f"operator exited {self.proc.returncode}:\n{self.log_tail()}")
             with contextlib.suppress(OSError), urllib.request.urlopen(f"{self.api}/healthz", timeout=2) as r:
-                if r.status == 200:
+                if r.status == 200 and (not wait_ready or self.leading()):
                     return self
             time.sleep(0.3)
         raise AssertionError(f"operator API did not come up:\n{self.log_tail()}")
@@ -272,6 +286,12 @@ class Operator:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+    def leading(self) -> bool:
+        """Whether this process leads and finished its first resync (its log says so)."""
+        with contextlib.suppress(OSError):
+            return "leading:" in self.log_path.read_text(errors="replace").split(self.start_marker)[-1]
+        return False
 
     def log_tail(self, n: int = 60) -> str:
         with contextlib.suppress(OSError):

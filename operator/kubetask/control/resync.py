@@ -114,9 +114,12 @@ class Resync:
         c = self.c
         uids = [b["metadata"]["uid"] for b in bodies]
         async with c.sessions() as s:
-            known = dict(
-                (await s.execute(select(t.Run.uid, t.Run.id).where(t.Run.uid.in_(uids)))).tuples().all()
-            )
+            known = {
+                uid: run_id
+                for uid, run_id in (
+                    await s.execute(select(t.Run.uid, t.Run.id).where(t.Run.uid.in_(uids)))
+                ).all()
+            }
         cancel = [b["metadata"]["uid"] for b in bodies if (b.get("spec") or {}).get("cancel")]
         for body in bodies:
             uid = body["metadata"]["uid"]

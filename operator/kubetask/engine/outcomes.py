@@ -26,13 +26,12 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from kubetask.engine.machine import AttemptEnded, Outcome, RunError
-
-EXIT_OK = 0
-EXIT_TASK_ERROR = 1
-EXIT_ABORTED = 10
-EXIT_LOAD_ERROR = 11
-EXIT_API_UNREACHABLE = 12
-EXIT_OUTPUT_NOT_SERIALIZABLE = 13
+from kubetask.protocol import (
+    EXIT_ABORTED,
+    EXIT_LOAD_ERROR,
+    EXIT_OK,
+    EXIT_OUTPUT_NOT_SERIALIZABLE,
+)
 
 NOT_RETRYABLE_EXITS = {
     EXIT_ABORTED: "AbortRun",

@@ -3,9 +3,10 @@ view of an attempt that the Run's status and the API share."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
+from kubetask import protocol
 from kubetask.engine.machine import TERMINAL, Phase, RunError, RunState
 from kubetask.store import tables as t
 
@@ -25,12 +26,8 @@ def load_state(row: t.Run) -> RunState:
 
 
 def iso(ts: datetime | None) -> str | None:
-    """ISO-8601 UTC with a ``Z`` (microseconds always present, so the format is fixed)."""
-    if ts is None:
-        return None
-    if ts.tzinfo is None:
-        ts = ts.replace(tzinfo=UTC)
-    return ts.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    """:func:`kubetask.protocol.iso` (the one format), passing None through."""
+    return None if ts is None else protocol.iso(ts)
 
 
 def attempt_view(a: t.Attempt, *, pod_key: str) -> dict[str, Any]:
