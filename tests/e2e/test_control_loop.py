@@ -292,5 +292,25 @@ def test_terminal_runs_are_not_promoted_by_a_restart(
     time.sleep(3)
     after = statuses(stack, ns)
     assert {n: s["phase"] for n, s in after.items()} == {n: s["phase"] for n, s in before.items()}
+    # Conditions keep their lastTransitionTime across the restart (kept in PostgreSQL).
+    assert {n: s["conditions"] for n, s in after.items()} == {n: s["conditions"] for n, s in before.items()}
     assert sorted(s["phase"] for s in after.values()) == ["Deduplicated", "Deduplicated", "Succeeded"]
     assert all(s["phase"] in TERMINAL for s in after.values())
+
+
+def test_a_task_that_ends_while_the_operator_is_down_for_long_is_not_run_again(
+    stack: Stack, ns: str, start_operator: Callable[..., Operator]
+) -> None:
+    """Runners keep trying to report for 10 minutes (docs/runner.md): an operator away
+    for longer than the old 30 s budget must not make a finished task run again."""
+    stack.apply_task(ns, "sleeper", SLEEPER)
+    op = start_operator()
+    with PodWatcher(stack, ns) as watcher:
+        name = stack.create_run(ns, "sleeper", payload={"s": 2})
+        wait_for(lambda: bool(watcher.alive), 60, "the pod to start")
+        op.kill()
+        time.sleep(40)  # the task ends and keeps trying to report while no operator runs
+        start_operator("back")
+        status = stack.wait_run(ns, name, timeout=120)["status"]
+    assert status["phase"] == "Succeeded" and [a["reason"] for a in status["attempts"]] == ["Succeeded"]
+    assert len(watcher.uids_by_name) == 1
