@@ -101,33 +101,30 @@ class Kube:
             if e.status != 404:
                 raise
 
-    async def list_pods(self, selector: str) -> tuple[list[dict[str, Any]], str]:
-        """Every pod matching ``selector``, in pages; and the list's resource version."""
-        items: list[dict[str, Any]] = []
+    async def _list_all(self, list_fn: Any, selector: str) -> tuple[list[Any], str]:
+        """Every item ``list_fn`` returns for ``selector``, a page at a time; and the
+        resource version of the list."""
+        items: list[Any] = []
         token: str | None = None
         while True:
             kwargs: dict[str, Any] = {"label_selector": selector, "limit": PAGE}
             if token:
                 kwargs["_continue"] = token
-            res = await self.core.list_pod_for_all_namespaces(**kwargs)
-            items.extend(self._dict(p) for p in res.items)
+            res = await list_fn(**kwargs)
+            items.extend(res.items)
             token = res.metadata._continue
             if not token:
                 return items, res.metadata.resource_version
 
+    async def list_pods(self, selector: str) -> tuple[list[dict[str, Any]], str]:
+        """Every pod matching ``selector``, in pages; and the list's resource version."""
+        items, rv = await self._list_all(self.core.list_pod_for_all_namespaces, selector)
+        return [self._dict(p) for p in items], rv
+
     async def list_secrets(self, selector: str) -> list[dict[str, Any]]:
-        """Secrets matching ``selector`` (metadata only is all we read), in pages."""
-        items: list[dict[str, Any]] = []
-        token: str | None = None
-        while True:
-            kwargs: dict[str, Any] = {"label_selector": selector, "limit": PAGE}
-            if token:
-                kwargs["_continue"] = token
-            res = await self.core.list_secret_for_all_namespaces(**kwargs)
-            items.extend({"metadata": self._dict(p.metadata)} for p in res.items)
-            token = res.metadata._continue
-            if not token:
-                return items
+        """Secrets matching ``selector`` (their metadata only: all we read), in pages."""
+        items, _ = await self._list_all(self.core.list_secret_for_all_namespaces, selector)
+        return [{"metadata": self._dict(s.metadata)} for s in items]
 
     async def watch_pods(self, selector: str, handler: PodHandler, relist: RelistHandler) -> None:
         """List, then watch the operator's pods only (server-side label selector), for

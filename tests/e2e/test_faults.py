@@ -39,9 +39,14 @@ FAST = {"KUBETASK_WORK_TIMEOUT_SECONDS": "5"}
 
 
 @pytest.fixture
-def kube_proxy(stack: Stack, tmp_path: Path) -> Iterator[tuple[KubeApiProxy, Path]]:
+def kube_proxy(
+    stack: Stack, ns: str, tmp_path: Path, start_operator: Callable[..., Operator]
+) -> Iterator[KubeApiProxy]:
+    """The sleeper Task, and an operator that reaches the API server through the proxy."""
     with KubeApiProxy(stack.kubeconfig) as proxy:
-        yield proxy, proxy.write_kubeconfig(tmp_path / "kubeconfig")
+        stack.apply_task(ns, "sleeper", SLEEPER)
+        start_operator(KUBECONFIG=str(proxy.write_kubeconfig(tmp_path / "kubeconfig")), **FAST)
+        yield proxy
 
 
 @pytest.fixture
@@ -93,15 +98,9 @@ def settle(stack: Stack, ns: str, names: list[str], watcher: PodWatcher, e2e_dat
 
 
 def test_api_server_errors_and_timeouts_on_create(
-    stack: Stack,
-    ns: str,
-    e2e_database: str,
-    start_operator: Callable[..., Operator],
-    kube_proxy: tuple[KubeApiProxy, Path],
+    stack: Stack, ns: str, e2e_database: str, kube_proxy: KubeApiProxy
 ) -> None:
-    proxy, kubeconfig = kube_proxy
-    stack.apply_task(ns, "sleeper", SLEEPER)
-    start_operator(KUBECONFIG=str(kubeconfig), **FAST)
+    proxy = kube_proxy
     # 503s on the first creates of token Secrets and pods, then a pod create that the
     # API server performs but whose answer never comes (the client times out on a
     # create that succeeded: the retry's 409 must be recognised as this Run's pod).
@@ -179,15 +178,9 @@ def test_the_api_server_stopped_for_ten_seconds(
 
 
 def test_the_pod_watch_expires_while_a_pod_disappears(
-    stack: Stack,
-    ns: str,
-    e2e_database: str,
-    start_operator: Callable[..., Operator],
-    kube_proxy: tuple[KubeApiProxy, Path],
+    stack: Stack, ns: str, e2e_database: str, kube_proxy: KubeApiProxy
 ) -> None:
-    proxy, kubeconfig = kube_proxy
-    stack.apply_task(ns, "sleeper", SLEEPER)
-    start_operator(KUBECONFIG=str(kubeconfig), **FAST)
+    proxy = kube_proxy
     with PodWatcher(stack, ns) as watcher:
         names = burst(stack, ns, 3, 20)
         wait_for(lambda: len(watcher.alive) >= LIMIT, 90, "two running pods")

@@ -15,7 +15,7 @@ import json
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from kubernetes_asyncio.client.rest import ApiException
@@ -26,7 +26,7 @@ from kubetask import pods
 from kubetask.admission.slots import hash_token
 from kubetask.control.catalogue import Catalogue
 from kubetask.control.podindex import PodIndex
-from kubetask.control.timers import RUN, clear_timer, set_timer
+from kubetask.control.timers import RUN, clear_timer, set_timer, utcnow
 from kubetask.control.transitions import Applied, EventSource
 from kubetask.engine import machine as m
 from kubetask.engine.outcomes import PodEnd, Report, StartLimits, classify, pod_end, start_problem
@@ -37,10 +37,6 @@ from kubetask.store import tables as t
 log = logging.getLogger("kubetask.attempts")
 
 Apply = Callable[[str, m.Event | EventSource], Awaitable[Applied | None]]
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class Attempts:

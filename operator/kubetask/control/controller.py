@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select, update
@@ -33,7 +33,7 @@ from kubetask.control.intake import Intake
 from kubetask.control.podindex import PodIndex
 from kubetask.control.resync import TERMINAL_NAMES, Resync
 from kubetask.control.status import StatusSync
-from kubetask.control.timers import RUN, TimerLoop, clear_timer, set_timer
+from kubetask.control.timers import RUN, TimerLoop, clear_timer, set_timer, utcnow
 from kubetask.control.transitions import Applied, Transitions
 from kubetask.control.workqueue import WorkQueue
 from kubetask.engine import machine as m
@@ -43,10 +43,6 @@ from kubetask.spec import RetrySpec
 from kubetask.store import tables as t
 
 log = logging.getLogger("kubetask.controller")
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class Controller:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
@@ -26,6 +26,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from kubetask.control.catalogue import Catalogue, queue_key
+from kubetask.control.timers import utcnow
 from kubetask.control.transitions import Applied, EventSource
 from kubetask.engine import machine as m
 from kubetask.settings import Settings
@@ -37,10 +38,6 @@ Apply = Callable[[str, m.Event | EventSource], Awaitable[Applied | None]]
 
 #: Reasons recorded at intake for a spec that can never run.
 REJECTED_AT_INTAKE = frozenset({"InvalidSpec", "PayloadTooLarge"})
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def new_run_id() -> str:

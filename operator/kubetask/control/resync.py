@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, select, update
 
 from kubetask import pods
+from kubetask.control.timers import utcnow
 from kubetask.engine import machine as m
 from kubetask.store import tables as t
 
@@ -29,10 +30,6 @@ log = logging.getLogger("kubetask.resync")
 
 TERMINAL_NAMES = frozenset(p.value for p in m.TERMINAL)
 BATCH = 500
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class Resync:

@@ -27,6 +27,7 @@ RUN = "run"
 
 
 def utcnow() -> datetime:
+    """The controller's one clock (timezone-aware UTC, as PostgreSQL returns times)."""
     return datetime.now(UTC)
 
 

@@ -14,13 +14,13 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from kubetask.admission import Admission
-from kubetask.control.timers import RUN, clear_timer, set_timer
+from kubetask.control.timers import RUN, clear_timer, set_timer, utcnow
 from kubetask.engine import machine as m
 from kubetask.spec import RetrySpec
 from kubetask.store import tables as t
@@ -30,10 +30,6 @@ log = logging.getLogger("kubetask.transitions")
 
 #: Makes a run's next event inside the transition's transaction (see Transitions.apply).
 EventSource = Callable[[AsyncSession, t.Run], Awaitable[m.Event | None]]
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)
