@@ -25,7 +25,7 @@ import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import case, delete, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -65,9 +65,13 @@ class Admission:
         sessions: async_sessionmaker[AsyncSession],
         *,
         pod_name: Callable[[str, str, int], str] = pods.pod_name,
+        start_deadline: timedelta | None = None,
     ) -> None:
         self._sessions = sessions
         self._pod_name = pod_name
+        #: A granted run's timer is set this far ahead (the earliest moment its pod could
+        #: be late starting), in the grant's own UPDATE: no pod event needs a query.
+        self._start_deadline = start_deadline
         #: Statements issued by admit(); read by the benchmark.
         self.statements = 0
 
@@ -118,6 +122,21 @@ class Admission:
             await session.execute(select(t.Queue).where(t.Queue.name == queue).with_for_update())
         ).scalar_one()
         yield row
+
+    async def lock_queue_of(self, session: AsyncSession, run_id: str) -> t.Queue | None:
+        """Lock the queue row of ``run_id``'s queue (one statement when it exists, as it
+        almost always does). None if the run does not exist."""
+        by_run = select(t.Run.queue).where(t.Run.id == run_id).scalar_subquery()
+        row = (
+            await session.execute(select(t.Queue).where(t.Queue.name == by_run).with_for_update())
+        ).scalar_one_or_none()
+        if row is not None:
+            return row
+        queue = (await session.execute(select(t.Run.queue).where(t.Run.id == run_id))).scalar_one_or_none()
+        if queue is None:
+            return None
+        async with self.locked_queue(session, queue) as q:
+            return q
 
     # ---- entries and slots (inside the caller's transaction, queue row locked) ---------
 
@@ -177,26 +196,24 @@ class Admission:
     async def _after_dequeue(
         self, s: AsyncSession, queue: str, key: str, *, running_delta: int, served: int | None = None
     ) -> None:
+        # The key's new head priority is read in the same statement (the entry that left is
+        # already deleted in this transaction); a key with nothing queued keeps its old one.
         head = (
-            await s.execute(
-                select(t.QueueEntry.priority)
-                .where(t.QueueEntry.queue == queue, t.QueueEntry.key == key)
-                .order_by(t.QueueEntry.priority.desc())
-                .limit(1)
-            )
-        ).scalar_one_or_none()
+            select(func.max(t.QueueEntry.priority))
+            .where(t.QueueEntry.queue == queue, t.QueueEntry.key == key)
+            .scalar_subquery()
+        )
         values: dict[str, object] = {
             "queued": t.QueueKey.queued - 1,
             "running": t.QueueKey.running + running_delta,
+            "head_priority": func.coalesce(head, t.QueueKey.head_priority),
         }
-        if head is not None:
-            values["head_priority"] = head
         if served is not None:
             values["last_served"] = served
         await s.execute(
             update(t.QueueKey).where(t.QueueKey.queue == queue, t.QueueKey.key == key).values(**values)
         )
-        self.statements += 2
+        self.statements += 1
 
     # ---- the admission cycle ------------------------------------------------------------
 
@@ -276,6 +293,7 @@ class Admission:
         tr = step(load_state(run), SlotGranted(), now=now, retry=retry_for(run), rand=lambda: 0.0)
         state: RunState = tr.state
         save_state(run, state, now=now)
+        run.wake_at = now + self._start_deadline if self._start_deadline is not None else None
         token = secrets.token_urlsafe(32)
         await s.execute(insert(t.Slot).values(run_id=run_id, queue=q.name, key=key, attempt=state.attempt))
         await s.execute(

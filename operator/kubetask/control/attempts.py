@@ -26,7 +26,7 @@ from kubetask import pods
 from kubetask.admission.slots import hash_token
 from kubetask.control.catalogue import Catalogue
 from kubetask.control.podindex import PodIndex
-from kubetask.control.timers import RUN, clear_timer, set_timer, utcnow
+from kubetask.control.timers import set_run_timer, utcnow
 from kubetask.control.transitions import Applied, EventSource
 from kubetask.engine import machine as m
 from kubetask.engine.outcomes import PodEnd, Report, StartLimits, classify, pod_end, start_problem
@@ -68,8 +68,6 @@ class Attempts:
         #: ConfigMaps known to exist, by namespace and full name (which carries the
         #: Task's uid and the source's hash: never a name alone).
         self._configmaps: set[tuple[str, str]] = set()
-        #: run id -> the pod deadline this process last wrote as the run's timer.
-        self._deadlines: dict[str, datetime | None] = {}
 
     # ---- the live attempt ----------------------------------------------------------------
 
@@ -104,7 +102,9 @@ class Attempts:
                 return
             end, due = start_problem(pod, now=utcnow(), limits=self.limits)
             if end is None:
-                await self._deadline(row.id, due)
+                if row.wake_at != due:  # the run's timer follows its pod's next deadline
+                    async with self.sessions.begin() as s:
+                        await set_run_timer(s, row.id, due)
                 return
             log.info("pod %s/%s: %s", row.namespace, att.pod_name, end.message)
             # Force only what is stuck terminating (its kubelet is gone and cannot confirm).
@@ -197,26 +197,6 @@ class Attempts:
                 .where(t.Attempt.run_id == run_id, t.Attempt.number == attempt, t.Attempt.pod_uid.is_(None))
                 .values(pod_uid=pod["metadata"]["uid"])
             )
-
-    async def _deadline(self, run_id: str, due: datetime | None) -> None:
-        """Keep the run's timer at its pod's next deadline. Skips the write when this
-        process set the same value already (a stale timer left by another process only
-        costs one extra reconcile when it fires)."""
-        if self._deadlines.get(run_id) == due:
-            return
-        async with self.sessions.begin() as s:
-            if due is not None:
-                await set_timer(s, kind=RUN, key=run_id, due_at=due)
-            else:
-                await clear_timer(s, kind=RUN, key=run_id)
-        if due is None:
-            self._deadlines.pop(run_id, None)
-        else:
-            self._deadlines[run_id] = due
-
-    def forget(self, run_id: str) -> None:
-        """The run's timer was rewritten by a transition: the deadline hint is stale."""
-        self._deadlines.pop(run_id, None)
 
     # ---- ending --------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ import logging
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import and_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from kubetask import pods
@@ -33,7 +33,7 @@ from kubetask.control.intake import Intake
 from kubetask.control.podindex import PodIndex
 from kubetask.control.resync import TERMINAL_NAMES, Resync
 from kubetask.control.status import StatusSync
-from kubetask.control.timers import RUN, TimerLoop, clear_timer, set_timer, utcnow
+from kubetask.control.timers import RUN, TimerLoop, set_run_timer, utcnow
 from kubetask.control.transitions import Applied, Transitions
 from kubetask.control.workqueue import WorkQueue
 from kubetask.engine import machine as m
@@ -50,7 +50,16 @@ class Controller:
         self.sessions = sessions
         self.kube = kube
         self.settings = settings
-        self.admission = Admission(sessions)
+        self.admission = Admission(
+            sessions,
+            start_deadline=timedelta(
+                seconds=min(
+                    settings.unschedulable_timeout_seconds,
+                    settings.image_pull_timeout_seconds,
+                    settings.pod_start_timeout_seconds,
+                )
+            ),
+        )
         self.runs = WorkQueue(name="runs")
         self.queues = WorkQueue(name="queues")
         self.intake_queue = WorkQueue(name="intake")
@@ -67,6 +76,7 @@ class Controller:
             sessions=sessions,
             admission=self.admission,
             retry_for=self.retry_for,
+            ttl_for=self.ttl_for,
             infra_limit=settings.infra_retry_limit,
             committed=self._committed,
         )
@@ -103,6 +113,15 @@ class Controller:
         info = self.catalogue.tasks.get((row.namespace, row.task))
         return info.spec.retry if info else RetrySpec()
 
+    def ttl_for(self, row: t.Run) -> int | None:
+        """ttlSecondsAfterFinished: the Run's, else its Task's, else the operator's."""
+        if row.ttl_seconds is not None:
+            return row.ttl_seconds
+        info = self.catalogue.tasks.get((row.namespace, row.task))
+        if info is not None and info.spec.ttl_seconds_after_finished is not None:
+            return info.spec.ttl_seconds_after_finished
+        return self.settings.ttl_seconds_after_finished
+
     def remember(self, uid: str, run_id: str, generation: Any) -> None:
         self._uids.setdefault(uid, (run_id, generation))
 
@@ -119,7 +138,6 @@ class Controller:
             self.queues.add(applied.queue)
         if applied.wake_at is not None:
             self.timers.wake(applied.wake_at)
-        self.attempts.forget(applied.run_id)
         self.status.touch(applied.run_id)
         if (
             tr.state.terminal
@@ -267,10 +285,16 @@ class Controller:
         fired = run_id in self._fired
         self._fired.discard(run_id)
         async with self.sessions() as s:
-            row = await s.get(t.Run, run_id)
-            att = (
-                await s.get(t.Attempt, (run_id, row.attempt)) if row is not None and row.attempt > 0 else None
-            )
+            found = (
+                await s.execute(
+                    select(t.Run, t.Attempt)
+                    .outerjoin(
+                        t.Attempt, and_(t.Attempt.run_id == t.Run.id, t.Attempt.number == t.Run.attempt)
+                    )
+                    .where(t.Run.id == run_id)
+                )
+            ).one_or_none()
+        row, att = found if found is not None else (None, None)
         if row is None or not self.mine(row.namespace):
             return
         phase = m.Phase(row.phase)
@@ -295,7 +319,7 @@ class Controller:
         elif phase is m.Phase.QUEUED:
             self.queues.add(row.queue)
             if fired:
-                await self._clear_timer(run_id)
+                await self._set_timer(run_id, None)
         elif phase is m.Phase.RETRYING:
             if row.next_attempt_at is None or row.next_attempt_at <= utcnow():
                 await self.transitions.apply(run_id, m.BackoffElapsed())
@@ -305,33 +329,26 @@ class Controller:
             await self.attempts.clean_up(row, None)
             await self._ttl(row, fired=fired)
         elif fired:  # Running without a live attempt cannot be; nothing to wait for
-            await self._clear_timer(run_id)
+            await self._set_timer(run_id, None)
 
     async def _ttl(self, row: t.Run, *, fired: bool) -> None:
-        """Delete a finished Run resource once its TTL has passed (its record stays)."""
-        ttl = row.ttl_seconds
-        if ttl is None:
-            info = self.catalogue.tasks.get((row.namespace, row.task))
-            ttl = info.spec.ttl_seconds_after_finished if info is not None else None
-        if ttl is None:
-            ttl = self.settings.ttl_seconds_after_finished
+        """Delete a finished Run resource once its TTL has passed (its record stays).
+        The transition to the end set the run's timer to that moment."""
+        ttl = self.ttl_for(row)
         if row.resource_deleted or ttl is None or row.finished_at is None:
             if fired:
-                await self._clear_timer(row.id)
+                await self._set_timer(row.id, None)
             return
         due = row.finished_at + timedelta(seconds=ttl)
         if utcnow() >= due:
             log.info("run %s/%s: deleting the Run resource (finished %ss ago)", row.namespace, row.name, ttl)
             await self.kube.delete_object("runs", row.namespace, row.name, uid=row.uid)
-            await self._clear_timer(row.id)
-        else:
+            await self._set_timer(row.id, None)
+        elif fired or row.wake_at != due:
             await self._set_timer(row.id, due)
 
-    async def _set_timer(self, run_id: str, due: datetime) -> None:
+    async def _set_timer(self, run_id: str, due: datetime | None) -> None:
         async with self.sessions.begin() as s:
-            await set_timer(s, kind=RUN, key=run_id, due_at=due)
-        self.timers.wake(due)
-
-    async def _clear_timer(self, run_id: str) -> None:
-        async with self.sessions.begin() as s:
-            await clear_timer(s, kind=RUN, key=run_id)
+            await set_run_timer(s, run_id, due)
+        if due is not None:
+            self.timers.wake(due)

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from kubetask import pods
-from kubetask.engine.outcomes import pod_end, started
+from kubetask.engine.outcomes import pod_end
 
 AttemptKey = tuple[str, int]
 
@@ -64,8 +64,11 @@ class PodIndex:
                 self._pods.pop(key, None)
         else:
             self._pods[key] = pod
-            if started(pod) and pod_end(pod) is None and pod["metadata"].get("deletionTimestamp") is None:
-                return  # running normally: nothing for the reconcile to do (saves queries)
+            if pod_end(pod) is None and pod["metadata"].get("deletionTimestamp") is None:
+                # Starting or running: nothing for the reconcile to do now. A pod slow to
+                # start is looked at when the run's timer fires (set at the grant to the
+                # earliest start deadline), so pod events cost no queries until the end.
+                return
         self._changed(key[0])
 
     async def on_relist(self, listed: list[dict[str, Any]]) -> None:

@@ -202,7 +202,7 @@ class Resync:
             if pod is None:
                 if pod_uid is not None or created < grace:
                     c.runs.add(run_id)
-            elif pod["metadata"]["uid"] != pod_uid and pod_uid is not None:
+            elif pod["metadata"]["uid"] != pod_uid:  # not recorded yet (a crash), or a stranger
                 c.runs.add(run_id)
         for (run_id, number), _pod in c.index.items():
             if (run_id, number) not in live_keys:

@@ -27,6 +27,9 @@ from kubetask.store.runs import NOT_ACCEPTED, attempt_view, condition_statuses, 
 
 log = logging.getLogger("kubetask.status")
 
+#: How long a touched run waits for more changes before its status is patched.
+COALESCE_SECONDS = 0.05
+
 
 class StatusSync:
     def __init__(
@@ -51,7 +54,9 @@ class StatusSync:
         self.written: dict[str, str] = {}
 
     def touch(self, run_id: str) -> None:
-        self.runs.add(run_id)
+        # A short delay coalesces the moves of one instant (Pending -> Queued -> Running
+        # when a slot is free) into one patch with the latest state.
+        self.runs.add_after(run_id, COALESCE_SECONDS)
 
     async def run(self, *, workers: int, item_timeout: float) -> None:
         await self.runs.run_workers(self._patch, workers=workers, item_timeout=item_timeout)
@@ -63,20 +68,20 @@ class StatusSync:
 
     async def _patch(self, run_id: str) -> None:
         async with self.sessions() as s:
-            row = await s.get(t.Run, run_id)
-            if row is None or row.resource_deleted:
-                return
-            attempts = (
-                (
-                    await s.execute(
-                        select(t.Attempt).where(t.Attempt.run_id == run_id).order_by(t.Attempt.number)
-                    )
+            rows = (
+                await s.execute(
+                    select(t.Run, t.Attempt)
+                    .outerjoin(t.Attempt, t.Attempt.run_id == t.Run.id)
+                    .where(t.Run.id == run_id)
+                    .order_by(t.Attempt.number)
                 )
-                .scalars()
-                .all()
-            )
+            ).all()
+            if not rows or rows[0][0].resource_deleted:
+                return
+            row = rows[0][0]
+            attempts = [a for _, a in rows if a is not None]
             q = await s.get(t.Queue, row.queue) if row.phase == m.Phase.QUEUED else None
-            status = project(row, list(attempts), q)
+            status = project(row, attempts, q)
         if await self.kube.patch_status("runs", row.namespace, row.name, status):
             self.written[row.uid] = row.phase
 

@@ -1,11 +1,14 @@
-"""Durable timers: rows of ``timers`` with a due time, fired by one loop (the leader's).
+"""Durable timers in PostgreSQL, fired by one loop (the leader's).
 
-A reconcile that needs to look at its run again later (back-off, the unknown-Task
-grace period, a pod that has not started, a TTL) sets the run's timer in the same
-transaction as whatever it decided; a reconcile with nothing to wait for clears it.
-Firing does not delete the row: it pushes ``due_at`` forward by ``refire`` and adds the
-key to the work queue, so a timer whose reconcile is lost (the process dies) fires
-again, and a reconcile that ran sets or clears it for real.
+A run's timer is the column ``runs.wake_at`` (indexed where set): a transition sets it
+with the state it writes (back-off over, the unknown-Task grace period over, the TTL
+of a finished run), a reconcile sets it to a pod's next start deadline. Timers of
+other things (schedules, later) are rows of ``timers``. Either way nothing in memory is
+authoritative.
+
+Firing does not clear a timer: it pushes the due time ``refire`` ahead and hands the key
+to the work queue, so a timer whose reconcile is lost (the process dies) fires again,
+and the reconcile that does run sets or clears it for real.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from kubetask.store import tables as t
 
 log = logging.getLogger("kubetask.timers")
 
+#: The kind under which due runs are handed to ``fire``.
 RUN = "run"
 
 
@@ -31,8 +35,14 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+async def set_run_timer(s: AsyncSession, run_id: str, due_at: datetime | None) -> None:
+    """Set (None: clear) a run's timer inside the caller's transaction, when the run's
+    row is not at hand (a transition just assigns ``row.wake_at``)."""
+    await s.execute(update(t.Run).where(t.Run.id == run_id).values(wake_at=due_at))
+
+
 async def set_timer(s: AsyncSession, *, kind: str, key: str, due_at: datetime) -> None:
-    """Set (or move) the timer of ``key`` inside the caller's transaction."""
+    """Set (or move) the timer of something that is not a run."""
     stmt = pg_insert(t.Timer).values(kind=kind, key=key, due_at=due_at)
     await s.execute(
         stmt.on_conflict_do_update(index_elements=[t.Timer.kind, t.Timer.key], set_={"due_at": due_at})
@@ -45,7 +55,7 @@ async def clear_timer(s: AsyncSession, *, kind: str, key: str) -> None:
 
 class TimerLoop:
     """Sleeps until the earliest due timer (or a wake-up), then hands due keys to
-    ``fire``. Only the leader runs it; it holds nothing that a restart would need."""
+    ``fire(kind, key)``. Only the leader runs it; it holds nothing a restart needs."""
 
     def __init__(
         self,
@@ -63,6 +73,8 @@ class TimerLoop:
         self._batch = batch
         self._wake = asyncio.Event()
         self._next: datetime | None = None
+        #: Timers fired (read by tests and /metrics).
+        self.fired = 0
 
     def wake(self, due_at: datetime | None = None) -> None:
         """A timer was set: look again now if it is earlier than what the loop sleeps for."""
@@ -87,8 +99,32 @@ class TimerLoop:
 
     async def _tick(self) -> float:
         now = utcnow()
+        later = now + self._refire
         async with self._sessions.begin() as s:
-            due = (
+            # Rows a transition holds are skipped, not waited for: they fire next time.
+            runs = (
+                (
+                    await s.execute(
+                        update(t.Run)
+                        .where(
+                            t.Run.id.in_(
+                                select(t.Run.id)
+                                .where(t.Run.wake_at <= now)
+                                .order_by(t.Run.wake_at)
+                                .limit(self._batch)
+                                .with_for_update(skip_locked=True)
+                                .scalar_subquery()
+                            )
+                        )
+                        .values(wake_at=later)
+                        .returning(t.Run.id)
+                        .execution_options(synchronize_session=False)
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            others = (
                 await s.execute(
                     update(t.Timer)
                     .where(
@@ -97,17 +133,31 @@ class TimerLoop:
                             .where(t.Timer.due_at <= now)
                             .order_by(t.Timer.due_at)
                             .limit(self._batch)
-                        ),
-                        t.Timer.due_at <= now,
+                            .with_for_update(skip_locked=True)
+                        )
                     )
-                    .values(due_at=now + self._refire)
+                    .values(due_at=later)
                     .returning(t.Timer.kind, t.Timer.key)
                 )
             ).all()
-            nxt = (await s.execute(select(func.min(t.Timer.due_at)))).scalar_one_or_none()
-        for kind, key in due:
+            nxt: datetime | None = (
+                await s.execute(
+                    select(
+                        func.least(
+                            select(func.min(t.Run.wake_at))
+                            .where(t.Run.wake_at.is_not(None))
+                            .scalar_subquery(),
+                            select(func.min(t.Timer.due_at)).scalar_subquery(),
+                        )
+                    )
+                )
+            ).scalar_one_or_none()
+        for run_id in runs:
+            self._fire(RUN, run_id)
+        for kind, key in others:
             self._fire(kind, key)
-        if len(due) >= self._batch:
+        self.fired += len(runs) + len(others)
+        if len(runs) >= self._batch or len(others) >= self._batch:
             return 0.0
         self._next = nxt
         if nxt is None:

@@ -3,7 +3,7 @@
 Every change of phase goes through :meth:`Transitions.apply`: it locks the run's queue
 row, then the run row (the admission lock order), computes the engine's step, saves
 it, carries out the queue actions (enqueue, dequeue, release) and sets or clears the
-run's timer, all in the same transaction. What must happen in Kubernetes afterwards is
+run's timer (``runs.wake_at``), all in the same transaction. What must happen in Kubernetes afterwards is
 not done here: the run is put back on the work queue and its reconcile does it, so a
 crash after commit loses nothing (the reconcile is level-triggered).
 """
@@ -14,13 +14,13 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from kubetask.admission import Admission
-from kubetask.control.timers import RUN, clear_timer, set_timer, utcnow
+from kubetask.control.timers import utcnow
 from kubetask.engine import machine as m
 from kubetask.spec import RetrySpec
 from kubetask.store import tables as t
@@ -65,12 +65,15 @@ class Transitions:
         sessions: async_sessionmaker[AsyncSession],
         admission: Admission,
         retry_for: Callable[[t.Run], RetrySpec],
+        ttl_for: Callable[[t.Run], int | None],
         infra_limit: int,
         committed: Callable[[Applied], None],
     ) -> None:
         self.sessions = sessions
         self.admission = admission
         self.retry_for = retry_for
+        #: Seconds a finished run's resource is kept (None: for ever).
+        self.ttl_for = ttl_for
         self.infra_limit = infra_limit
         #: Called after each commit that changed something (enqueue work, wake timers...).
         self._committed = committed
@@ -84,54 +87,56 @@ class Transitions:
         to apply (the cause was recorded before). Returns None if nothing changed."""
         now = utcnow()
         async with self.sessions.begin() as s:
-            queue = (await s.execute(select(t.Run.queue).where(t.Run.id == run_id))).scalar_one_or_none()
-            if queue is None:
+            q = await self.admission.lock_queue_of(s, run_id)  # the queue first: the lock order
+            if q is None:
                 return None
-            async with self.admission.locked_queue(s, queue) as q:
-                row = (
-                    await s.execute(select(t.Run).where(t.Run.id == run_id).with_for_update())
-                ).scalar_one()
-                if callable(event):
-                    made = await event(s, row)
-                    if made is None:
-                        return None
-                    event = made
-                before = load_state(row)
-                tr = m.step(
-                    before,
-                    event,
-                    now=now,
-                    retry=self.retry_for(row),
-                    rand=random.random,
-                    infra_limit=self.infra_limit,
-                )
-                if tr.state == before and not tr.actions:
+            queue = q.name
+            row = (await s.execute(select(t.Run).where(t.Run.id == run_id).with_for_update())).scalar_one()
+            if callable(event):
+                made = await event(s, row)
+                if made is None:
                     return None
-                save_state(row, tr.state, now=now)
-                wake: datetime | None = None
-                for action in tr.actions:
-                    if isinstance(action, m.Enqueue):
-                        await self.admission.enqueue(
-                            s,
-                            q,
-                            run_id=run_id,
-                            key=row.concurrency_key or "",
-                            priority=row.priority,
-                            arrival=row.arrival,
-                        )
-                    elif isinstance(action, m.Dequeue):
-                        await self.admission.dequeue(s, q, run_id=run_id)
-                    elif isinstance(action, m.ReleaseSlot):
-                        await self.admission.release(s, q, run_id=run_id)
-                    elif isinstance(action, m.WakeAt):
-                        wake = action.at
-                # The run's timer follows its state: a wait sets it, anything else clears
-                # it (a later reconcile sets whatever else it needs, e.g. a pod deadline).
-                if wake is not None:
-                    await set_timer(s, kind=RUN, key=run_id, due_at=wake)
-                elif tr.state.phase != before.phase:
-                    await clear_timer(s, kind=RUN, key=run_id)
-                namespace, name = row.namespace, row.name
+                event = made
+            before = load_state(row)
+            tr = m.step(
+                before,
+                event,
+                now=now,
+                retry=self.retry_for(row),
+                rand=random.random,
+                infra_limit=self.infra_limit,
+            )
+            if tr.state == before and not tr.actions:
+                return None
+            save_state(row, tr.state, now=now)
+            wake: datetime | None = None
+            for action in tr.actions:
+                if isinstance(action, m.Enqueue):
+                    await self.admission.enqueue(
+                        s,
+                        q,
+                        run_id=run_id,
+                        key=row.concurrency_key or "",
+                        priority=row.priority,
+                        arrival=row.arrival,
+                    )
+                elif isinstance(action, m.Dequeue):
+                    await self.admission.dequeue(s, q, run_id=run_id)
+                elif isinstance(action, m.ReleaseSlot):
+                    await self.admission.release(s, q, run_id=run_id)
+                elif isinstance(action, m.WakeAt):
+                    wake = action.at
+            # The run's timer follows its state, in the same UPDATE: a wait sets it, a
+            # finished run's is its TTL, a move clears it (a reconcile sets whatever else
+            # it needs later, e.g. a pod's start deadline).
+            if wake is not None:
+                row.wake_at = wake
+            elif tr.state.terminal and not before.terminal:
+                ttl = self.ttl_for(row)
+                row.wake_at = now + timedelta(seconds=ttl) if ttl is not None else None
+            elif tr.state.phase != before.phase:
+                row.wake_at = None
+            namespace, name = row.namespace, row.name
         if tr.state.phase != before.phase or tr.state.reason != before.reason:
             log.info(
                 "run %s/%s (%s): %s -> %s (%s: %s)",

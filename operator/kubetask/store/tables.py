@@ -56,6 +56,10 @@ class Run(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
     #: Run.spec.ttlSecondsAfterFinished (None: the Task's, else the operator's default).
     ttl_seconds: Mapped[int | None] = mapped_column(Integer)
+    #: The run's timer: when the leader must look at it again (back-off over, the Task's
+    #: grace period over, a pod's start deadline, the TTL), None when nothing is due. A
+    #: column of the run's row, so setting it costs nothing in a transition.
+    wake_at: Mapped[datetime | None] = mapped_column()
     #: Condition type -> {"status": "True"|"False", "time": ISO}: lastTransitionTime of each
     #: condition, kept with the state so it survives restarts.
     condition_times: Mapped[dict[str, Any] | None] = mapped_column()
@@ -81,6 +85,7 @@ class Run(Base):
         Index("ix_runs_original", "original_run_id", postgresql_where=text("original_run_id IS NOT NULL")),
         Index("ix_runs_finished", "finished_at", postgresql_where=text("finished_at IS NOT NULL")),
         Index("ix_runs_live", "namespace", postgresql_where=text("finished_at IS NULL")),
+        Index("ix_runs_wake", "wake_at", postgresql_where=text("wake_at IS NOT NULL")),
     )
 
 
@@ -207,10 +212,9 @@ class Slot(Base):
 
 
 class Timer(Base):
-    """A durable wake-up: at ``due_at`` the leader reconciles ``key`` (a run id when
-    ``kind`` is "run"). Back-off, the unknown-Task grace period, pod start timeouts and
-    TTLs are all timers; nothing in memory is authoritative. One row per (kind, key): a
-    reconcile sets the next time its object needs looking at, or deletes the row."""
+    """A durable wake-up of something that is not a run (a run's own timer is
+    ``runs.wake_at``): at ``due_at`` the leader reconciles ``key`` of ``kind``. One row per
+    (kind, key); whoever handles it sets the next due time or deletes the row."""
 
     __tablename__ = "timers"
 
