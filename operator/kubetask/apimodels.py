@@ -263,8 +263,6 @@ class RunError(_Response):
     type: str
     """The exception's class name, or a reason such as ``TaskNotFound``."""
     message: str
-    stack: str | None = None
-    """The traceback, when the runner reported one (attempts only)."""
 
 
 class RunSummary(_Response):

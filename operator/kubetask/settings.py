@@ -18,8 +18,33 @@ class Settings(BaseSettings):
     api_host: str = Field("0.0.0.0", description="Address the API listens on.")
     api_port: int = Field(8080, description="Port the API listens on.")
     api_url: str = Field(
-        "http://kubetask-api.kubetask-system.svc:8080",
-        description="Base URL runner pods use to reach the API.",
+        "http://kubetask-runner.kubetask-system.svc:8081",
+        description="Base URL runner pods use to reach the API (the runner listener, runner_api_port).",
+    )
+    # ---- the HTTP API (docs/api.md) --------------------------------------------------------
+    runner_api_port: int = Field(
+        8081, description="Port of the runner listener (/runner/v1), apart from the public API's."
+    )
+    runner_db_pool_size: int = Field(
+        4,
+        ge=2,
+        le=64,
+        description="Connections of the runner listener's own database pool (log ingestion cannot "
+        "take the reconciler's); log writes use all but one of them.",
+    )
+    max_log_bytes_per_run: int = Field(
+        64 * 1024 * 1024,
+        ge=0,
+        description="Log bytes stored per run (per operator replica); further lines are dropped. 0: no limit.",
+    )
+    token_review_ttl_seconds: float = Field(
+        60.0, ge=0, description="How long the public API trusts a TokenReview's answer."
+    )
+    access_review_ttl_seconds: float = Field(
+        10.0, ge=0, description="How long the public API trusts a SubjectAccessReview's answer."
+    )
+    auth_cache_entries: int = Field(
+        10_000, ge=1, description="Most TokenReview (and SubjectAccessReview) answers kept."
     )
     runner_image: str = Field("localhost/kubetask/runner:0.1.0", description="Default image of a Task.")
     image_pull_policy: str = Field("IfNotPresent", description="imagePullPolicy of attempt pods.")

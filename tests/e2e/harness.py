@@ -213,18 +213,25 @@ class Operator:
         env: dict[str, str] | None = None,
         name: str = "op",
         port: int | None = None,
+        runner_port: int | None = None,
+        token: str | None = None,
     ) -> None:
         self.stack = stack
-        # A restarted operator keeps its API address, as a Service would: pods created by
+        # A restarted operator keeps its API addresses, as a Service would: pods created by
         # the previous process still reach it.
         self.port = port or free_port()
+        self.runner_port = runner_port or free_port()
+        #: Bearer token for the public API (:meth:`get`); see api_reader_token().
+        self.token = token
         self.log_path = log_dir / f"operator-{name}-{self.port}.log"
         self.env = {
             **os.environ,
             "KUBECONFIG": stack.kubeconfig,
             "KUBETASK_DATABASE_URL": database_url,
             "KUBETASK_API_PORT": str(self.port),
-            "KUBETASK_API_URL": f"http://{stack.host_ip}:{self.port}",
+            "KUBETASK_RUNNER_API_PORT": str(self.runner_port),
+            # Runner pods reach the runner listener only.
+            "KUBETASK_API_URL": f"http://{stack.host_ip}:{self.runner_port}",
             "KUBETASK_RUNNER_IMAGE": stack.runner_image,
             "KUBETASK_NAMESPACES": json.dumps(namespaces),
             "KUBETASK_TASK_GRACE_SECONDS": "5",
@@ -299,8 +306,58 @@ class Operator:
         return ""
 
     def get(self, path: str) -> Any:
-        with urllib.request.urlopen(f"{self.api}{path}", timeout=10) as r:
+        """GET a public API path with :attr:`token` (when set)."""
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        request = urllib.request.Request(f"{self.api}{path}", headers=headers)
+        with urllib.request.urlopen(request, timeout=10) as r:
             return json.loads(r.read())
+
+
+#: What the e2e tests' token may do: read every kubetask resource in the cluster.
+READER_RULES = [
+    {"apiGroups": [GROUP], "resources": ["runs", "tasks", "queues"], "verbs": ["get", "list", "watch"]}
+]
+
+
+@contextlib.contextmanager
+def service_account_token(
+    stack: Stack, ns: str, name: str, *, cluster_rules: list[dict[str, Any]] | None = None
+) -> Iterator[str]:
+    """A token of a new ServiceAccount ``ns/name`` (TokenRequest API, valid for a day), bound
+    to a ClusterRole with ``cluster_rules`` cluster-wide when given; all removed at the end."""
+    stack.core.create_namespaced_service_account(ns, {"metadata": {"name": name}})
+    rbac = client.RbacAuthorizationV1Api()
+    role = f"{ns}-{name}"
+    if cluster_rules is not None:
+        rbac.create_cluster_role({"metadata": {"name": role}, "rules": cluster_rules})
+        rbac.create_cluster_role_binding(
+            {
+                "metadata": {"name": role},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+                "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ns}],
+            }
+        )
+    try:
+        yield token_for(stack, ns, name)
+    finally:
+        if cluster_rules is not None:
+            with contextlib.suppress(ApiException):
+                rbac.delete_cluster_role_binding(role)
+            with contextlib.suppress(ApiException):
+                rbac.delete_cluster_role(role)
+        with contextlib.suppress(ApiException):
+            stack.core.delete_namespaced_service_account(name, ns)
+
+
+def token_for(stack: Stack, ns: str, service_account: str, seconds: int = 86_400) -> str:
+    """``kubectl create token``: a bound token of the ServiceAccount, from the TokenRequest API."""
+    body = {
+        "apiVersion": "authentication.k8s.io/v1",
+        "kind": "TokenRequest",
+        "spec": {"expirationSeconds": seconds},
+    }
+    out = stack.core.create_namespaced_service_account_token(service_account, ns, body)
+    return str(out.status.token)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from kubetask.api import make_app
+from kubetask.kube import Kube
 from kubetask.protocol import MAX_LOG_MESSAGE_BYTES, MAX_OUTPUT_BYTES, TRUNCATED
 from kubetask.settings import Settings
 from kubetask.store.tables import Attempt, LogLine, Run
@@ -27,11 +28,38 @@ pytestmark = [pytest.mark.db, pytest.mark.asyncio(loop_scope="session")]
 Sessions = async_sessionmaker[AsyncSession]
 
 
+class Listeners:
+    """Both listeners of one operator, as these tests call them: ``/runner/v1`` paths go to
+    the runner listener, the others to the public one, with a token that may read every
+    run (unless the request brings its own ``Authorization``)."""
+
+    def __init__(self, runner: TestClient[Any, Any], public: TestClient[Any, Any], token: str) -> None:
+        self.runner, self.public, self.token = runner, public, token
+
+    def _pick(self, path: str, kwargs: dict[str, Any]) -> TestClient[Any, Any]:
+        if path.startswith("/runner/"):
+            return self.runner
+        kwargs["headers"] = {"Authorization": f"Bearer {self.token}", **(kwargs.get("headers") or {})}
+        return self.public
+
+    async def get(self, path: str, **kwargs: Any) -> Any:
+        return await self._pick(path, kwargs).get(path, **kwargs)
+
+    async def post(self, path: str, **kwargs: Any) -> Any:
+        return await self._pick(path, kwargs).post(path, **kwargs)
+
+    async def delete(self, path: str, **kwargs: Any) -> Any:
+        return await self._pick(path, kwargs).delete(path, **kwargs)
+
+    def make_url(self, path: str) -> Any:
+        return self.public.make_url(path)
+
+
 @pytest_asyncio.fixture(loop_scope="session")
-async def client(sessions: Sessions) -> AsyncIterator[TestClient[Any, Any]]:
-    app = make_app(sessions=sessions, settings=Settings())
-    async with TestClient(TestServer(app)) as c:
-        yield c
+async def client(sessions: Sessions, kube: Kube, reader_token: str) -> AsyncIterator[Listeners]:
+    apps = make_app(sessions=sessions, settings=Settings(), kube=kube)
+    async with TestClient(TestServer(apps.runner)) as runner, TestClient(TestServer(apps.public)) as public:
+        yield Listeners(runner, public, reader_token)
 
 
 def _id(prefix: str = "run") -> str:
@@ -94,9 +122,7 @@ async def error_of(resp: Any, status: int) -> dict[str, str]:
 # ---- runner: auth and payload ---------------------------------------------------------
 
 
-async def test_attempt_returns_the_payload_and_marks_the_start(
-    client: TestClient[Any, Any], sessions: Sessions
-) -> None:
+async def test_attempt_returns_the_payload_and_marks_the_start(client: Listeners, sessions: Sessions) -> None:
     run, token = await running(sessions, tags=["a", "b"], payload={"n": 1, "nested": {"x": [1, 2]}})
     resp = await client.get("/runner/v1/attempt", headers=auth(token))
     assert resp.status == 200, await resp.text()
@@ -115,7 +141,7 @@ async def test_attempt_returns_the_payload_and_marks_the_start(
         assert await s.scalar(select(Attempt.started_at).where(Attempt.run_id == run.id)) == started
 
 
-async def test_missing_and_wrong_tokens_are_refused(client: TestClient[Any, Any], sessions: Sessions) -> None:
+async def test_missing_and_wrong_tokens_are_refused(client: Listeners, sessions: Sessions) -> None:
     await running(sessions)
     err = await error_of(await client.get("/runner/v1/attempt"), 401)
     assert err["code"] == "missing_token" and "Authorization: Bearer" in err["message"]
@@ -127,9 +153,7 @@ async def test_missing_and_wrong_tokens_are_refused(client: TestClient[Any, Any]
     assert (await error_of(resp, 401))["code"] == "invalid_token"
 
 
-async def test_tokens_of_finished_or_old_attempts_are_refused(
-    client: TestClient[Any, Any], sessions: Sessions
-) -> None:
+async def test_tokens_of_finished_or_old_attempts_are_refused(client: Listeners, sessions: Sessions) -> None:
     run, token = await running(sessions)
     async with sessions() as s, s.begin():
         attempt = await s.get(Attempt, (run.id, 1))
@@ -160,9 +184,7 @@ async def test_tokens_of_finished_or_old_attempts_are_refused(
 # ---- runner: logs ---------------------------------------------------------------------
 
 
-async def test_logs_are_stored_and_read_back_in_order(
-    client: TestClient[Any, Any], sessions: Sessions
-) -> None:
+async def test_logs_are_stored_and_read_back_in_order(client: Listeners, sessions: Sessions) -> None:
     run, token = await running(sessions)
     batches = [
         [
@@ -208,7 +230,7 @@ async def test_logs_are_stored_and_read_back_in_order(
     assert other == {"items": [], "next": None}
 
 
-async def test_log_limits(client: TestClient[Any, Any], sessions: Sessions) -> None:
+async def test_log_limits(client: Listeners, sessions: Sessions) -> None:
     run, token = await running(sessions)
     too_many = {"lines": [{"message": "x"}] * 1001}
     err = await error_of(await client.post("/runner/v1/logs", headers=auth(token), json=too_many), 413)
@@ -243,7 +265,7 @@ async def test_log_limits(client: TestClient[Any, Any], sessions: Sessions) -> N
 # ---- runner: results ------------------------------------------------------------------
 
 
-async def test_complete_stores_the_output_once(client: TestClient[Any, Any], sessions: Sessions) -> None:
+async def test_complete_stores_the_output_once(client: Listeners, sessions: Sessions) -> None:
     run, token = await running(sessions)
     output = {"greeting": "héllo", "n": [1, 2, 3]}
     resp = await client.post(
@@ -267,7 +289,7 @@ async def test_complete_stores_the_output_once(client: TestClient[Any, Any], ses
     assert detail["output"] == output and detail["hasOutput"] is True
 
 
-async def test_complete_failure_and_falsy_outputs(client: TestClient[Any, Any], sessions: Sessions) -> None:
+async def test_complete_failure_and_falsy_outputs(client: Listeners, sessions: Sessions) -> None:
     run, token = await running(sessions)
     body = {
         "status": "failed",
@@ -302,7 +324,7 @@ async def test_complete_failure_and_falsy_outputs(client: TestClient[Any, Any], 
     assert "error" in (await error_of(resp, 400))["message"]
 
 
-async def test_output_over_10_mib_is_refused(client: TestClient[Any, Any], sessions: Sessions) -> None:
+async def test_output_over_10_mib_is_refused(client: Listeners, sessions: Sessions) -> None:
     run, token = await running(sessions)
     big = {"status": "succeeded", "output": "x" * (MAX_OUTPUT_BYTES + 10)}
     err = await error_of(await client.post("/runner/v1/complete", headers=auth(token), json=big), 413)
@@ -345,7 +367,7 @@ async def _thirty_runs(sessions: Sessions) -> tuple[str, list[Run]]:
     return ns, runs
 
 
-async def _list(client: TestClient[Any, Any], params: Any) -> list[dict[str, Any]]:
+async def _list(client: Listeners, params: Any) -> list[dict[str, Any]]:
     resp = await client.get("/api/v1/runs", params=params)
     assert resp.status == 200, await resp.text()
     body = await resp.json()
@@ -353,7 +375,7 @@ async def _list(client: TestClient[Any, Any], params: Any) -> list[dict[str, Any
     return list(body["items"])
 
 
-async def test_runs_pagination(client: TestClient[Any, Any], sessions: Sessions) -> None:
+async def test_runs_pagination(client: Listeners, sessions: Sessions) -> None:
     ns, runs = await _thirty_runs(sessions)
     seen: list[str] = []
     cursor = None
@@ -382,7 +404,7 @@ async def test_runs_pagination(client: TestClient[Any, Any], sessions: Sessions)
     assert len(page["items"]) == 30 and page["nextCursor"] is None  # default limit 50
 
 
-async def test_runs_filters(client: TestClient[Any, Any], sessions: Sessions) -> None:
+async def test_runs_filters(client: Listeners, sessions: Sessions) -> None:
     ns, runs = await _thirty_runs(sessions)
 
     def ids(pred: Any) -> list[str]:
@@ -411,7 +433,7 @@ async def test_runs_filters(client: TestClient[Any, Any], sessions: Sessions) ->
     assert await got(namespace="elsewhere") == [r.id for r in runs]  # namespaces OR together
 
 
-async def test_runs_bad_queries(client: TestClient[Any, Any]) -> None:
+async def test_runs_bad_queries(client: Listeners) -> None:
     err = await error_of(await client.get("/api/v1/runs", params={"since": "yesterday"}), 400)
     assert err["code"] == "invalid_time" and "'yesterday'" in err["message"] and "24h" in err["message"]
     err = await error_of(await client.get("/api/v1/runs", params={"until": "3x"}), 400)
@@ -427,12 +449,12 @@ async def test_runs_bad_queries(client: TestClient[Any, Any]) -> None:
     assert err["code"] == "unknown_parameter" and "'status'" in err["message"] and "phase" in err["message"]
 
 
-async def test_run_detail_and_unknown_runs(client: TestClient[Any, Any], sessions: Sessions) -> None:
+async def test_run_detail_and_unknown_runs(client: Listeners, sessions: Sessions) -> None:
     run = await add_run(sessions, attempt=2, phase="Retrying", error={"type": "E", "message": "m"})
     await add_attempt(sessions, run.id, 2, exit_code=None)
     await add_attempt(sessions, run.id, 1, exit_code=1, reason="TaskFailed", finished_at=datetime.now(UTC))
     detail = await (await client.get(f"/api/v1/runs/{run.id}")).json()
-    assert detail["payload"] == {"who": "world"} and detail["hasOutput"] is False and "output" not in detail
+    assert detail["payload"] == {"who": "world"} and detail["hasOutput"] is False and detail["output"] is None
     assert detail["error"] == {"type": "E", "message": "m"}
     assert [a["number"] for a in detail["attempts"]] == [1, 2]
     one = detail["attempts"][0]
@@ -449,7 +471,7 @@ async def test_run_detail_and_unknown_runs(client: TestClient[Any, Any], session
     assert err["code"] == "method_not_allowed"
 
 
-async def test_health_and_metrics(client: TestClient[Any, Any]) -> None:
+async def test_health_and_metrics(client: Listeners) -> None:
     resp = await client.get("/healthz")
     assert resp.status == 200 and await resp.text() == "ok"
     resp = await client.get("/metrics")
@@ -468,7 +490,8 @@ async def cli(*args: str) -> Any:
     return await asyncio.to_thread(CliRunner().invoke, app, list(args), env={"COLUMNS": "250"})
 
 
-async def test_cli_runs_commands(client: TestClient[Any, Any], sessions: Sessions) -> None:
+@pytest.mark.skip(reason="the CLI sends no token yet; issue 8 item 6 (the CLI) authenticates it")
+async def test_cli_runs_commands(client: Listeners, sessions: Sessions) -> None:
     url = str(client.make_url("")).rstrip("/")
     ns, runs = await _thirty_runs(sessions)
     result = await cli(

@@ -13,14 +13,16 @@ import json
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
-from aiohttp import web
+from aiohttp import ClientConnectionError, web
 from aiohttp.typedefs import Handler
+from kubernetes_asyncio.client.rest import ApiException
 from prometheus_client import Counter, Histogram
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from kubetask.apimodels import request_problem
 from kubetask.protocol import ErrorDetail, ErrorResponse, problem
 
 log = logging.getLogger("kubetask.api")
@@ -96,6 +98,18 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
             message = e.text or e.reason
         headers = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
         return error_response(e.status, _HTTP_CODES.get(e.status, "http_error"), message, headers)
+    except ApiException as e:  # the Kubernetes API server, where a handler did not expect it
+        found = kube_error(e, f"serve {request.method} {request.path}")
+        status = found.status
+        return error_response(found.status, found.code, found.message)
+    except ClientConnectionError as e:
+        status = 503
+        log.warning(
+            "kubernetes API server unreachable while serving %s %s: %r", request.method, request.path, e
+        )
+        return error_response(
+            503, "kubernetes_unavailable", "the Kubernetes API server does not answer; retry later"
+        )
     except (OperationalError, InterfaceError) as e:
         status = 503
         log.warning("database unavailable while serving %s %s: %s", request.method, request.path, e)
@@ -134,3 +148,46 @@ async def read_json(request: web.Request, limit: int, too_large: str) -> Any:
         return json.loads(body, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as e:
         bad("invalid_json", f"the request body is not valid UTF-8 JSON: {e}")
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+async def read_model(request: web.Request, model: type[M], limit: int) -> M:
+    """The body as ``model`` (at most ``limit`` bytes); a problem names the field
+    (:func:`kubetask.apimodels.request_problem`)."""
+    body = await read_json(
+        request, limit, f"the request body is larger than {limit} bytes; docs/api.md lists the limits"
+    )
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        found = request_problem(exc)
+        raise ApiError(found.status, found.code, found.message) from None
+
+
+def kube_error(e: ApiException, what: str) -> ApiError:
+    """An error of the Kubernetes API server while the operator did ``what`` for a caller."""
+    try:
+        message = str(json.loads(e.body or b"{}").get("message") or e.reason)
+    except (TypeError, ValueError, AttributeError):
+        message = str(e.reason)
+    if e.status == 422:
+        return ApiError(400, "invalid_body", f"the Kubernetes API server refused to {what}: {message}")
+    if e.status == 403:
+        log.error("the operator may not %s: %s", what, message)
+        return ApiError(
+            500,
+            "operator_forbidden",
+            f"the operator's ServiceAccount may not {what} (its RBAC is incomplete; the Helm chart grants it)",
+        )
+    if e.status == 404:
+        return ApiError(404, "not_found", f"cannot {what}: {message}")
+    if e.status == 409:
+        return ApiError(409, "conflict", f"cannot {what}: {message}")
+    log.warning("kubernetes API error while trying to %s: %s %s", what, e.status, message)
+    return ApiError(
+        503,
+        "kubernetes_unavailable",
+        f"cannot {what}: the Kubernetes API server answered {e.status}; retry later",
+    )

@@ -1,4 +1,7 @@
-"""The runner endpoints (``/runner/v1``): what an attempt pod asks for and reports.
+"""The runner endpoints (``/runner/v1``): what an attempt pod asks for and reports. They
+are served on their own listener (``runner_api_port``) with their own small database pool
+(:func:`kubetask.api.server.make_runner_app`), so a NetworkPolicy can give attempt pods
+this port only, and log ingestion cannot take the connections the reconciler needs.
 
 Requests are authenticated with the attempt's bearer token. Only its SHA-256 digest is
 stored (``attempts.token_hash``); the token is valid while its attempt is the run's
@@ -9,8 +12,10 @@ Bodies and answers are the models of :mod:`kubetask.protocol`, which the runner 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -44,7 +49,15 @@ from kubetask.store.tables import Attempt, LogLine, Run
 
 MAX_TOKEN_CHARS = 4096
 
-LOG_LINES = Counter("kubetask_api_log_lines_total", "Log lines attempt pods sent to the API.")
+LOG_LINES = Counter("kubetask_api_log_lines_total", "Log lines attempt pods sent to the API (stored).")
+LOG_LINES_DROPPED = Counter(
+    "kubetask_api_log_lines_dropped_total", "Log lines dropped because their run reached its log limit."
+)
+#: How long a log batch waits for a database connection before it is refused (429).
+LOG_WAIT_SECONDS = 5.0
+
+LOG_WRITERS: web.AppKey[asyncio.Semaphore] = web.AppKey("log_writers", asyncio.Semaphore)
+LOG_BUDGET: web.AppKey[LogBudget] = web.AppKey("log_budget")
 RESULTS = Counter("kubetask_api_results_total", "Results attempt pods reported.", ["status"])
 
 
@@ -139,38 +152,113 @@ async def get_attempt(request: web.Request) -> web.Response:
     return web.json_response(answer.model_dump(by_alias=True))
 
 
+class LogBudget:
+    """How many log bytes each run may still store (``max_log_bytes_per_run``), counted
+    by this process: the first batch of a run reads what is stored already, later ones
+    count what they add. Several replicas each count their own share, so the limit holds
+    per replica. Past the limit, lines are dropped and one line says so."""
+
+    def __init__(self, limit: int, *, max_runs: int = 10_000) -> None:
+        self.limit = limit
+        self._max_runs = max_runs
+        self._used: OrderedDict[str, int] = OrderedDict()
+        self._marked: set[str] = set()
+
+    async def take(self, session: AsyncSession, run_id: str, sizes: list[int]) -> tuple[int, bool]:
+        """How many of the lines (their sizes, in order) fit, and whether the "limit
+        reached" line must be added now (once per run)."""
+        if self.limit <= 0:
+            return len(sizes), False
+        if run_id not in self._used:
+            stored = await session.scalar(
+                select(func.coalesce(func.sum(func.octet_length(LogLine.message)), 0)).where(
+                    LogLine.run_id == run_id
+                )
+            )
+            self._used.setdefault(run_id, int(stored or 0))
+            while len(self._used) > self._max_runs:
+                old, _ = self._used.popitem(last=False)
+                self._marked.discard(old)
+        self._used.move_to_end(run_id)
+        used, kept = self._used[run_id], 0
+        for size in sizes:
+            if used + size > self.limit:
+                break
+            used, kept = used + size, kept + 1
+        self._used[run_id] = used
+        mark = kept < len(sizes) and run_id not in self._marked
+        if mark:
+            self._marked.add(run_id)
+        return kept, mark
+
+
 async def post_logs(request: web.Request) -> web.Response:
-    """``POST /runner/v1/logs``: store a batch of log lines, in order."""
+    """``POST /runner/v1/logs``: store a batch of log lines, in order.
+
+    Log writes may use all but one of the runner listener's database connections (a
+    semaphore), so an attempt's fetch and result are never queued behind a flood of logs;
+    a batch that waits longer than :data:`LOG_WAIT_SECONDS` for one is refused with 429
+    (the runner retries it). Past the run's byte budget, lines are dropped (204 all the
+    same, with ``X-Kubetask-Log-Lines-Dropped``)."""
     token = _bearer(request)
     body = await read_json(
         request,
         MAX_LOGS_BODY_BYTES,
         f"the log batch is larger than {MAX_LOGS_BODY_BYTES // MiB} MiB; send fewer lines per request",
     )
-    async with request.app[SESSIONS]() as session, session.begin():
-        caller = await _authenticate(session, token)
-        try:
-            batch = LogBatch.model_validate(body)
-        except ValidationError as exc:
-            raise ApiError.invalid(exc) from None
-        now = datetime.now(UTC)
-        rows = [
-            {
-                "run_id": caller.run_id,
-                "attempt": caller.attempt,
-                "ts": line.ts or now,
-                "level": line.level,
-                "stream": line.stream,
-                "message": line.message,
-            }
-            for line in batch.lines
-        ]
-        if rows:
-            try:
-                await session.execute(insert(LogLine).values(rows))
-            except IntegrityError:  # the run was deleted meanwhile
-                raise ApiError(401, "run_deleted", f"run {caller.run_id} no longer exists") from None
-    LOG_LINES.inc(len(rows))
+    try:
+        batch = LogBatch.model_validate(body)
+    except ValidationError as exc:
+        raise ApiError.invalid(exc) from None
+    gate = request.app[LOG_WRITERS]
+    try:
+        async with asyncio.timeout(LOG_WAIT_SECONDS):
+            await gate.acquire()
+    except TimeoutError:
+        raise ApiError(429, "too_many_requests", "the API is busy storing logs; retry in a second") from None
+    try:
+        async with request.app[SESSIONS]() as session, session.begin():
+            caller = await _authenticate(session, token)
+            sizes = [len(line.message.encode()) for line in batch.lines]
+            kept, mark = await request.app[LOG_BUDGET].take(session, caller.run_id, sizes)
+            now = datetime.now(UTC)
+            rows = [
+                {
+                    "run_id": caller.run_id,
+                    "attempt": caller.attempt,
+                    "ts": line.ts or now,
+                    "level": line.level,
+                    "stream": line.stream,
+                    "message": line.message,
+                }
+                for line in batch.lines[:kept]
+            ]
+            if mark:
+                limit = request.app[LOG_BUDGET].limit
+                rows.append(
+                    {
+                        "run_id": caller.run_id,
+                        "attempt": caller.attempt,
+                        "ts": now,
+                        "level": "WARNING",
+                        "stream": "log",
+                        "message": f"[kubetask] this run reached its log limit ({limit // MiB} MiB, "
+                        "max_log_bytes_per_run); further lines are dropped (kubectl logs still shows "
+                        "them while the pod exists)",
+                    }
+                )
+            if rows:
+                try:
+                    await session.execute(insert(LogLine).values(rows))
+                except IntegrityError:  # the run was deleted meanwhile
+                    raise ApiError(401, "run_deleted", f"run {caller.run_id} no longer exists") from None
+    finally:
+        gate.release()
+    LOG_LINES.inc(kept)
+    dropped = len(batch.lines) - kept
+    if dropped:
+        LOG_LINES_DROPPED.inc(dropped)
+        return web.Response(status=204, headers={"X-Kubetask-Log-Lines-Dropped": str(dropped)})
     return web.Response(status=204)
 
 

@@ -1,29 +1,38 @@
-"""The public read-only endpoints (``/api/v1``): runs, one run, a run's logs.
+"""Reading runs (``/api/v1/runs``): the list, one run, a run's logs (paged or followed),
+and the filters the bulk actions share with the list.
 
-They have no authentication yet: serve them only inside the cluster network, behind a
-NetworkPolicy that admits the clients you trust (and the attempt pods, which need
-``/runner/v1``). Query parameters are checked strictly (an unknown one is an error), so
-a typo does not silently widen a query. Every time is ISO-8601 UTC with a ``Z``.
+Reading needs ``get`` (one run, its logs) or ``list`` (the list) on ``runs.kubetask.dev``
+in the run's namespace (:mod:`kubetask.api.auth`). A list without ``namespace`` covers
+every namespace the caller may list runs in. Query parameters are checked strictly (an
+unknown one is an error), so a typo does not silently widen a query. Every time is
+ISO-8601 UTC with a ``Z``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
-from sqlalchemy import ColumnElement, select, tuple_
+from pydantic import BaseModel
+from sqlalchemy import ColumnElement, Select, select, tuple_
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from kubetask.api.auth import REVIEWER, Permission, TtlCache, authenticate, authorize
 from kubetask.api.errors import ApiError, bad
 from kubetask.api.state import SESSIONS
+from kubetask.apimodels import TERMINAL_PHASES, LogLine, LogPage, LogStreamEnd, RunDetail, RunList
 from kubetask.engine.machine import Phase
 from kubetask.store.runs import attempt_view, iso
-from kubetask.store.tables import Attempt, LogLine, Run
+from kubetask.store.tables import Attempt, Run
+from kubetask.store.tables import LogLine as LogLineRow
 
 RUNS_LIMIT_DEFAULT, RUNS_LIMIT_MAX = 50, 500
 LOGS_LIMIT_DEFAULT, LOGS_LIMIT_MAX = 1000, 5000
@@ -98,17 +107,7 @@ def _phases(request: web.Request) -> list[str]:
 
 
 def _time_param(request: web.Request, name: str, now: datetime) -> datetime | None:
-    raw = _one(request, name)
-    if raw is None or raw.strip() == "":
-        return None
-    try:
-        return parse_time(raw, now=now)
-    except ValueError:
-        bad(
-            "invalid_time",
-            f"{name}={raw!r} is neither an ISO-8601 time (e.g. 2024-05-01T12:00:00Z) nor a relative "
-            "duration like 30m, 24h or 7d",
-        )
+    return parse_time_field(name, _one(request, name), now)
 
 
 # ---- cursors ----------------------------------------------------------------------------
@@ -134,6 +133,100 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     return created, run_id
 
 
+# ---- filters (the list and the bulk actions) -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunFilter:
+    """Which runs: each given filter must match; a list matches any of its values, tags
+    must all be present."""
+
+    tasks: Sequence[str] = ()
+    phases: Sequence[str] = ()
+    tags: Sequence[str] = ()
+    namespaces: Sequence[str] = ()
+    since: datetime | None = None
+    until: datetime | None = None
+
+    def conditions(self) -> list[ColumnElement[bool]]:
+        out: list[ColumnElement[bool]] = []
+        if self.tasks:
+            out.append(Run.task.in_(self.tasks))
+        if self.namespaces:
+            out.append(Run.namespace.in_(self.namespaces))
+        if self.phases:
+            out.append(Run.phase.in_(self.phases))
+        if self.tags:
+            out.append(Run.tags.contains(list(self.tags)))  # tags @> '["a", "b"]': all of them
+        if self.since is not None:
+            out.append(Run.created_at >= self.since)
+        if self.until is not None:
+            out.append(Run.created_at < self.until)
+        return out
+
+
+def parse_time_field(name: str, raw: str | None, now: datetime) -> datetime | None:
+    """``since``/``until`` as the list takes them; ``400 invalid_time`` naming the value."""
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        return parse_time(raw, now=now)
+    except ValueError:
+        bad(
+            "invalid_time",
+            f"{name}={raw!r} is neither an ISO-8601 time (e.g. 2024-05-01T12:00:00Z) nor a relative "
+            "duration like 30m, 24h or 7d",
+        )
+
+
+#: How long the set of namespaces that have runs is reused (a list without ``namespace``
+#: asks one SubjectAccessReview per such namespace).
+RUN_NAMESPACES_TTL_SECONDS = 30.0
+
+
+class RunNamespaces:
+    """The namespaces that have runs, read at most every :data:`RUN_NAMESPACES_TTL_SECONDS`."""
+
+    def __init__(self) -> None:
+        self._cache: TtlCache[str, frozenset[str]] = TtlCache(max_entries=1)
+
+    async def get(self, sessions: async_sessionmaker[AsyncSession]) -> frozenset[str]:
+        async def read() -> frozenset[str]:
+            async with sessions() as s:
+                return frozenset((await s.execute(select(Run.namespace).distinct())).scalars())
+
+        return await self._cache.get_or_compute("all", read, lambda _: RUN_NAMESPACES_TTL_SECONDS)
+
+
+RUN_NAMESPACES: web.AppKey[RunNamespaces] = web.AppKey("run_namespaces", RunNamespaces)
+
+
+@dataclass(frozen=True)
+class Scope:
+    """The namespaces a caller may act in: ``None`` is every namespace; ``denied`` are
+    namespaces with runs that the caller may not act in."""
+
+    namespaces: frozenset[str] | None
+    denied: frozenset[str] = frozenset()
+
+
+async def scope(request: web.Request, verb: str, asked: Sequence[str]) -> Scope:
+    """Where the caller may ``verb`` runs: the ``asked`` namespaces (403 naming the first one
+    that is not allowed), or without any, every namespace they may (one review for the
+    whole cluster, else one per namespace that has runs)."""
+    if asked:
+        for ns in sorted(set(asked)):
+            await authorize(request, verb, "runs", ns)
+        return Scope(frozenset(asked))
+    user = await authenticate(request)
+    reviewer = request.app[REVIEWER]
+    if await reviewer.allowed(user, Permission(verb, "runs")):
+        return Scope(None)
+    known = await request.app[RUN_NAMESPACES].get(request.app[SESSIONS])
+    allowed = await reviewer.allowed_namespaces(user, verb, "runs", known)
+    return Scope(frozenset(allowed), frozenset(known - allowed))
+
+
 # ---- endpoints --------------------------------------------------------------------------
 
 _SUMMARY = (
@@ -144,7 +237,8 @@ _SUMMARY = (
 
 
 def run_summary(run: Any) -> dict[str, Any]:
-    """The summary of a run; ``run`` is a :class:`Run` or a row of ``_SUMMARY``."""
+    """The summary of a run (:class:`~kubetask.apimodels.RunSummary` on the wire); ``run`` is
+    a :class:`Run` or a row of ``_SUMMARY``."""
     return {
         "id": run.id,
         "namespace": run.namespace,
@@ -168,28 +262,34 @@ def run_summary(run: Any) -> dict[str, Any]:
     }
 
 
+def reply(model: BaseModel, status: int = 200) -> web.Response:
+    """A model as the JSON body (camelCase)."""
+    return web.json_response(model.model_dump(by_alias=True, mode="json"), status=status)
+
+
 async def list_runs(request: web.Request) -> web.Response:
-    """``GET /api/v1/runs``: runs, newest first, one keyset page at a time."""
+    """``GET /api/v1/runs``: runs, newest first, one keyset page at a time (``list runs``)."""
     _check_params(request, ("task", "phase", "tag", "namespace", "since", "until", "limit", "cursor"))
     now = datetime.now(UTC)
-    conditions: list[ColumnElement[bool]] = []
-    if tasks := _values(request, "task"):
-        conditions.append(Run.task.in_(tasks))
-    if namespaces := _values(request, "namespace"):
-        conditions.append(Run.namespace.in_(namespaces))
-    if phases := _phases(request):
-        conditions.append(Run.phase.in_(phases))
-    if tags := [t for t in request.query.getall("tag", []) if t]:
-        conditions.append(Run.tags.contains(tags))  # tags @> '["a", "b"]': all of them
-    if (since := _time_param(request, "since", now)) is not None:
-        conditions.append(Run.created_at >= since)
-    if (until := _time_param(request, "until", now)) is not None:
-        conditions.append(Run.created_at < until)
+    filters = RunFilter(
+        tasks=_values(request, "task"),
+        phases=_phases(request),
+        tags=[t for t in request.query.getall("tag", []) if t],
+        since=_time_param(request, "since", now),
+        until=_time_param(request, "until", now),
+    )
     limit = _int_param(request, "limit", default=RUNS_LIMIT_DEFAULT, low=1, high=RUNS_LIMIT_MAX)
     assert limit is not None
-    if cursor := _one(request, "cursor"):
-        created, run_id = decode_cursor(cursor)
-        conditions.append(tuple_(Run.created_at, Run.id) < tuple_(created, run_id))
+    cursor = _one(request, "cursor")
+    position = decode_cursor(cursor) if cursor else None
+    allowed = await scope(request, "list", _values(request, "namespace"))
+    if allowed.namespaces is not None and not allowed.namespaces:
+        return reply(RunList(items=[], next_cursor=None))
+    conditions = RunFilter(
+        **{**filters.__dict__, "namespaces": sorted(allowed.namespaces or ())}
+    ).conditions()
+    if position is not None:
+        conditions.append(tuple_(Run.created_at, Run.id) < tuple_(*position))
     stmt = (
         select(*_SUMMARY).where(*conditions).order_by(Run.created_at.desc(), Run.id.desc()).limit(limit + 1)
     )
@@ -197,62 +297,109 @@ async def list_runs(request: web.Request) -> web.Response:
         rows = (await session.execute(stmt)).all()
     page = rows[:limit]
     next_cursor = encode_cursor(page[-1].created_at, page[-1].id) if len(rows) > limit else None
-    return web.json_response({"items": [run_summary(r) for r in page], "nextCursor": next_cursor})
+    return reply(RunList.model_validate({"items": [run_summary(r) for r in page], "nextCursor": next_cursor}))
 
 
-def _not_found(run_id: str) -> ApiError:
+def not_found(run_id: str) -> ApiError:
     return ApiError(404, "run_not_found", f"no run with id {run_id!r}; `kubetask runs list` shows run ids")
 
 
-async def get_run(request: web.Request) -> web.Response:
-    """``GET /api/v1/runs/{id}``: one run with its payload, output and attempts."""
-    _check_params(request, ())
+async def find_run(request: web.Request, verb: str) -> Run:
+    """The run of the path's ``{id}`` (404), if the caller may ``verb`` runs in its namespace
+    (401/403). The caller is authenticated first, so an anonymous caller learns nothing."""
+    await authenticate(request)
     run_id = request.match_info["id"]
     async with request.app[SESSIONS]() as session:
         run = await session.get(Run, run_id) if len(run_id) <= 40 else None
-        if run is None:
-            raise _not_found(run_id)
+    if run is None:
+        raise not_found(run_id)
+    await authorize(request, verb, "runs", run.namespace)
+    return run
+
+
+async def get_run(request: web.Request) -> web.Response:
+    """``GET /api/v1/runs/{id}``: one run with its payload, output and attempts (``get runs``)."""
+    _check_params(request, ())
+    run = await find_run(request, "get")
+    async with request.app[SESSIONS]() as session:
         attempts = (
-            await session.execute(select(Attempt).where(Attempt.run_id == run_id).order_by(Attempt.number))
+            await session.execute(select(Attempt).where(Attempt.run_id == run.id).order_by(Attempt.number))
         ).scalars()
         body = run_summary(run)
-        body["payload"] = run.payload
+        body["payload"] = run.payload or {}
         body["hasOutput"] = run.has_output
         body["outputBytes"] = run.output_bytes
-        if run.has_output:
-            body["output"] = run.output
+        body["output"] = run.output if run.has_output else None
         body["attempts"] = [attempt_view(a, pod_key="podName") for a in attempts]
-    return web.json_response(body)
+    return reply(RunDetail.model_validate(body))
 
 
-async def get_logs(request: web.Request) -> web.Response:
-    """``GET /api/v1/runs/{id}/logs``: a run's log lines in the order they arrived."""
-    _check_params(request, ("attempt", "after", "limit"))
-    run_id = request.match_info["id"]
+#: How often ``follow`` looks for new lines and the run's end.
+FOLLOW_POLL_SECONDS = 1.0
+
+
+def _log_line(line: LogLineRow) -> LogLine:
+    return LogLine(
+        id=line.id,
+        attempt=line.attempt,
+        ts=iso(line.ts) or "",
+        level=line.level,
+        stream=line.stream,
+        message=line.message,
+    )
+
+
+async def get_logs(request: web.Request) -> web.StreamResponse:
+    """``GET /api/v1/runs/{id}/logs``: a run's log lines in the order they arrived (``get
+    runs``); with ``follow=true``, NDJSON lines as they arrive until the run ends."""
+    _check_params(request, ("attempt", "after", "limit", "follow"))
     attempt = _int_param(request, "attempt", default=None, low=1, high=1_000_000)
     after = _int_param(request, "after", default=None, low=0, high=2**63 - 1)
     limit = _int_param(request, "limit", default=LOGS_LIMIT_DEFAULT, low=1, high=LOGS_LIMIT_MAX)
-    stmt = select(LogLine).where(LogLine.run_id == run_id).order_by(LogLine.id).limit(limit)
-    if attempt is not None:
-        stmt = stmt.where(LogLine.attempt == attempt)
-    if after is not None:
-        stmt = stmt.where(LogLine.id > after)
-    async with request.app[SESSIONS]() as session:
-        exists = (
-            len(run_id) <= 40 and (await session.scalar(select(Run.id).where(Run.id == run_id))) is not None
-        )
-        if not exists:
-            raise _not_found(run_id)
-        lines = (await session.execute(stmt)).scalars().all()
-    items = [
-        {
-            "id": line.id,
-            "attempt": line.attempt,
-            "ts": iso(line.ts),
-            "level": line.level,
-            "stream": line.stream,
-            "message": line.message,
-        }
-        for line in lines
-    ]
-    return web.json_response({"items": items, "next": items[-1]["id"] if items else after})
+    assert limit is not None
+    follow = (_one(request, "follow") or "false").lower()
+    if follow not in ("true", "false", "1", "0"):
+        bad("invalid_parameter", f"follow must be true or false, got {follow!r}")
+    run = await find_run(request, "get")
+
+    def page(after: int | None) -> Select[LogLineRow]:
+        stmt = select(LogLineRow).where(LogLineRow.run_id == run.id).order_by(LogLineRow.id).limit(limit)
+        if attempt is not None:
+            stmt = stmt.where(LogLineRow.attempt == attempt)
+        if after is not None:
+            stmt = stmt.where(LogLineRow.id > after)
+        return stmt
+
+    if follow in ("false", "0"):
+        async with request.app[SESSIONS]() as session:
+            lines = (await session.execute(page(after))).scalars().all()
+        items = [_log_line(line) for line in lines]
+        return reply(LogPage(items=items, next=items[-1].id if items else after))
+
+    response = web.StreamResponse(
+        headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache"}
+    )
+    await response.prepare(request)
+    try:
+        while True:
+            async with request.app[SESSIONS]() as session:
+                # The phase first: lines that arrived before the run ended are read after it.
+                phase = await session.scalar(select(Run.phase).where(Run.id == run.id))
+                lines = (await session.execute(page(after))).scalars().all()
+            if lines:
+                after = lines[-1].id
+                await response.write(b"".join(_ndjson(_log_line(line)) for line in lines))
+                if len(lines) == limit:
+                    continue  # more are there already
+            if phase is None or phase in TERMINAL_PHASES:
+                await response.write(_ndjson(LogStreamEnd(phase=phase or run.phase)))
+                break
+            await asyncio.sleep(FOLLOW_POLL_SECONDS)
+        await response.write_eof()
+    except ConnectionResetError:  # the client went away
+        pass
+    return response
+
+
+def _ndjson(model: BaseModel) -> bytes:
+    return model.model_dump_json(by_alias=True).encode() + b"\n"
