@@ -296,3 +296,76 @@ async def test_reconcile_releases_slots_of_runs_that_no_longer_run(
     assert await admission.reconcile(live_runs=set()) >= 1
     q = await queue_row(sessions, queue)
     assert q.running == 1
+
+
+async def _join(
+    sessions: async_sessionmaker[AsyncSession], admission: Admission, queue: str, run_id: str, key: str
+) -> str:
+    """A run joins its queue as a transition does: the fast path first, else an entry.
+    Returns "granted" or "queued"."""
+    async with sessions.begin() as s:
+        s.add(
+            t.Run(
+                id=run_id,
+                namespace="ns",
+                name=run_id,
+                uid=run_id,
+                task="task",
+                queue=queue,
+                concurrency_key=key or None,
+                priority=0,
+                tags=[],
+                payload={},
+                phase="Queued",
+                attempt=0,
+                max_attempts=3,
+                reason="",
+                message="",
+            )
+        )
+        await s.flush()
+        async with admission.locked_queue(s, queue) as q:
+            run = (await s.execute(select(t.Run).where(t.Run.id == run_id).with_for_update())).scalar_one()
+            if await admission.grant_now(s, q, run=run, key=key, retry_for=retry_for) is not None:
+                return "granted"
+            await admission.enqueue(s, q, run_id=run_id, key=key, priority=0, arrival=0)
+            return "queued"
+
+
+async def test_a_run_joining_a_queue_with_room_and_nobody_waiting_is_granted_at_once(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    queue = "ns/fast"
+    admission = Admission(sessions)
+    await admission.configure(queue, QueueLimits(concurrency_limit=2, per_key_limit=1))
+    assert await _join(sessions, admission, queue, "f1", "a") == "granted"
+    # The key is at its per-key limit: queued, even though the queue has room.
+    assert await _join(sessions, admission, queue, "f2", "a") == "queued"
+    # Somebody waits now: a newcomer never passes them, whatever its key.
+    assert await _join(sessions, admission, queue, "f3", "b") == "queued"
+    async with sessions() as s:
+        run = await s.get(t.Run, "f1")
+        keys = {k.key: (k.running, k.queued) for k in (await s.execute(select(t.QueueKey))).scalars()}
+    assert run is not None and (run.phase, run.attempt) == (m.Phase.RUNNING, 1)
+    assert await admission.counts(queue) == (1, 2)
+    assert keys["a"] == (1, 1) and keys["b"] == (0, 1)
+    # The counters are the ones a full recount gives.
+    assert await admission.reconcile(live_runs=set()) == 0
+    assert await admission.counts(queue) == (1, 2)
+    # The normal cycle then serves "b" (its key has room), not "a".
+    [grant] = await admission.admit(queue, retry_for=retry_for)
+    assert grant.run_id == "f3"
+
+
+async def test_the_fast_path_respects_the_queue_limit_and_a_pause(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    queue = "ns/fast-limit"
+    admission = Admission(sessions)
+    await admission.configure(queue, QueueLimits(concurrency_limit=1))
+    assert await _join(sessions, admission, queue, "l1", "") == "granted"
+    assert await _join(sessions, admission, queue, "l2", "") == "queued"
+    paused = "ns/fast-paused"
+    await admission.configure(paused, QueueLimits(concurrency_limit=5, paused=True))
+    assert await _join(sessions, admission, paused, "p1", "") == "queued"
+    assert await admission.counts(queue) == (1, 1) and await admission.counts(paused) == (0, 1)

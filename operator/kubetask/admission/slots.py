@@ -215,6 +215,32 @@ class Admission:
         )
         self.statements += 1
 
+    async def grant_now(
+        self, s: AsyncSession, q: t.Queue, *, run: t.Run, key: str, retry_for: Callable[[t.Run], RetrySpec]
+    ) -> Grant | None:
+        """The fast path of a run joining its queue: when nobody is waiting in it and a
+        slot is free (queue and key), grant the run at once, in the caller's transaction
+        (queue row, then run row locked), instead of queueing it for the next cycle. Order
+        is kept: with nothing queued there is nobody to pass. None: queue it as usual."""
+        if q.paused or q.queued > 0:
+            return None
+        if q.concurrency_limit is not None and q.running >= q.concurrency_limit:
+            return None
+        served = q.grants + 1
+        upsert = pg_insert(t.QueueKey).values(
+            queue=q.name, key=key, running=1, queued=0, last_served=served, head_priority=run.priority
+        )
+        stmt = upsert.on_conflict_do_update(
+            index_elements=[t.QueueKey.queue, t.QueueKey.key],
+            set_={"running": t.QueueKey.running + 1, "last_served": served},
+            where=(t.QueueKey.running < q.per_key_limit) if q.per_key_limit is not None else None,
+        ).returning(t.QueueKey.running)
+        if (await s.execute(stmt)).scalar_one_or_none() is None:
+            return None  # the key is at its limit
+        self.statements += 1
+        q.grants = served
+        return await self._grant_locked(s, q, run=run, key=key, retry_for=retry_for)
+
     # ---- the admission cycle ------------------------------------------------------------
 
     async def admit(
@@ -289,6 +315,14 @@ class Admission:
                 .values(running=t.QueueKey.running - 1)
             )
             return None
+        return await self._grant_locked(s, q, run=run, key=key, retry_for=retry_for)
+
+    async def _grant_locked(
+        self, s: AsyncSession, q: t.Queue, *, run: t.Run, key: str, retry_for: Callable[[t.Run], RetrySpec]
+    ) -> Grant:
+        """Grant ``run`` (Queued, its row locked) a slot: move it to Running with its next
+        attempt, record the slot and the attempt. The key's counters are the caller's."""
+        run_id = run.id
         now = datetime.now(UTC)
         tr = step(load_state(run), SlotGranted(), now=now, retry=retry_for(run), rand=lambda: 0.0)
         state: RunState = tr.state

@@ -139,8 +139,11 @@ class Controller:
         if applied.wake_at is not None:
             self.timers.wake(applied.wake_at)
         self.status.touch(applied.run_id)
+        if applied.grant is not None:
+            self.attempts.tokens[(applied.run_id, applied.grant.attempt)] = applied.grant.token
         if (
-            tr.state.terminal
+            applied.grant is not None
+            or tr.state.terminal
             or applied.before.phase is m.Phase.RUNNING
             or any(isinstance(a, m.DeletePod) for a in tr.actions)
         ):

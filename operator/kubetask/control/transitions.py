@@ -20,6 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from kubetask.admission import Admission
+from kubetask.admission.slots import Grant
 from kubetask.control.timers import utcnow
 from kubetask.engine import machine as m
 from kubetask.spec import RetrySpec
@@ -40,6 +41,8 @@ class Applied:
     queue: str
     transition: m.Transition
     before: m.RunState
+    #: A slot granted in the same transaction (the queue had room and nobody waiting).
+    grant: Grant | None = None
 
     @property
     def admit(self) -> bool:
@@ -48,7 +51,9 @@ class Applied:
 
     @property
     def queue_changed(self) -> bool:
-        return any(isinstance(a, m.Enqueue | m.Dequeue | m.ReleaseSlot) for a in self.transition.actions)
+        return self.grant is not None or any(
+            isinstance(a, m.Enqueue | m.Dequeue | m.ReleaseSlot) for a in self.transition.actions
+        )
 
     @property
     def wake_at(self) -> datetime | None:
@@ -109,9 +114,24 @@ class Transitions:
             if tr.state == before and not tr.actions:
                 return None
             save_state(row, tr.state, now=now)
-            wake: datetime | None = None
+            # The run's timer follows its state, in the same UPDATE: a wait sets it, a
+            # finished run's is its TTL, a move clears it (a reconcile sets whatever else
+            # it needs later, e.g. a pod's start deadline; a grant sets its own).
+            if (wake := next((a.at for a in tr.actions if isinstance(a, m.WakeAt)), None)) is not None:
+                row.wake_at = wake
+            elif tr.state.terminal and not before.terminal:
+                ttl = self.ttl_for(row)
+                row.wake_at = now + timedelta(seconds=ttl) if ttl is not None else None
+            elif tr.state.phase != before.phase:
+                row.wake_at = None
+            grant: Grant | None = None
             for action in tr.actions:
                 if isinstance(action, m.Enqueue):
+                    grant = await self.admission.grant_now(
+                        s, q, run=row, key=row.concurrency_key or "", retry_for=self.retry_for
+                    )
+                    if grant is not None:
+                        continue  # admitted at once: it never waits in the queue
                     await self.admission.enqueue(
                         s,
                         q,
@@ -124,18 +144,9 @@ class Transitions:
                     await self.admission.dequeue(s, q, run_id=run_id)
                 elif isinstance(action, m.ReleaseSlot):
                     await self.admission.release(s, q, run_id=run_id)
-                elif isinstance(action, m.WakeAt):
-                    wake = action.at
-            # The run's timer follows its state, in the same UPDATE: a wait sets it, a
-            # finished run's is its TTL, a move clears it (a reconcile sets whatever else
-            # it needs later, e.g. a pod's start deadline).
-            if wake is not None:
-                row.wake_at = wake
-            elif tr.state.terminal and not before.terminal:
-                ttl = self.ttl_for(row)
-                row.wake_at = now + timedelta(seconds=ttl) if ttl is not None else None
-            elif tr.state.phase != before.phase:
-                row.wake_at = None
+            if grant is not None:
+                kept = tuple(a for a in tr.actions if not isinstance(a, m.Enqueue))
+                tr = m.Transition(load_state(row), (*kept, m.CreatePod(grant.attempt)))
             namespace, name = row.namespace, row.name
         if tr.state.phase != before.phase or tr.state.reason != before.reason:
             log.info(
@@ -148,6 +159,6 @@ class Transitions:
                 tr.state.reason,
                 tr.state.message,
             )
-        applied = Applied(run_id=run_id, queue=queue, transition=tr, before=before)
+        applied = Applied(run_id=run_id, queue=queue, transition=tr, before=before, grant=grant)
         self._committed(applied)
         return applied
