@@ -389,6 +389,7 @@ async def _bulk(
     *,
     unfinished_only: bool,
 ) -> web.StreamResponse:
+    user = await authenticate(request)  # before the body: an anonymous caller learns nothing
     body = await read_model(request, BulkRequest, 64 * 1024)
     now = datetime.now(UTC)
     filters = RunFilter(
@@ -399,7 +400,6 @@ async def _bulk(
         until=parse_time_field("until", body.until, now),
     )
     allowed = await scope(request, verb, body.namespace)
-    user = await authenticate(request)
     conditions = RunFilter(
         **{**filters.__dict__, "namespaces": sorted(allowed.namespaces or ())}
     ).conditions()
