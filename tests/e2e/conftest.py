@@ -12,7 +12,17 @@ from pathlib import Path
 import pytest
 
 from tests.databases import scratch_database
-from tests.e2e.harness import Operator, Stack, free_port, hack, hack_verbose, install_crds, namespace
+from tests.e2e.harness import (
+    READER_RULES,
+    Operator,
+    Stack,
+    free_port,
+    hack,
+    hack_verbose,
+    install_crds,
+    namespace,
+    service_account_token,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -84,12 +94,23 @@ def ns(stack: Stack, request: pytest.FixtureRequest) -> Iterator[str]:
         yield name
 
 
+@pytest.fixture(scope="session")
+def api_token(stack: Stack) -> Iterator[str]:
+    """A token that may read every kubetask resource in the cluster, for the public API
+    (:meth:`Operator.get`): a ServiceAccount bound to a ClusterRole, token from TokenRequest."""
+    with (
+        namespace(stack, "e2e-api-reader") as ns,
+        service_account_token(stack, ns, "reader", cluster_rules=READER_RULES) as token,
+    ):
+        yield token
+
+
 @pytest.fixture
 def start_operator(
-    stack: Stack, e2e_database: str, log_dir: Path, ns: str, request: pytest.FixtureRequest
+    stack: Stack, e2e_database: str, log_dir: Path, ns: str, api_token: str, request: pytest.FixtureRequest
 ) -> Iterator[Callable[..., Operator]]:
     started: list[Operator] = []
-    port = free_port()
+    port, runner_port = free_port(), free_port()
 
     def start(
         name: str = "op",
@@ -100,8 +121,9 @@ def start_operator(
         **env: str,
     ) -> Operator:
         """An operator for this test's namespace (or ``namespaces``). Operators of one test
-        share the API port, as replicas behind a Service do (they bind it with
-        SO_REUSEPORT, so two can run at once); ``own_port`` gives one a port of its own."""
+        share the API ports (public and runner), as replicas behind a Service do (they bind
+        them with SO_REUSEPORT, so two can run at once); ``own_port`` gives one ports of
+        its own."""
         op = Operator(
             stack,
             database_url=e2e_database,
@@ -110,6 +132,8 @@ def start_operator(
             name=name,
             env=env,
             port=None if own_port else port,
+            runner_port=None if own_port else runner_port,
+            token=api_token,
         )
         started.append(op)
         return op.start(wait_ready=wait_ready)

@@ -138,10 +138,10 @@ class Runs:
             owner = await self.intake._claim(row)  # the reconciler claims again: harmless
             if owner is not None:  # another trigger (or Run) won the key meanwhile
                 await self._delete_quietly(ns, meta["name"], meta["uid"])
-                held = await self._held(ns, task, key)
-                if held is not None:
-                    return held
-            elif request.idempotency_key_ttl_seconds is not None:
+                async with self.sessions() as s:
+                    name = await s.scalar(select(t.Run.name).where(t.Run.id == owner))
+                return TriggerResponse(id=owner, name=name or "", namespace=ns, task=task, is_cached=True)
+            if request.idempotency_key_ttl_seconds is not None:
                 await self._set_key_ttl(ns, task, key, run_id, request.idempotency_key_ttl_seconds)
         return TriggerResponse(id=run_id, name=meta["name"], namespace=ns, task=task, is_cached=False)
 
