@@ -78,6 +78,7 @@ __all__ = [
     "TriggerRequest",
     "TriggerResponse",
     "request_problem",
+    "storable",
 ]
 
 # ---- limits -----------------------------------------------------------------------------
@@ -139,6 +140,35 @@ def _location(loc: Sequence[int | str]) -> str:
     return where
 
 
+def storable(value: Any) -> bool:
+    """Whether every string in a JSON value (keys too) can be stored by PostgreSQL: no NUL
+    character, no lone UTF-16 surrogate."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            if "\x00" in v:
+                return False
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list | tuple):
+            stack.extend(v)
+    return True
+
+
+def _check_storable(value: Any) -> Any:
+    if not storable(value):
+        raise ValueError(
+            "has a NUL character (\\u0000) or a lone surrogate in a string; PostgreSQL cannot store it"
+        )
+    return value
+
+
 # ---- bases ------------------------------------------------------------------------------
 
 
@@ -179,6 +209,11 @@ class TriggerRequest(_Request):
     tags: list[str] = _rule(RunSpec, "tags")
     max_attempts: int | None = _rule(RunSpec, "max_attempts")
     ttl_seconds_after_finished: int | None = _rule(RunSpec, "ttl_seconds_after_finished")
+
+    @field_validator("payload", "concurrency_key", "idempotency_key", "tags")
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:
+        return _check_storable(value)
 
     @field_validator("tags")
     @classmethod
@@ -420,6 +455,11 @@ class BulkRequest(_Request):
             known = {p.lower(): p for p in PHASES}
             value = [known.get(v.lower(), v) if isinstance(v, str) else v for v in value]
         return value
+
+    @field_validator("task", "tag", "namespace", "since", "until")
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:
+        return _check_storable(value)
 
     @model_validator(mode="after")
     def _some_filter(self) -> BulkRequest:

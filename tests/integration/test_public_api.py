@@ -326,11 +326,21 @@ async def test_trigger_problems(api: Client, world: World) -> None:
     assert "delay" in err["message"]
     big = {"payload": {"x": "a" * 300_000}}
     err = await error_of(await api.post(trigger_path(world.a), json=big, headers=bearer(world.alice)), 413)
-    assert err["code"] in ("payload_too_large",)
+    assert err["code"] == "payload_too_large"
     err = await error_of(
         await api.post(trigger_path(world.a), data=b"{nope", headers=bearer(world.alice)), 400
     )
     assert err["code"] == "invalid_json"
+    # What PostgreSQL cannot hold is refused by name, not a 500 (the fuzzer found these).
+    err = await error_of(await api.get("/api/v1/runs?tag=a%00b", headers=bearer(world.alice)), 400)
+    assert err["code"] == "invalid_parameter" and "tag" in err["message"]
+    err = await error_of(await api.get("/api/v1/runs/run%00x", headers=bearer(world.alice)), 404)
+    assert err["code"] == "run_not_found"
+    err = await error_of(
+        await api.post(trigger_path(world.a), json={"payload": {"a": "\u0000"}}, headers=bearer(world.alice)),
+        400,
+    )
+    assert err["message"].startswith("payload: has a NUL")
 
 
 async def test_an_idempotent_trigger_returns_the_held_run(

@@ -90,6 +90,10 @@ def test_trigger_body_becomes_the_run_spec() -> None:
         ({"idempotencyKeyTTLSeconds": 5}, 400, "invalid_body", "needs an idempotencyKey"),
         ({"payload": {"x": "a" * MAX_PAYLOAD_BYTES}}, 413, "payload_too_large", "payload: is"),
         ({"payload": [1]}, 400, "invalid_body", "payload: "),
+        ({"payload": {"a": "nul\x00"}}, 400, "invalid_body", "payload: has a NUL"),
+        ({"payload": {"\x00": 1}}, 400, "invalid_body", "payload: has a NUL"),
+        ({"tags": ["\ud800"]}, 400, "invalid_body", "tags: has a NUL"),
+        ({"idempotencyKey": "k\x00"}, 400, "invalid_body", "idempotencyKey: has a NUL"),
     ],
 )
 def test_trigger_problems_name_the_field(body: Any, status: int, code: str, says: str) -> None:

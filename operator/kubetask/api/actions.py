@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -33,7 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from kubetask.admission import Admission
 from kubetask.api.auth import User, authenticate, authorize
 from kubetask.api.errors import ApiError, kube_error, read_model
-from kubetask.api.runs import RunFilter, find_run, parse_time_field, reply, scope
+from kubetask.api.runs import RunFilter, dns_label, find_run, parse_time_field, reply, scope
 from kubetask.api.state import SESSIONS
 from kubetask.apimodels import (
     MAX_BATCH_BODY_BYTES,
@@ -56,7 +55,7 @@ from kubetask.control.transitions import Applied, EventSource
 from kubetask.engine import machine as m
 from kubetask.kube import Kube
 from kubetask.settings import Settings
-from kubetask.spec import API_VERSION, DNS1123_LABEL, GROUP, VERSION, RunSpec
+from kubetask.spec import API_VERSION, GROUP, VERSION, RunSpec
 from kubetask.store import tables as t
 
 log = logging.getLogger("kubetask.api.actions")
@@ -94,12 +93,8 @@ class Runs:
 
     async def task(self, namespace: str, name: str) -> TaskInfo:
         """The Task (read from the API server now), or 404."""
-        if not re.fullmatch(DNS1123_LABEL, name) or len(name) > 63:
-            raise ApiError(
-                400,
-                "invalid_body",
-                f"task: {name!r} is not a Task name (a DNS-1123 label, at most 63 characters)",
-            )
+        dns_label("namespace", namespace)
+        dns_label("Task", name)
         try:
             body = await self.kube.get_object("tasks", namespace, name)
         except ApiException as e:
@@ -284,7 +279,8 @@ RUNS: web.AppKey[Runs] = web.AppKey("runs", Runs)
 
 async def trigger(request: web.Request) -> web.Response:
     """``POST /api/v1/namespaces/{namespace}/tasks/{task}/trigger`` (``create runs``)."""
-    ns, task = request.match_info["namespace"], request.match_info["task"]
+    ns = dns_label("namespace", request.match_info["namespace"])
+    task = request.match_info["task"]
     user = await authorize(request, "create", "runs", ns)
     body = await read_model(request, TriggerRequest, MAX_TRIGGER_BODY_BYTES)
     runs = request.app[RUNS]
@@ -295,7 +291,8 @@ async def trigger(request: web.Request) -> web.Response:
 
 async def batch(request: web.Request) -> web.Response:
     """``POST /api/v1/namespaces/{namespace}/tasks/{task}/batch`` (``create runs``)."""
-    ns, task = request.match_info["namespace"], request.match_info["task"]
+    ns = dns_label("namespace", request.match_info["namespace"])
+    task = request.match_info["task"]
     user = await authorize(request, "create", "runs", ns)
     body = await read_model(request, BatchTriggerRequest, MAX_BATCH_BODY_BYTES)
     runs = request.app[RUNS]

@@ -9,7 +9,6 @@ Listing needs ``list tasks`` / ``list queues`` in the namespace; changing a queu
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from aiohttp import web
@@ -20,12 +19,12 @@ from sqlalchemy import func, select
 from kubetask.api.actions import RUNS
 from kubetask.api.auth import authorize
 from kubetask.api.errors import ApiError, kube_error, read_model
-from kubetask.api.runs import reply
+from kubetask.api.runs import dns_label, reply
 from kubetask.api.state import SESSIONS
 from kubetask.apimodels import QueueItem, QueueList, QueueUpdate, RunCounts, TaskItem, TaskList
 from kubetask.control.catalogue import queue_key
 from kubetask.kube import PAGE
-from kubetask.spec import API_VERSION, DNS1123_LABEL, GROUP, VERSION, QueueSpec, TaskSpec
+from kubetask.spec import API_VERSION, GROUP, VERSION, QueueSpec, TaskSpec
 from kubetask.store import tables as t
 
 
@@ -48,15 +47,9 @@ async def _list(request: web.Request, plural: str, namespace: str) -> list[dict[
             return items
 
 
-def _name(kind: str, value: str) -> str:
-    if len(value) > 63 or not re.fullmatch(DNS1123_LABEL, value):
-        raise ApiError(400, "invalid_parameter", f"{value!r} is not a {kind} name (a DNS-1123 label)")
-    return value
-
-
 async def list_tasks(request: web.Request) -> web.Response:
     """``GET /api/v1/namespaces/{namespace}/tasks`` (``list tasks``)."""
-    ns = _name("namespace", request.match_info["namespace"])
+    ns = dns_label("namespace", request.match_info["namespace"])
     await authorize(request, "list", "tasks", ns)
     bodies = await _list(request, "tasks", ns)
     async with request.app[SESSIONS]() as s:
@@ -133,7 +126,7 @@ def _queue_item(ns: str, name: str, row: t.Queue | None, resource: dict[str, Any
 
 async def list_queues(request: web.Request) -> web.Response:
     """``GET /api/v1/namespaces/{namespace}/queues`` (``list queues``)."""
-    ns = _name("namespace", request.match_info["namespace"])
+    ns = dns_label("namespace", request.match_info["namespace"])
     await authorize(request, "list", "queues", ns)
     resources = {b["metadata"]["name"]: b for b in await _list(request, "queues", ns)}
     rows = await _queue_rows(request, ns)
@@ -148,8 +141,8 @@ async def patch_queue(request: web.Request) -> web.Response:
     """``PATCH /api/v1/namespaces/{namespace}/queues/{queue}`` (``patch queues``): change the
     Queue resource, creating it from the queue's current limits when missing (a Queue
     resource wins over Tasks' inline limits, so it starts from them)."""
-    ns = _name("namespace", request.match_info["namespace"])
-    name = _name("queue", request.match_info["queue"])
+    ns = dns_label("namespace", request.match_info["namespace"])
+    name = dns_label("queue", request.match_info["queue"])
     await authorize(request, "patch", "queues", ns)
     update = await read_model(request, QueueUpdate, 16 * 1024)
     custom = request.app[RUNS].kube.custom

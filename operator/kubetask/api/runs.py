@@ -28,8 +28,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from kubetask.api.auth import REVIEWER, Permission, TtlCache, authenticate, authorize
 from kubetask.api.errors import ApiError, bad
 from kubetask.api.state import SESSIONS
-from kubetask.apimodels import TERMINAL_PHASES, LogLine, LogPage, LogStreamEnd, RunDetail, RunList
+from kubetask.apimodels import TERMINAL_PHASES, LogLine, LogPage, LogStreamEnd, RunDetail, RunList, storable
 from kubetask.engine.machine import Phase
+from kubetask.spec import DNS1123_LABEL
 from kubetask.store.runs import attempt_view, iso
 from kubetask.store.tables import Attempt, Run
 from kubetask.store.tables import LogLine as LogLineRow
@@ -60,9 +61,11 @@ _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks
 
 def _check_params(request: web.Request, known: Iterable[str]) -> None:
     known = sorted(known)
-    for name in request.query:
+    for name, value in request.query.items():
         if name not in known:
             bad("unknown_parameter", f"unknown query parameter {name!r}; known: {', '.join(known)}")
+        if not storable(value):
+            bad("invalid_parameter", f"{name} has a NUL character or invalid Unicode; no run can match it")
 
 
 def _values(request: web.Request, name: str) -> list[str]:
@@ -108,6 +111,15 @@ def _phases(request: web.Request) -> list[str]:
 
 def _time_param(request: web.Request, name: str, now: datetime) -> datetime | None:
     return parse_time_field(name, _one(request, name), now)
+
+
+def dns_label(kind: str, value: str) -> str:
+    """A namespace, Task or Queue name from the path (``400`` naming it otherwise)."""
+    if len(value) > 63 or not re.fullmatch(DNS1123_LABEL, value):
+        bad(
+            "invalid_parameter", f"{value!r} is not a {kind} name (a DNS-1123 label of at most 63 characters)"
+        )
+    return value
 
 
 # ---- cursors ----------------------------------------------------------------------------
@@ -310,7 +322,7 @@ async def find_run(request: web.Request, verb: str) -> Run:
     await authenticate(request)
     run_id = request.match_info["id"]
     async with request.app[SESSIONS]() as session:
-        run = await session.get(Run, run_id) if len(run_id) <= 40 else None
+        run = await session.get(Run, run_id) if len(run_id) <= 40 and storable(run_id) else None
     if run is None:
         raise not_found(run_id)
     await authorize(request, verb, "runs", run.namespace)
