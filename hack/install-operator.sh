@@ -19,6 +19,7 @@ source "$(dirname "$0")/lib.sh"
 NAMESPACE=kubetask-system
 RELEASE=kubetask
 DEPLOYMENT=kubetask-operator
+OPERATOR_PODS="app.kubernetes.io/instance=$RELEASE,app.kubernetes.io/component=operator"
 CHART="$REPO_ROOT/helm/kubetask"
 TIMEOUT=3m
 
@@ -39,10 +40,11 @@ diagnose() {
     kubectl -n "$NAMESPACE" get pods,deploy,svc -o wide 2>&1 || true
     printf '\n---- kubectl -n %s describe deployment/%s pods ----\n' "$NAMESPACE" "$DEPLOYMENT"
     kubectl -n "$NAMESPACE" describe "deployment/$DEPLOYMENT" 2>&1 | tail -25 || true
-    kubectl -n "$NAMESPACE" describe pods -l app.kubernetes.io/component=operator 2>&1 | tail -40 || true
-    printf '\n---- operator logs (last 60 lines) ----\n'
-    kubectl -n "$NAMESPACE" logs "deployment/$DEPLOYMENT" --tail=60 --all-containers 2>&1 || true
-    kubectl -n "$NAMESPACE" logs "deployment/$DEPLOYMENT" --tail=60 --previous 2>/dev/null || true
+    kubectl -n "$NAMESPACE" describe pods -l "$OPERATOR_PODS" 2>&1 | tail -40 || true
+    # Every replica's (the Deployment runs 2), each line prefixed with its pod.
+    printf '\n---- operator logs (last 60 lines of each pod) ----\n'
+    kubectl -n "$NAMESPACE" logs -l "$OPERATOR_PODS" --prefix --tail=60 --all-containers 2>&1 || true
+    kubectl -n "$NAMESPACE" logs -l "$OPERATOR_PODS" --prefix --tail=60 --previous 2>/dev/null || true
     printf -- '---- end ----\n'
   } >&2
 }
@@ -109,8 +111,8 @@ log "kubetask is installed (release $RELEASE revision $revision, deployment/$DEP
 
 if [[ $LOCAL_STACK == 1 ]]; then
   api_url="$("$HACK_DIR/print.sh" api-url)"
-  log "API: $api_url (from the host; pods use http://kubetask-api.$NAMESPACE.svc:8080)"
+  log "API: $api_url (from the host); attempt pods call http://kubetask-runner.$NAMESPACE.svc:8081"
   echo "$api_url"
 else
-  log "API: service kubetask-api in $NAMESPACE, port 8080 (kubectl port-forward to reach it from here)"
+  log "API: service kubetask-api in $NAMESPACE, port 8080 (kubectl port-forward to reach it from here); attempt pods call service kubetask-runner, port 8081"
 fi

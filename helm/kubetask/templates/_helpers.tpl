@@ -11,6 +11,11 @@
 {{- printf "%s-api" (include "kubetask.fullname" .) -}}
 {{- end -}}
 
+{{/* The Service of the runner listener (/runner/v1), which attempt pods call. */}}
+{{- define "kubetask.runnerServiceName" -}}
+{{- printf "%s-runner" (include "kubetask.fullname" .) -}}
+{{- end -}}
+
 {{- define "kubetask.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create -}}
 {{- default (include "kubetask.operatorName" .) .Values.serviceAccount.name -}}
@@ -36,12 +41,12 @@ url
 {{- end -}}
 {{- end -}}
 
-{{/* The URL runner pods use to reach the API. */}}
+{{/* The URL runner pods use to reach the runner listener. */}}
 {{- define "kubetask.apiUrl" -}}
 {{- if .Values.api.url -}}
 {{- .Values.api.url -}}
 {{- else -}}
-{{- printf "http://%s.%s.svc:%d" (include "kubetask.apiServiceName" .) .Release.Namespace (int .Values.api.port) -}}
+{{- printf "http://%s.%s.svc:%d" (include "kubetask.runnerServiceName" .) .Release.Namespace (int .Values.api.runnerPort) -}}
 {{- end -}}
 {{- end -}}
 
@@ -63,4 +68,55 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/name: kubetask
 app.kubernetes.io/component: operator
 app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* The leader-election Lease, in the release namespace: one per release, so that two
+     releases sharing a namespace do not elect one leader between them. */}}
+{{- define "kubetask.leaseName" -}}
+{{- include "kubetask.operatorName" . -}}
+{{- end -}}
+
+{{/* A number >= 0 (seconds, days) as an environment variable's value, from
+     (list "<value's name>" value). Numbers in values files are float64 in Helm; their
+     printed form (10, 0.5, 1e+06) is what Python's float() reads. */}}
+{{- define "kubetask.number" -}}
+{{- $name := index . 0 -}}
+{{- $value := index . 1 | toString -}}
+{{- if not (regexMatch "^[0-9]+(\\.[0-9]+)?(e[+-]?[0-9]+)?$" $value) -}}
+{{- fail (printf "%s must be a number >= 0, not %q" $name $value) -}}
+{{- end -}}
+{{- $value -}}
+{{- end -}}
+
+{{/* An integer >= 0 as an environment variable's value, from (list "<name>" value):
+     printed in full (a float64 such as 1209600 would print as 1.2096e+06, which the
+     operator does not read as an integer). */}}
+{{- define "kubetask.integer" -}}
+{{- $name := index . 0 -}}
+{{- $number := include "kubetask.number" . | float64 -}}
+{{- $integer := int64 $number -}}
+{{- if ne $number (float64 $integer) -}}
+{{- fail (printf "%s must be an integer, not %v" $name (index . 1)) -}}
+{{- end -}}
+{{- $integer | toString -}}
+{{- end -}}
+
+{{/* Settings that would make the operator unsafe or fail at start-up, refused at
+     install time. */}}
+{{- define "kubetask.validate" -}}
+{{- $le := .Values.leaderElection -}}
+{{- if and (not $le.enabled) (gt (int .Values.replicaCount) 1) -}}
+{{- fail "leaderElection.enabled=false needs replicaCount 1: without an elected leader every replica would reconcile and create pods" -}}
+{{- end -}}
+{{- if $le.enabled -}}
+{{- $lease := include "kubetask.number" (list "leaderElection.leaseDurationSeconds" $le.leaseDurationSeconds) | float64 -}}
+{{- $renew := include "kubetask.number" (list "leaderElection.renewDeadlineSeconds" $le.renewDeadlineSeconds) | float64 -}}
+{{- $retry := include "kubetask.number" (list "leaderElection.retryPeriodSeconds" $le.retryPeriodSeconds) | float64 -}}
+{{- if not (lt $renew $lease) -}}
+{{- fail (printf "leaderElection.renewDeadlineSeconds (%v) must be less than leaseDurationSeconds (%v): a leader that cannot renew must stop before another replica may take over" $le.renewDeadlineSeconds $le.leaseDurationSeconds) -}}
+{{- end -}}
+{{- if not (and (lt $retry $renew) (gt $retry 0.0)) -}}
+{{- fail (printf "leaderElection.retryPeriodSeconds (%v) must be more than 0 and less than renewDeadlineSeconds (%v): the leader needs more than one try to renew" $le.retryPeriodSeconds $le.renewDeadlineSeconds) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
