@@ -241,12 +241,14 @@ class Reviewer:
 
 def _unavailable(what: str, e: ApiException) -> ApiError:
     if e.status == 403:
-        log.error("the operator may not create %ss: bind it to system:auth-delegator (%s)", what, e.reason)
+        log.error(
+            "the operator may not create %ss: grant it what system:auth-delegator holds (%s)", what, e.reason
+        )
         return ApiError(
             500,
             "auth_misconfigured",
-            f"the operator may not create {what}s; its ServiceAccount needs the ClusterRole "
-            "system:auth-delegator (the Helm chart binds it)",
+            f"the operator may not create {what}s; its ServiceAccount needs `create` on tokenreviews and "
+            "subjectaccessreviews (the ClusterRole system:auth-delegator; the Helm chart grants them)",
         )
     log.warning("%s failed: %s %s", what, e.status, e.reason)
     return ApiError(503, "auth_unavailable", f"cannot ask the Kubernetes API server ({what}); retry later")
