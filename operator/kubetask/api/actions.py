@@ -130,7 +130,7 @@ class Runs:
             async with self.sessions() as s:
                 row = await s.get(t.Run, run_id)
             assert row is not None
-            owner = await self.intake._claim(row)  # the reconciler claims again: harmless
+            owner = await self.intake.claim(row)  # the reconciler claims again: harmless
             if owner is not None:  # another trigger (or Run) won the key meanwhile
                 await self._delete_quietly(ns, meta["name"], meta["uid"])
                 async with self.sessions() as s:

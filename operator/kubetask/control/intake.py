@@ -132,7 +132,7 @@ class Intake:
             await self.apply(row.id, m.Rejected(row.reason, row.message))
             return
         if row.idempotency_key and row.original_run_id is None:
-            original = await self._claim(row)
+            original = await self.claim(row)
             if original is not None:
                 await self.apply(row.id, _deduplicate(row.id, original, row.idempotency_key))
                 return
@@ -173,7 +173,7 @@ class Intake:
                 ),
             )
 
-    async def _claim(self, row: t.Run) -> str | None:
+    async def claim(self, row: t.Run) -> str | None:
         """Claim the run's idempotencyKey; the original run's id if another holds it.
 
         An upsert on the key's primary key: concurrent claims are serialised by
