@@ -9,7 +9,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="KUBETASK_", extra="ignore")
+    # "null" in a variable means None (e.g. KUBETASK_TTL_SECONDS_AFTER_FINISHED=null keeps
+    # finished Runs for ever).
+    model_config = SettingsConfigDict(env_prefix="KUBETASK_", extra="ignore", env_parse_none_str="null")
 
     database_url: str = Field(
         "postgresql+psycopg://kubetask:kubetask@127.0.0.1:54329/kubetask",
@@ -73,6 +75,9 @@ class Settings(BaseSettings):
     )
     lease_retry_seconds: float = Field(2.0, gt=0, description="How often the lease is renewed / tried.")
     workers: int = Field(8, ge=1, le=256, description="Runs reconciled at once.")
+    db_pool_size: int = Field(
+        10, ge=1, le=500, description="Database connections of the operator (plus 5 overflow); >= workers."
+    )
     work_timeout_seconds: float = Field(
         60.0, gt=0, description="A reconcile taking longer is cancelled and retried with back-off."
     )

@@ -159,6 +159,21 @@ async def _cancel_dies_before_the_pod_is_deleted(ops: Operators, name: str) -> N
     assert pod is None or pod["metadata"].get("deletionTimestamp") is not None, pod["status"]
 
 
+async def _status_patch_dies_with_the_process(ops: Operators, name: str) -> None:
+    # The first operator moves the run (Running) and dies before writing its status.
+    row = await ops.start_run(name)
+    run = await ops.restarted.kube.get_object("runs", ops.ns, name)
+    assert run is not None and (run.get("status") or {}).get("phase") != "Running"
+
+    # The restarted operator's resync sees the Run's status lag its row and rewrites it.
+    await ops.restarted.resync.once(initial=True)
+    await asyncio.sleep(0.2)  # status patches are coalesced for a moment
+    assert row.id in ops.restarted.status.runs._queued
+    await ops.restarted.status._patch(row.id)
+    run = await ops.restarted.kube.get_object("runs", ops.ns, name)
+    assert run is not None and run["status"]["phase"] == "Running" and run["status"]["runId"] == row.id
+
+
 def _play(
     stack: Stack, ns: str, database_url: str, scenario: Callable[[Operators, str], Awaitable[None]]
 ) -> None:
@@ -181,3 +196,9 @@ def test_a_canceled_runs_pod_is_deleted_by_the_next_operator(
     stack: Stack, ns: str, e2e_database: str
 ) -> None:
     _play(stack, ns, e2e_database, _cancel_dies_before_the_pod_is_deleted)
+
+
+def test_a_status_lost_with_the_process_is_written_by_the_next_one(
+    stack: Stack, ns: str, e2e_database: str
+) -> None:
+    _play(stack, ns, e2e_database, _status_patch_dies_with_the_process)

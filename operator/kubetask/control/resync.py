@@ -112,9 +112,9 @@ class Resync:
         uids = [b["metadata"]["uid"] for b in bodies]
         async with c.sessions() as s:
             known = {
-                uid: run_id
-                for uid, run_id in (
-                    await s.execute(select(t.Run.uid, t.Run.id).where(t.Run.uid.in_(uids)))
+                uid: (run_id, phase)
+                for uid, run_id, phase in (
+                    await s.execute(select(t.Run.uid, t.Run.id, t.Run.phase).where(t.Run.uid.in_(uids)))
                 ).all()
             }
         cancel = [b["metadata"]["uid"] for b in bodies if (b.get("spec") or {}).get("cancel")]
@@ -122,6 +122,10 @@ class Resync:
             uid = body["metadata"]["uid"]
             if uid not in known:
                 await c.on_run_event("ADDED", body)
+            elif (body.get("status") or {}).get("phase") != known[uid][1]:
+                # The status lags the row (a patch lost with the process that was to
+                # write it): status is a projection, so write it again.
+                c.status.touch(known[uid][0])
         if cancel:
             async with c.sessions.begin() as s:
                 ids = (

@@ -49,7 +49,7 @@ async def startup(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) ->
     log.info("kubetask operator %s starting (database %s)", identity, cfg.database_url.rsplit("@", 1)[-1])
     # Migrations first, so every replica runs against the schema it was built for.
     await asyncio.to_thread(db.upgrade, cfg.database_url)
-    engine = db.make_engine(cfg.database_url)
+    engine = db.make_engine(cfg.database_url, pool_size=cfg.db_pool_size)
     sessions = db.session_factory(engine)
     kube: Kube | None = None
     try:
