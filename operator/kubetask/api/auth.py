@@ -260,16 +260,25 @@ REVIEWER: web.AppKey[Reviewer] = web.AppKey("reviewer", Reviewer)
 _USER: web.RequestKey[User] = web.RequestKey("user", User)
 
 
+#: The token's other header: the Kubernetes API server's service proxy authenticates a
+#: request and then removes its ``Authorization`` (it never forwards credentials), so
+#: clients that come that way (the CLI, ``kubetask.Client``) send the token here as well.
+TOKEN_HEADER = "X-Kubetask-Token"
+
+
 def bearer_token(request: web.Request) -> str:
+    """The token of ``Authorization: Bearer``, else of ``X-Kubetask-Token``."""
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.strip().partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
+        token = request.headers.get(TOKEN_HEADER, "").strip()
+    if not token:
         raise ApiError(
             401,
             "missing_token",
-            "send a Kubernetes token as `Authorization: Bearer <token>` (e.g. `kubectl create token "
-            "<serviceaccount>`; docs/api.md, Authentication)",
+            "send a Kubernetes token as `Authorization: Bearer <token>` (or `X-Kubetask-Token: <token>`; "
+            "e.g. `kubectl create token <serviceaccount>`; docs/api.md, Authentication)",
         )
     if len(token) > MAX_TOKEN_CHARS:
         raise ApiError(401, "invalid_token", "the token is not valid (too long)")
