@@ -464,7 +464,7 @@ def discover(
     # with KUBETASK_TOKEN_FILE): not the public API.
     env_url = None if env.get("KUBETASK_TOKEN_FILE") else env.get("KUBETASK_API_URL")
     url = api_url or env_url or None
-    via = "the api_url given" if api_url else "KUBETASK_API_URL" if env_url else ""
+    via = "the api_url given (--api-url)" if api_url else "KUBETASK_API_URL" if env_url else ""
     given = token or env.get("KUBETASK_TOKEN") or None
     source: TokenSource | None = None
     if given:

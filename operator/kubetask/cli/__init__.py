@@ -1,0 +1,20 @@
+"""The ``kubetask`` command (typer + rich), one module per command group: ``admin``
+(operator, db, crds), ``runs`` (list, get, logs, watch, cancel, replay, bulk), ``catalog``
+(trigger, tasks, queues); ``common`` holds the options, the client and the formatting.
+docs/cli.md describes every command.
+
+Heavy modules (kopf, SQLAlchemy, aiohttp, rich tables) are imported inside the commands
+that need them, so ``kubetask --help`` is quick.
+"""
+
+from __future__ import annotations
+
+from kubetask.cli import admin, catalog, runs  # noqa: F401  (they register their commands)
+from kubetask.cli.common import app
+
+
+def main() -> None:
+    app()
+
+
+__all__ = ["app", "main"]
