@@ -4,6 +4,7 @@ the public listing with its filters and pagination."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import secrets
@@ -481,30 +482,32 @@ async def test_health_and_metrics(client: Listeners) -> None:
 # ---- the CLI against the API ------------------------------------------------------------
 
 
-async def cli(*args: str) -> Any:
-    """Run ``kubetask ARGS`` in a thread (the API serves from this event loop)."""
+async def cli(*args: str, token: str = "not-used") -> Any:
+    """Run ``kubetask ARGS`` in a thread (the API serves from this event loop), with
+    ``token`` as KUBETASK_TOKEN (``--api-url`` names the API)."""
     from typer.testing import CliRunner
 
     from kubetask.cli import app
 
-    return await asyncio.to_thread(CliRunner().invoke, app, list(args), env={"COLUMNS": "250"})
+    env = {"COLUMNS": "250", "KUBETASK_TOKEN": token}
+    return await asyncio.to_thread(CliRunner().invoke, app, list(args), env=env)
 
 
-@pytest.mark.skip(reason="the CLI sends no token yet; issue 8 item 6 (the CLI) authenticates it")
 async def test_cli_runs_commands(client: Listeners, sessions: Sessions) -> None:
     url = str(client.make_url("")).rstrip("/")
     ns, runs = await _thirty_runs(sessions)
-    result = await cli(
+    reader = functools.partial(cli, token=client.token)
+    result = await reader(
         "runs", "list", "--api-url", url, "-n", ns, "--since", "all", "--limit", "20", "--json"
     )
     assert result.exit_code == 0, result.output
     page = json.loads(result.stdout)
     assert [r["id"] for r in page["items"]] == [r.id for r in runs[:20]] and page["nextCursor"]
-    more = await cli(
+    more = await reader(
         "runs", "list", "--api-url", url, "-n", ns, "--since", "all", "--cursor", page["nextCursor"]
     )
     assert more.exit_code == 0 and runs[20].id in more.stdout and runs[0].id not in more.stdout
-    filtered = await cli(
+    filtered = await reader(
         "runs",
         "list",
         "--api-url",
@@ -522,20 +525,20 @@ async def test_cli_runs_commands(client: Listeners, sessions: Sessions) -> None:
     assert [r["id"] for r in json.loads(filtered.stdout)["items"]] == [
         r.id for r in runs if r.phase == "Running" and "even" in r.tags
     ]
-    recent = await cli("runs", "list", "--api-url", url, "-n", ns)  # default: the last 24h
+    recent = await reader("runs", "list", "--api-url", url, "-n", ns)  # default: the last 24h
     assert recent.exit_code == 0 and "No runs created since 24h" in recent.stdout
-    bad = await cli("runs", "list", "--api-url", url, "--since", "yesterday")
+    bad = await reader("runs", "list", "--api-url", url, "--since", "yesterday")
     assert bad.exit_code == 1 and "'yesterday'" in bad.stderr
 
     run, token = await running(sessions, tags=["cli"])
     lines = [{"message": f"hello {i}", "level": "info"} for i in range(3)]
     assert (await client.post("/runner/v1/logs", headers=auth(token), json={"lines": lines})).status == 204
-    got = await cli("runs", "get", run.id, "--api-url", url)
+    got = await reader("runs", "get", run.id, "--api-url", url)
     assert got.exit_code == 0, got.output
     assert "Payload" in got.stdout and '"who": "world"' in got.stdout and "1 of 3" in got.stdout
-    got_json = await cli("runs", "get", run.id, "--api-url", url, "--json")
+    got_json = await reader("runs", "get", run.id, "--api-url", url, "--json")
     assert json.loads(got_json.stdout)["id"] == run.id
-    logs = await cli("runs", "logs", run.id, "--api-url", url)
+    logs = await reader("runs", "logs", run.id, "--api-url", url)
     assert logs.exit_code == 0 and [ln.split()[-1] for ln in logs.stdout.splitlines()] == ["0", "1", "2"]
 
     # --follow returns once the run has ended and its last lines are printed.
@@ -543,10 +546,10 @@ async def test_cli_runs_commands(client: Listeners, sessions: Sessions) -> None:
         stored = await s.get(Run, run.id)
         assert stored is not None
         stored.phase = "Succeeded"
-    follow = await cli("runs", "logs", run.id, "--api-url", url, "--follow", "--json", "--attempt", "1")
+    follow = await reader("runs", "logs", run.id, "--api-url", url, "--follow", "--json", "--attempt", "1")
     assert follow.exit_code == 0 and len(follow.stdout.splitlines()) == 3
 
-    missing = await cli("runs", "get", "no-such-run", "--api-url", url)
+    missing = await reader("runs", "get", "no-such-run", "--api-url", url)
     assert missing.exit_code == 1 and "no run with id 'no-such-run'" in missing.stderr
 
 
