@@ -340,21 +340,23 @@ class KubeConfig:
         return value if os.path.isabs(value) else str(Path(self.path).parent / value)
 
 
-def _kubeconfig_paths(explicit: str | None) -> list[str]:
+def _kubeconfig_paths(explicit: str | None, env: Mapping[str, str]) -> list[str]:
     if explicit:
         return [explicit]
-    env = os.environ.get("KUBECONFIG")
-    if env:
-        return [p for p in env.split(os.pathsep) if p]
+    listed = env.get("KUBECONFIG")
+    if listed:
+        return [p for p in listed.split(os.pathsep) if p]
     return [str(Path.home() / ".kube" / "config")]
 
 
-def load_kubeconfig(path: str | None = None, context: str | None = None) -> KubeConfig | None:
+def load_kubeconfig(
+    path: str | None = None, context: str | None = None, env: Mapping[str, str] | None = None
+) -> KubeConfig | None:
     """The current (or ``context``) context of the kubeconfig (``path``, else
     ``KUBECONFIG``, else ``~/.kube/config``); None when there is no kubeconfig. Several
     files in ``KUBECONFIG`` merge as kubectl merges them: the first value wins."""
     docs: list[tuple[str, dict[str, Any]]] = []
-    for p in _kubeconfig_paths(path):
+    for p in _kubeconfig_paths(path, os.environ if env is None else env):
         try:
             loaded = yaml.safe_load(Path(p).read_text())
         except FileNotFoundError:
@@ -476,7 +478,7 @@ def discover(
         if url is None:
             url, via = f"http://{service[1]}.{service[0]}.svc:{service[2]}", "the API's Service (in a pod)"
         return Connection(url.rstrip("/"), source, via=via, namespace=env.get("KUBETASK_NAMESPACE") or pod_ns)
-    kube = load_kubeconfig(kubeconfig, context)
+    kube = load_kubeconfig(kubeconfig, context, env)
     namespace = env.get("KUBETASK_NAMESPACE") or (kube.namespace if kube else None) or "default"
     if url is not None and source is not None:
         return Connection(url.rstrip("/"), source, via=via, namespace=namespace)
