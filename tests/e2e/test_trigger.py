@@ -63,3 +63,61 @@ def test_runs_triggered_by_the_client_and_the_cli_succeed(stack: Stack, ns: str,
         result = json.loads(cli.stdout)
         assert result["phase"] == "Succeeded" and result["output"] == {"message": "Hello, cli!", "attempt": 1}
         assert stack.get_run(ns, result["name"])["status"]["phase"] == "Succeeded"
+
+
+def test_a_client_in_a_pod_uses_the_pods_service_account_token(
+    stack: Stack, ns: str, operator: Operator
+) -> None:
+    """``Client()`` in a pod: the projected ServiceAccount token, the pod's namespace."""
+    stack.apply_task(ns, "hello", example_task("hello"))
+    script = (
+        "import time\n"
+        "from kubetask import ApiError, Client\n"
+        "client = Client()\n"
+        "print('namespace', client.namespace, flush=True)\n"
+        "for _ in range(60):  # the RoleBinding may take a moment to reach the authorizer\n"
+        "    try:\n"
+        "        run = client.tasks.trigger('hello', {'name': 'pod'})\n"
+        "        break\n"
+        "    except ApiError as e:\n"
+        "        if e.status != 403: raise\n"
+        "        time.sleep(0.5)\n"
+        "print('phase', client.runs.wait(run.id, timeout=150).phase, flush=True)\n"
+    )
+    with service_account_token(stack, ns, "app", cluster_rules=TRIGGER_RULES):
+        stack.core.create_namespaced_pod(
+            ns,
+            {
+                "metadata": {"name": "client"},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "serviceAccountName": "app",
+                    "securityContext": {"runAsNonRoot": True, "runAsUser": 65532},
+                    "containers": [
+                        {
+                            "name": "main",
+                            "image": stack.runner_image,
+                            "imagePullPolicy": "IfNotPresent",
+                            "command": ["python", "-c", script],
+                            # The operator runs on this host, not behind the kubetask-api Service.
+                            "env": [
+                                {
+                                    "name": "KUBETASK_API_URL",
+                                    "value": f"http://{stack.host_ip}:{operator.port}",
+                                }
+                            ],
+                        }
+                    ],
+                },
+            },
+        )
+        deadline = time.monotonic() + 240
+        phase = ""
+        while time.monotonic() < deadline:
+            phase = stack.core.read_namespaced_pod("client", ns).status.phase
+            if phase in ("Succeeded", "Failed"):
+                break
+            time.sleep(1)
+        log = stack.core.read_namespaced_pod_log("client", ns)
+        assert phase == "Succeeded", log
+        assert f"namespace {ns}" in log and "phase Succeeded" in log, log

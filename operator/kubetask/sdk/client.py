@@ -46,7 +46,7 @@ from kubetask.apimodels import (
     TriggerResponse,
     request_problem,
 )
-from kubetask.sdk.credentials import Connection, CredentialsError, discover
+from kubetask.sdk.credentials import Connection, CredentialsError, StaticToken, discover
 
 __all__ = ["ApiError", "AsyncClient", "Client", "Since"]
 
@@ -335,8 +335,8 @@ class Client:
                 response = self._http.send(request, stream=stream)
             except httpx.TransportError as e:
                 raise _unreachable(self._conn, e) from None
-            if response.status_code == 401 and not retry and self._conn.token.cached() is None:
-                # A token read from a file or minted may have been replaced since: once more.
+            if response.status_code == 401 and not retry and not isinstance(self._conn.token, StaticToken):
+                # A token read from a file, a plugin or minted may be stale: a fresh one, once.
                 response.close()
                 self._conn.token.invalidate()
                 continue
@@ -656,7 +656,7 @@ class AsyncClient:
                 response = await self._http.send(request, stream=stream)
             except httpx.TransportError as e:
                 raise _unreachable(self._conn, e) from None
-            if response.status_code == 401 and not retry and self._conn.token.cached() is None:
+            if response.status_code == 401 and not retry and not isinstance(self._conn.token, StaticToken):
                 await response.aclose()
                 self._conn.token.invalidate()
                 continue
