@@ -90,7 +90,6 @@ class Transitions:
         queue and run rows locked) and records what caused it, so the cause and the
         transition commit together or not at all. It returns None when there is nothing
         to apply (the cause was recorded before). Returns None if nothing changed."""
-        now = utcnow()
         async with self.sessions.begin() as s:
             q = await self.admission.lock_queue_of(s, run_id)  # the queue first: the lock order
             if q is None:
@@ -102,6 +101,9 @@ class Transitions:
                 if made is None:
                     return None
                 event = made
+            # Read the clock after the cause was recorded: a back-off counts from the
+            # attempt's recorded end, never from a moment before it.
+            now = utcnow()
             before = load_state(row)
             tr = m.step(
                 before,
