@@ -235,6 +235,15 @@ async def test_batch_list_retrieve_cancel_replay(
         done = await in_thread(client.runs.wait, made[2].id, timeout=10)
         assert done.phase == "Succeeded"
 
+        # The seed's query, as docs/client.md writes it.
+        await set_phase(sessions, made[3].id, "Failed")
+        failed = await in_thread(
+            lambda: list(
+                client.runs.list("other", status=["FAILED"], since=datetime.now(UTC) - timedelta(days=1))
+            )
+        )
+        assert made[3].id in [r.id for r in failed] and {r.phase for r in failed} == {"Failed"}
+
         with pytest.raises(ApiError) as missing:
             await in_thread(client.runs.retrieve, "run_nope")
         assert missing.value.status == 404 and missing.value.code == "run_not_found"
