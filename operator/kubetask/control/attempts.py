@@ -92,6 +92,9 @@ class Attempts:
             gone = pod_end(None)
             assert gone is not None
             await self.end(row.id, att.number, gone)
+            await self.kube.delete_secret(
+                row.namespace, pods.token_secret_name(row.name, row.uid, att.number)
+            )
             return
         end = pod_end(pod)
         if end is None:
@@ -111,6 +114,12 @@ class Attempts:
             grace = 0 if end.reason == "NodeLost" else 5
             await self.kube.delete_pod(row.namespace, att.pod_name, grace=grace, uid=pod["metadata"]["uid"])
         await self.end(row.id, att.number, end, pod=pod)
+        # The end is recorded (logs and output are in PostgreSQL): the pod and its token
+        # Secret go now, in this reconcile, rather than in another one.
+        meta = pod["metadata"]
+        if meta.get("deletionTimestamp") is None:
+            await self.kube.delete_pod(row.namespace, meta["name"], grace=0, uid=meta["uid"])
+        await self.kube.delete_secret(row.namespace, pods.token_secret_name(row.name, row.uid, att.number))
 
     async def _start(self, row: t.Run, att: t.Attempt) -> None:
         """Create the token Secret, the source ConfigMap and the attempt's pod."""

@@ -141,13 +141,10 @@ class Controller:
         self.status.touch(applied.run_id)
         if applied.grant is not None:
             self.attempts.tokens[(applied.run_id, applied.grant.attempt)] = applied.grant.token
-        if (
-            applied.grant is not None
-            or tr.state.terminal
-            or applied.before.phase is m.Phase.RUNNING
-            or any(isinstance(a, m.DeletePod) for a in tr.actions)
-        ):
-            # Kubernetes has to follow (delete a pod, clean up, a TTL): the reconcile does it.
+        if applied.grant is not None or any(isinstance(a, m.DeletePod) for a in tr.actions):
+            # Kubernetes has to follow (create or delete a pod): the reconcile does it. An
+            # ended attempt's pod is deleted by the reconcile that recorded the end; the
+            # TTL is the run's timer, set by the transition.
             self.runs.add(applied.run_id)
 
     # ---- the leader's term ---------------------------------------------------------------

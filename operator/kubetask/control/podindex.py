@@ -62,6 +62,8 @@ class PodIndex:
             known = self._pods.get(key)
             if known is None or known["metadata"]["uid"] == pod["metadata"]["uid"]:
                 self._pods.pop(key, None)
+            if known is not None and pod_end(known) is not None:
+                return  # its end was seen (and handled) before it went: nothing new
         else:
             self._pods[key] = pod
             if pod_end(pod) is None and pod["metadata"].get("deletionTimestamp") is None:

@@ -43,11 +43,16 @@ class Applied:
     before: m.RunState
     #: A slot granted in the same transaction (the queue had room and nobody waiting).
     grant: Grant | None = None
+    #: Runs waiting in the queue when the transaction committed.
+    waiting: int = 0
 
     @property
     def admit(self) -> bool:
-        """The queue may grant a slot now (a run joined it or a slot was freed)."""
-        return any(isinstance(a, m.Enqueue | m.ReleaseSlot) for a in self.transition.actions)
+        """The queue may grant a slot now: a run joined it, or a slot was freed while runs
+        wait (a freed slot with nobody waiting needs no admission cycle)."""
+        return any(isinstance(a, m.Enqueue) for a in self.transition.actions) or (
+            self.waiting > 0 and any(isinstance(a, m.ReleaseSlot) for a in self.transition.actions)
+        )
 
     @property
     def queue_changed(self) -> bool:
@@ -149,7 +154,7 @@ class Transitions:
             if grant is not None:
                 kept = tuple(a for a in tr.actions if not isinstance(a, m.Enqueue))
                 tr = m.Transition(load_state(row), (*kept, m.CreatePod(grant.attempt)))
-            namespace, name = row.namespace, row.name
+            namespace, name, waiting = row.namespace, row.name, q.queued
         if tr.state.phase != before.phase or tr.state.reason != before.reason:
             log.info(
                 "run %s/%s (%s): %s -> %s (%s: %s)",
@@ -161,6 +166,8 @@ class Transitions:
                 tr.state.reason,
                 tr.state.message,
             )
-        applied = Applied(run_id=run_id, queue=queue, transition=tr, before=before, grant=grant)
+        applied = Applied(
+            run_id=run_id, queue=queue, transition=tr, before=before, grant=grant, waiting=waiting
+        )
         self._committed(applied)
         return applied
