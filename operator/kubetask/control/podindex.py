@@ -58,19 +58,24 @@ class PodIndex:
         key = attempt_key(pod)
         if key is None:
             return
+        known = self._pods.get(key)
+        ended_before = (
+            known is not None
+            and known["metadata"]["uid"] == pod["metadata"]["uid"]
+            and pod_end(known) is not None
+        )
         if kind == "DELETED":
-            known = self._pods.get(key)
             if known is None or known["metadata"]["uid"] == pod["metadata"]["uid"]:
                 self._pods.pop(key, None)
-            if known is not None and pod_end(known) is not None:
-                return  # its end was seen (and handled) before it went: nothing new
         else:
             self._pods[key] = pod
-            if pod_end(pod) is None and pod["metadata"].get("deletionTimestamp") is None:
-                # Starting or running: nothing for the reconcile to do now. A pod slow to
-                # start is looked at when the run's timer fires (set at the grant to the
-                # earliest start deadline), so pod events cost no queries until the end.
-                return
+        if ended_before:
+            return  # its end was seen (and handed to a reconcile) already: nothing new
+        if kind != "DELETED" and pod_end(pod) is None and pod["metadata"].get("deletionTimestamp") is None:
+            # Starting or running: nothing for the reconcile to do now. A pod slow to start
+            # is looked at when the run's timer fires (set at the grant to the earliest
+            # start deadline), so pod events cost no queries until the end.
+            return
         self._changed(key[0])
 
     async def on_relist(self, listed: list[dict[str, Any]]) -> None:

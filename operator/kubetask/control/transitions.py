@@ -132,25 +132,28 @@ class Transitions:
             elif tr.state.phase != before.phase:
                 row.wake_at = None
             grant: Grant | None = None
-            for action in tr.actions:
-                if isinstance(action, m.Enqueue):
-                    grant = await self.admission.grant_now(
-                        s, q, run=row, key=row.concurrency_key or "", retry_for=self.retry_for
-                    )
-                    if grant is not None:
-                        continue  # admitted at once: it never waits in the queue
-                    await self.admission.enqueue(
-                        s,
-                        q,
-                        run_id=run_id,
-                        key=row.concurrency_key or "",
-                        priority=row.priority,
-                        arrival=row.arrival,
-                    )
-                elif isinstance(action, m.Dequeue):
-                    await self.admission.dequeue(s, q, run_id=run_id)
-                elif isinstance(action, m.ReleaseSlot):
-                    await self.admission.release(s, q, run_id=run_id)
+            # Each row is written once, at commit: the run and queue rows change more than
+            # once here (a grant right after the move), and need not be flushed in between.
+            with s.no_autoflush:
+                for action in tr.actions:
+                    if isinstance(action, m.Enqueue):
+                        grant = await self.admission.grant_now(
+                            s, q, run=row, key=row.concurrency_key or "", retry_for=self.retry_for
+                        )
+                        if grant is not None:
+                            continue  # admitted at once: it never waits in the queue
+                        await self.admission.enqueue(
+                            s,
+                            q,
+                            run_id=run_id,
+                            key=row.concurrency_key or "",
+                            priority=row.priority,
+                            arrival=row.arrival,
+                        )
+                    elif isinstance(action, m.Dequeue):
+                        await self.admission.dequeue(s, q, run_id=run_id)
+                    elif isinstance(action, m.ReleaseSlot):
+                        await self.admission.release(s, q, run_id=run_id)
             if grant is not None:
                 kept = tuple(a for a in tr.actions if not isinstance(a, m.Enqueue))
                 tr = m.Transition(load_state(row), (*kept, m.CreatePod(grant.attempt)))
