@@ -43,7 +43,6 @@ from bench.common import (
     write_results,
 )
 from kubetask.admission import Admission, QueueLimits
-from kubetask.pods import pod_name
 from kubetask.spec import RetrySpec
 from kubetask.store import db
 from kubetask.store import tables as t
@@ -150,7 +149,7 @@ class Depth:
         self.engine = create_async_engine(url, pool_size=2)
         self.counter = StatementCounter(self.engine)
         self.sessions = db.session_factory(self.engine)
-        self.admission = Admission(self.sessions, pod_name=pod_name)
+        self.admission = Admission(self.sessions)
         self.key_names = [f"k{i:03d}" for i in range(keys)]
         self.running: deque[str] = deque()
         self.next_id = 0

@@ -6,30 +6,70 @@ them when they end (also on Ctrl-C)."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime as dt
+import functools
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+
+#: Environment variable: measure this commit's ``operator/`` (``git archive``) instead
+#: of the working tree's, in the operator processes and in the benchmark's own process
+#: (its ``kubetask`` imports), e.g. while the working tree is being edited.
+OPERATOR_REF = "KUBETASK_BENCH_OPERATOR_REF"
+#: ref -> the commit whose operator/ :func:`operator_code` extracted (recorded in the JSON).
+EXTRACTED: dict[str, str] = {}
+
+
+@functools.cache
+def operator_code(ref: str) -> Path:
+    """The ``operator/`` directory of commit ``ref``, extracted once into a temporary
+    directory removed when this process exits."""
+    commit = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", f"{ref}^{{commit}}"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    EXTRACTED[ref] = commit
+    tmp = tempfile.mkdtemp(prefix="kubetask-bench-operator-")
+    atexit.register(shutil.rmtree, tmp, True)
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", commit, "operator"], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+    return Path(tmp) / "operator"
+
+
 if str(REPO) not in sys.path:  # tests.e2e.harness, when not started from the repository root
     sys.path.insert(0, str(REPO))
 if str(REPO / "operator") not in sys.path:
     sys.path.insert(1, str(REPO / "operator"))
+if os.environ.get(OPERATOR_REF):
+    if "kubetask" in sys.modules:
+        raise ImportError(f"{OPERATOR_REF}: bench.common must be imported before kubetask")
+    sys.path.insert(0, str(operator_code(os.environ[OPERATOR_REF])))
 
+from kubernetes import client  # noqa: E402
 from kubernetes.client.rest import ApiException  # noqa: E402
 from sqlalchemy import create_engine, text  # noqa: E402
 from sqlalchemy.pool import NullPool  # noqa: E402
 from tests.databases import scratch_database  # noqa: E402
 from tests.e2e.harness import Operator, PodEvent, PodWatcher, Stack, hack, install_crds, namespace  # noqa: E402
 
+from kubetask.pods import LABEL_ATTEMPT, LABEL_RUN  # noqa: E402
+from kubetask.settings import Settings  # noqa: E402
 from kubetask.spec import GROUP, VERSION  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -146,6 +186,8 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "commit": out("git", "rev-parse", "--short", "HEAD"),
         "dirty": bool(out("git", "status", "--porcelain", "--", "operator")),
+        # Operator processes ran these commits' operator/ (none: the working tree's).
+        "operator_refs": EXTRACTED,
         "kubernetes": out("kubectl", "version", "-o", "json"),
         "disturbances": DISTURBANCES,
     }
@@ -196,8 +238,6 @@ def stack() -> Stack:
 def warn_cluster_wide_operator(st: Stack) -> None:
     """An operator installed in the cluster that watches every namespace acts on the
     benchmarks' Runs too (its own database, the same pod names): say so."""
-    from kubernetes import client
-
     try:
         dep = client.AppsV1Api().read_namespaced_deployment("kubetask-operator", "kubetask-system")
     except ApiException:
@@ -270,22 +310,120 @@ class CountingOperator(Operator):
         return [sys.executable, "-m", "bench.opstats", "operator"]
 
 
+def production_timings() -> dict[str, str]:
+    """The operator's own defaults (kubetask.settings) for what the e2e harness shortens so
+    that tests take seconds: the lease timings and the resync period. A benchmark measures
+    the operator as it runs in production unless it says otherwise."""
+    fields = Settings.model_fields
+    names = ("lease_duration_seconds", "renew_deadline_seconds", "lease_retry_seconds", "resync_seconds")
+    return {f"KUBETASK_{n.upper()}": str(fields[n].default) for n in names if n in fields}
+
+
+def has_setting(code: Path | None, name: str) -> bool:
+    """Whether the operator in ``code`` (another commit's ``operator/``; None: the one this
+    process imported) has the setting ``name``: older commits lack leader election and
+    the runner's own port."""
+    if code is None:
+        return name in Settings.model_fields
+    text = (code / "kubetask" / "settings.py").read_text()
+    return any(line.strip().startswith(f"{name}:") for line in text.splitlines())
+
+
+def lease_holder(st: Stack, ns: str) -> str:
+    """holderIdentity of the operators' Lease in ``ns`` (the harness puts it in the first
+    watched namespace); "" when nobody holds it or it does not exist yet."""
+    field = Settings.model_fields.get("lease_name")
+    if field is None:  # an operator from before leader election
+        return ""
+    try:
+        lease = client.CoordinationV1Api(st.core.api_client).read_namespaced_lease(field.default, ns)
+    except ApiException:
+        return ""
+    return str((lease.spec and lease.spec.holder_identity) or "")
+
+
+def holds_lease(st: Stack, ns: str, op: Operator) -> bool:
+    """Whether ``op`` holds the Lease (identities are ``<KUBETASK_OPERATOR_ID>_<random>``)."""
+    return lease_holder(st, ns).startswith(f"{op.name}_")
+
+
+def listening(pid: int, port: int) -> bool:
+    """Whether process ``pid`` has a socket listening on TCP ``port`` (Linux /proc). With
+    replicas sharing a port (SO_REUSEPORT), ``/healthz`` may be answered by another one."""
+    inodes: set[str] = set()
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[len("socket:[") : -1])
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                f = line.split()
+                if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port and f[9] in inodes:
+                    return True
+    return False
+
+
 def start_operator(
-    st: Stack, database_url: str, ns: str, *, count_statements: bool = False, **env: str
+    st: Stack,
+    database_url: str,
+    ns: str,
+    *,
+    count_statements: bool = False,
+    name: str = "bench",
+    port: int | None = None,
+    runner_port: int | None = None,
+    harness_timings: bool = False,
+    wait_leading: bool = True,
+    code: Path | None = None,
+    **env: str,
 ) -> Operator:
-    """A kubetask operator process on this host watching ``ns`` only."""
+    """A kubetask operator process on this host watching ``ns`` only, with the production
+    lease and resync timings (``harness_timings``: the e2e harness's short ones). With
+    ``wait_leading``, returns once it holds the Lease (read from the API server, so it
+    works at any log level; ``Operator.leading()`` needs the INFO line ``leading:``; an
+    operator from before leader election acts at once), else once the process itself
+    listens on its API port.
+    ``port``, ``runner_port``: share another operator's API ports (replicas bind them with
+    SO_REUSEPORT; the runner's port is in the pods it created).
+    ``code``: run the ``kubetask`` package found there (another commit's ``operator/``);
+    default: ``$KUBETASK_BENCH_OPERATOR_REF``'s (:func:`operator_code`), else the working tree."""
+    if code is None and (ref := os.environ.get(OPERATOR_REF)):
+        code = operator_code(ref)
     kwargs: dict[str, Any] = {
         "database_url": database_url,
         "namespaces": [ns],
         "log_dir": log_dir(),
-        "name": "bench",
-        "env": {"KUBETASK_LOG_LEVEL": "WARNING", **env},
+        "name": name,
+        "port": port,
+        "runner_port": runner_port,
+        "env": {
+            "KUBETASK_LOG_LEVEL": "WARNING",
+            **({} if harness_timings else production_timings()),
+            **env,
+        },
     }
+    op: Operator
     if count_statements:
-        stats = log_dir() / f"opstats-{ns}.json"
+        stats = log_dir() / f"opstats-{ns}-{name}.json"
         stats.unlink(missing_ok=True)
-        return CountingOperator(st, stats_path=stats, **kwargs).start()
-    return Operator(st, **kwargs).start()
+        op = CountingOperator(st, stats_path=stats, **kwargs)
+    else:
+        op = Operator(st, **kwargs)
+    if code is not None:
+        op.env["PYTHONPATH"] = os.pathsep.join([str(code), op.env.get("PYTHONPATH", "")])
+    if not has_setting(code, "runner_api_port"):
+        # From before the runner listener had a port of its own: one API port for all.
+        op.env["KUBETASK_API_URL"] = f"http://{st.host_ip}:{op.port}"
+    op.start(wait_ready=False)
+    assert op.proc is not None
+    pid = op.proc.pid
+    wait_for(lambda: listening(pid, op.port), 90, f"operator {name} to listen on {op.port}", every=0.05)
+    if wait_leading and has_setting(code, "lease_name"):
+        wait_for(lambda: holds_lease(st, ns, op), 120, f"operator {name} to hold the Lease in {ns}")
+    return op
 
 
 def task_source(body: str, task_id: str) -> str:
@@ -414,6 +552,17 @@ class AllPods(PodWatcher):
         for ev in self.snapshot():
             if ev.phase in ("Succeeded", "Failed"):
                 out.setdefault(ev.uid, ev.at)
+        return out
+
+    def attempt_pods(self, attempt: int = 1) -> dict[str, tuple[str, float]]:
+        """Run name -> (name of its pod of ``attempt``, when that pod's first ADDED was
+        seen), from the pods' labels: pod names carry part of the Run's uid
+        (``kubetask.pods.pod_name``), so they cannot be computed from the Run's name."""
+        out: dict[str, tuple[str, float]] = {}
+        for ev in self.snapshot():
+            run = ev.labels.get(LABEL_RUN)
+            if ev.type == "ADDED" and run and ev.labels.get(LABEL_ATTEMPT) == str(attempt):
+                out.setdefault(run, (ev.name, ev.at))
         return out
 
     def added_uids(self) -> dict[str, float]:

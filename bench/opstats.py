@@ -4,8 +4,9 @@ statements and transactions it sends by code path.
 A SQLAlchemy ``before_cursor_execute`` / ``commit`` listener on every engine attributes each
 statement to the kubetask coroutines that issued it (found from the greenlet SQLAlchemy's
 asyncio layer runs in: its parent's suspended frame is the awaiting coroutine stack). The
-counts are written as JSON to ``$KUBETASK_BENCH_OPSTATS`` twice a second. The overhead is a
-frame walk per statement; use it to explain numbers, not to produce them.
+counts are written as JSON to ``$KUBETASK_BENCH_OPSTATS`` every
+``$KUBETASK_BENCH_OPSTATS_EVERY`` seconds (default 0.5), with the time of writing. The
+overhead is a frame walk per statement; use it to explain numbers, not to produce them.
 
 With ``$KUBETASK_BENCH_PROFILE`` set, SIGUSR1 starts a cProfile and SIGUSR2 stops it and
 writes it there.
@@ -22,49 +23,118 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Coroutine
+from contextvars import ContextVar
+from types import FrameType
 from typing import Any
 
 import greenlet
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-#: The process's own frames around the event loop: not a code path.
-OUTER = {"<module>", "main", "run_operator", "operator_cmd"}
+#: Frames that only carry work to the code that does it (the process's entry around the
+#: event loop, the leader's wrapper, the work queues' workers, the API's middleware): not
+#: a code path.
+PLUMBING = {"<module>", "main", "run_operator", "operator_cmd", "_await", "middleware"}
+PLUMBING_PREFIXES = ("WorkQueue.",)
 statements: Counter[str] = Counter()
 commits: Counter[str] = Counter()
+#: The distinct statements seen on each code path (the first few, 160 characters each).
+examples: dict[str, list[str]] = {}
+EXAMPLES_PER_PATH = 8
 
 
-def where() -> str:
-    """'outermost kubetask function > innermost kubetask function' of the caller."""
-    g = greenlet.getcurrent()
-    frame = g.parent.gr_frame if g.parent is not None else sys._getframe(2)
+def path_of(frame: FrameType | None) -> str:
+    """The kubetask functions on the stack from ``frame`` out, outermost first, joined by
+    " > " (e.g. ``Controller.reconcile > Attempts.reconcile > Transitions.apply``); ""
+    when there are none. :func:`outer_inner` shortens it."""
     names: list[str] = []
     while frame is not None:
         code = frame.f_code
         if f"{os.sep}kubetask{os.sep}" in code.co_filename:
-            names.append(code.co_qualname)
+            name = code.co_qualname
+            if name not in PLUMBING and not name.startswith(PLUMBING_PREFIXES) and name not in names[-1:]:
+                names.append(name)
         frame = frame.f_back
-    names = [n for n in names if n not in OUTER]
-    if not names:
-        return "?"
-    return names[-1] if len(names) == 1 else f"{names[-1]} > {names[0]}"
+    return " > ".join(reversed(names))
 
 
-def _on_statement(*_: Any) -> None:
-    statements[where()] += 1
+#: The path of the code whose ``async with`` SQLAlchemy finishes in a task of its own.
+_carried: ContextVar[str] = ContextVar("opstats_carried", default="?")
+
+
+def where() -> str:
+    """The code path of the statement being sent (see :func:`path_of`), "?" if unknown."""
+    g = greenlet.getcurrent()
+    # SQLAlchemy's asyncio layer runs the sync ORM in a greenlet whose parent is
+    # suspended in the awaiting coroutine stack.
+    return path_of(g.parent.gr_frame if g.parent is not None else sys._getframe(2)) or _carried.get()
+
+
+def _carry_paths_into_shielded_tasks() -> None:
+    """SQLAlchemy ends ``async with sessions.begin()`` (the commit, with the flush of what is
+    still pending) and ``async with session`` in a task of its own, shielded from
+    cancellation (``_run_to_completion``): no kubetask frame is on that task's stack. The
+    path of the code that left the block is handed to it in a context variable (a task
+    copies the context it is created in)."""
+    from sqlalchemy.ext.asyncio import engine as sa_engine
+    from sqlalchemy.ext.asyncio import session as sa_session
+
+    original = sa_session._run_to_completion
+
+    async def run_to_completion(coro: Coroutine[Any, Any, Any]) -> Any:
+        token = _carried.set(path_of(sys._getframe(1)) or "?")
+        try:
+            return await original(coro)
+        finally:
+            _carried.reset(token)
+
+    sa_session._run_to_completion = run_to_completion  # type: ignore[assignment]
+    sa_engine._run_to_completion = run_to_completion  # type: ignore[assignment]
+
+
+def outer_inner(path: str) -> str:
+    """'outermost > innermost' of a path :func:`where` gave."""
+    names = path.split(" > ")
+    return names[0] if len(names) == 1 else f"{names[0]} > {names[-1]}"
+
+
+def by_outer_inner(counts: dict[str, int]) -> dict[str, int]:
+    out: Counter[str] = Counter()
+    for path, n in counts.items():
+        out[outer_inner(path)] += n
+    return dict(out.most_common())
+
+
+def _on_statement(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+    path = where()
+    statements[path] += 1
+    seen = examples.setdefault(path, [])
+    if len(seen) < EXAMPLES_PER_PATH:
+        sql = " ".join(statement.split())[:160]
+        if sql not in seen:
+            seen.append(sql)
 
 
 def _on_commit(*_: Any) -> None:
     commits[where()] += 1
 
 
-def _dump(path: str) -> None:
+def _dump(path: str, every: float) -> None:
     while True:
         tmp = f"{path}.tmp"
         with open(tmp, "w") as f:
-            json.dump({"statements": dict(statements), "commits": dict(commits), "at": time.time()}, f)
+            json.dump(
+                {
+                    "statements": dict(statements),
+                    "commits": dict(commits),
+                    "examples": {k: list(v) for k, v in dict(examples).items()},
+                    "at": time.time(),
+                },
+                f,
+            )
         os.replace(tmp, path)
-        time.sleep(0.5)
+        time.sleep(every)
 
 
 def _profiler(path: str) -> None:
@@ -86,11 +156,13 @@ def _profiler(path: str) -> None:
 def main() -> None:
     if prof := os.environ.get("KUBETASK_BENCH_PROFILE"):
         _profiler(prof)
+    _carry_paths_into_shielded_tasks()
     event.listen(Engine, "before_cursor_execute", _on_statement)
     event.listen(Engine, "commit", _on_commit)
     path = os.environ.get("KUBETASK_BENCH_OPSTATS")
     if path:
-        threading.Thread(target=_dump, args=(path,), daemon=True).start()
+        every = float(os.environ.get("KUBETASK_BENCH_OPSTATS_EVERY", "0.5"))
+        threading.Thread(target=_dump, args=(path, every), daemon=True).start()
     sys.argv = ["kubetask", *sys.argv[1:]]
     runpy.run_module("kubetask.cli", run_name="__main__", alter_sys=True)
 
@@ -102,6 +174,31 @@ def read(path: str) -> dict[str, Counter[str]]:
     except (OSError, ValueError):
         return {"statements": Counter(), "commits": Counter()}
     return {"statements": Counter(raw["statements"]), "commits": Counter(raw["commits"])}
+
+
+def read_after(path: str, after: float, timeout: float = 30) -> dict[str, Counter[str]]:
+    """The counts of the first dump written after ``after`` (``time.time()``): every
+    statement sent before that moment is in them."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(path) as f:
+                raw = json.load(f)
+        except (OSError, ValueError):
+            raw = {}
+        if raw.get("at", 0) > after:
+            return {"statements": Counter(raw["statements"]), "commits": Counter(raw["commits"])}
+        time.sleep(0.02)
+    raise TimeoutError(f"{path} was not written for {timeout:.0f}s")
+
+
+def read_examples(path: str) -> dict[str, list[str]]:
+    """Code path -> the distinct statements sent on it (the first few)."""
+    try:
+        with open(path) as f:
+            return dict(json.load(f).get("examples", {}))
+    except (OSError, ValueError):
+        return {}
 
 
 def diff(after: dict[str, Counter[str]], before: dict[str, Counter[str]]) -> dict[str, dict[str, int]]:

@@ -35,6 +35,7 @@ from bench.common import (
     bench_database,
     bench_namespace,
     print_table,
+    process_cpu_seconds,
     ratio,
     run_phases,
     stack,
@@ -45,7 +46,6 @@ from bench.common import (
     wait_task_ready,
     write_results,
 )
-from kubetask.pods import pod_name
 
 TASK = "noop"
 
@@ -201,7 +201,7 @@ def runs_phase(
         for i in range(args.warmup):
             create("rwarm")(i)
         wait_for(
-            lambda: sum(n.startswith("rwarm-") for n in w.first_added()) >= args.warmup, 120, "warm-up pods"
+            lambda: sum(n.startswith("rwarm-") for n in w.attempt_pods()) >= args.warmup, 120, "warm-up pods"
         )
         if not args.unscheduled:
             time.sleep(5)
@@ -210,11 +210,13 @@ def runs_phase(
     cpu = CpuMeter().start()
     prefix = f"run-{rnd}"
     t0s, achieved = paced(count, args.rate, create(prefix))
-    pods = [pod_name(f"{prefix}-{i:04d}", 1) for i in range(count)]
-    wait_for(lambda: all(p in w.first_added() for p in pods), args.timeout, "a pod for every Run", every=0.2)
+    names = [f"{prefix}-{i:04d}" for i in range(count)]
+    wait_for(
+        lambda: all(n in w.attempt_pods() for n in names), args.timeout, "a pod for every Run", every=0.2
+    )
     cpu.stop()
-    seen = w.first_added()
-    lat = [seen[p] - t0 for p, t0 in zip(pods, t0s, strict=True)]
+    seen = w.attempt_pods()
+    lat = [seen[n][1] - t0 for n, t0 in zip(names, t0s, strict=True)]
 
     if not args.unscheduled:
         with contextlib.suppress(TimeoutError):
@@ -222,7 +224,7 @@ def runs_phase(
                 lambda: set(run_phases(st, ns)) <= TERMINAL, args.timeout, "every Run to finish", every=1
             )
     final = run_phases(st, ns)
-    runtimes = pod_runtimes(w, set(pods))
+    runtimes = pod_runtimes(w, {seen[n][0] for n in names})
     # The operator deletes ended pods itself; deleting the Runs cancels the unscheduled ones
     # (the operator deletes their pods) and leaves nothing behind.
     with contextlib.suppress(ApiException):
@@ -278,6 +280,8 @@ def main() -> None:
     ]
     with bench_database(admin_database_url(), migrate=False) as url, bench_namespace(st, "latency") as ns:
         op = start_operator(st, url, ns)
+        assert op.proc is not None
+        pid = op.proc.pid
         print(f"namespace {ns}, operator log {op.log_path}", flush=True)
         try:
             with AllPods(st, ns) as w:
@@ -286,7 +290,10 @@ def main() -> None:
                     rnd = seen[kind]
                     seen[kind] += 1
                     phase = jobs_phase if kind == "jobs" else runs_phase
+                    cpu0 = process_cpu_seconds(pid)
                     phases.append(phase(st, ns, w, args, rnd, per_round[rnd]))
+                    # The operator's own CPU over the phase (idle during the Jobs' phases).
+                    phases[-1]["operator_cpu_s"] = round(process_cpu_seconds(pid) - cpu0, 2)
                     time.sleep(3)
         finally:
             op.stop()
@@ -302,6 +309,7 @@ def main() -> None:
             "background_cpu_percent": [p["background_cpu_percent"] for p in mine],
             "host_cpu_busy_percent": [p["host_cpu_busy_percent"] for p in mine],
             "pod_runtime_ms": summary_ms([x for p in mine for x in p["pod_runtime_s"]]),
+            "operator_cpu_s": [p["operator_cpu_s"] for p in mine],
         }
     results["jobs"]["succeeded"] = sum(p["succeeded"] for p in phases if p["kind"] == "jobs")
     results["runs"]["run_phases"] = [p["run_phases"] for p in phases if p["kind"] == "runs"]
@@ -319,7 +327,18 @@ def main() -> None:
     where = "pods never scheduled" if args.unscheduled else "pods run"
     print_table(
         f"create -> pod ADDED, {args.count} each at {args.rate}/s, {where}, {args.rounds} ABBA rounds (ms)",
-        ["", "p50", "p90", "p99", "mean", "max", "p50 per round", "CPU % bg/during", "pod runtime p50"],
+        [
+            "",
+            "p50",
+            "p90",
+            "p99",
+            "mean",
+            "max",
+            "p50 per round",
+            "CPU % bg/during",
+            "operator CPU s",
+            "pod runtime p50",
+        ],
         [
             [
                 label,
@@ -333,11 +352,12 @@ def main() -> None:
                     f"{b:.0f}/{d:.0f}"
                     for b, d in zip(x["background_cpu_percent"], x["host_cpu_busy_percent"], strict=True)
                 ),
+                " ".join(f"{v:.1f}" for v in x["operator_cpu_s"]),
                 x["pod_runtime_ms"].get("p50", "-"),
             ]
             for label, x in (("Job (baseline)", results["jobs"]), ("kubetask Run", results["runs"]))
         ]
-        + [["ratio Run/Job", results["ratio_p50"], "", results["ratio_p99"], "", "", "", "", ""]],
+        + [["ratio Run/Job", results["ratio_p50"], "", results["ratio_p99"], "", "", "", "", "", ""]],
     )
     print(
         f"Run phases at the end of each round: {results['runs']['run_phases']}; Jobs succeeded: "

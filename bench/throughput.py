@@ -53,7 +53,6 @@ from bench.common import (
     write_results,
 )
 from kubetask.admission import Admission, QueueLimits
-from kubetask.pods import pod_name
 from kubetask.store import db
 
 #: Resources whose writes the summary shows (the JSON has all of them).
@@ -66,7 +65,7 @@ async def admission_part(url: str, m: int, keys: int) -> dict[str, Any]:
     engine = create_async_engine(url, pool_size=2)
     counter = StatementCounter(engine)
     sessions = db.session_factory(engine)
-    admission = Admission(sessions, pod_name=pod_name)
+    admission = Admission(sessions)
     try:
         await admission.configure(QUEUE, QueueLimits())
         await add_runs(sessions, admission, [(f"r{i:06d}", f"k{i % keys:03d}") for i in range(m)])
@@ -191,7 +190,7 @@ def operator_part(
             # One warm-up Run: the operator creates the Task's source ConfigMap once and
             # has its connections open, as in steady operation.
             st.create_run(ns, "nowhere", name="warm")
-            wait_for(lambda: "warm-1" in w.first_added(), 60, "the warm-up pod")
+            wait_for(lambda: "warm" in w.attempt_pods(), 60, "the warm-up pod")
             st.apply_queue(ns, "q", {"paused": True})
             time.sleep(1)
             for i in range(runs):
@@ -206,10 +205,10 @@ def operator_part(
                 op.proc.send_signal(signal.SIGUSR1)
             t0 = time.time()
             st.apply_queue(ns, "q", {"paused": False})
-            names = [f"e2e-{i:04d}-1" for i in range(runs)]
-            wait_for(lambda: all(n in w.first_added() for n in names), timeout, "every pod", every=0.2)
-            seen = w.first_added()
-            times = sorted(seen[n] for n in names)
+            names = [f"e2e-{i:04d}" for i in range(runs)]
+            wait_for(lambda: all(n in w.attempt_pods() for n in names), timeout, "every pod", every=0.2)
+            seen = w.attempt_pods()
+            times = sorted(seen[n][1] for n in names)
             op_cpu = process_cpu_seconds(op.proc.pid) - cpu0
             if profile:
                 op.proc.send_signal(signal.SIGUSR2)
@@ -258,7 +257,9 @@ def profile_summary(path: Path) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--admit-runs", type=int, default=2000, help="queued runs admitted in part 1")
+    ap.add_argument(
+        "--admit-runs", type=int, default=2000, help="queued runs admitted in part 1 (0: skip it)"
+    )
     ap.add_argument("--raw-pods", type=int, default=2000, help="pods created raw in part 2")
     ap.add_argument("--runs", type=int, default=300, help="Runs through the operator in part 3")
     ap.add_argument("--concurrency", type=int, default=10, help="concurrent raw pod creations (default 10)")
@@ -280,9 +281,10 @@ def main() -> None:
 
     results: dict[str, Any] = {}
     admin = admin_database_url()
-    with bench_database(admin) as url:
-        print(f"1. admission: {args.admit_runs} queued runs, no limit ...", flush=True)
-        results["admission"] = asyncio.run(admission_part(url, args.admit_runs, args.keys))
+    if args.admit_runs > 0:
+        with bench_database(admin) as url:
+            print(f"1. admission: {args.admit_runs} queued runs, no limit ...", flush=True)
+            results["admission"] = asyncio.run(admission_part(url, args.admit_runs, args.keys))
     if not args.skip_cluster:
         st = stack()
         with bench_namespace(st, "raw") as ns:
@@ -295,17 +297,20 @@ def main() -> None:
             results["operator"] = operator_part(
                 st, ns, url, args.runs, args.timeout, args.count_statements, profile
             )
-    a = results["admission"]
-    rows: list[list[Any]] = [
-        ["admission (grants/s)", a["granted"], a["seconds"], a["grants_per_s"], ""],
-    ]
+    a = results.get("admission")
+    rows: list[list[Any]] = []
+    if a:
+        rows.append(["admission (grants/s)", a["granted"], a["seconds"], a["grants_per_s"], ""])
     if "raw" in results:
         r, r2, o = results["raw"], results["raw_same_count"], results["operator"]
-        results["ratio_admission_to_raw"] = ratio(a["grants_per_s"], r["pods_per_s"])
         results["ratio_operator_to_raw"] = ratio(o["pods_per_s"], r2["pods_per_s"])
+        rows.append(
+            [f"raw pods, {args.concurrency} concurrent", r["pods"], r["seconds"], r["pods_per_s"], ""]
+        )
+        if a:
+            results["ratio_admission_to_raw"] = ratio(a["grants_per_s"], r["pods_per_s"])
+            rows.append(["admission / raw", "", "", results["ratio_admission_to_raw"], ""])
         rows += [
-            [f"raw pods, {args.concurrency} concurrent", r["pods"], r["seconds"], r["pods_per_s"], ""],
-            ["admission / raw", "", "", results["ratio_admission_to_raw"], ""],
             [f"raw pods, {args.concurrency} concurrent", r2["pods"], r2["seconds"], r2["pods_per_s"], ""],
             [
                 "operator: unpause -> pods",
@@ -317,11 +322,12 @@ def main() -> None:
             ["operator / raw", "", "", results["ratio_operator_to_raw"], ""],
         ]
     print_table("throughput, no queue limit", ["", "count", "seconds", "per second", "first->last /s"], rows)
-    print(
-        f"admission: {a['client_cpu_seconds']} s of this process's CPU in {a['seconds']} s; "
-        f"{a['admit_calls']} admit() calls, {a['statements_per_grant_sent']} statements per grant "
-        f"sent ({a['statements_per_grant_counted']} by Admission.statements)"
-    )
+    if a:
+        print(
+            f"admission: {a['client_cpu_seconds']} s of this process's CPU in {a['seconds']} s; "
+            f"{a['admit_calls']} admit() calls, {a['statements_per_grant_sent']} statements per grant "
+            f"sent ({a['statements_per_grant_counted']} by Admission.statements)"
+        )
     if "operator" in results:
         o, r2 = results["operator"], results["raw_same_count"]
         print(f"operator process CPU during the burst: {o['operator_cpu_seconds']} s in {o['seconds']} s")
@@ -334,7 +340,7 @@ def main() -> None:
                 f"operator database work during the burst: {sum(st_.values()) / o['runs']:.1f} statements and "
                 f"{sum(cm.values()) / o['runs']:.1f} commits per pod; by code path (per pod):"
             )
-            for path, n in list(st_.items())[:15]:
+            for path, n in list(opstats.by_outer_inner(st_).items())[:15]:
                 print(f"  {n / o['runs']:6.2f}  {path}")
         if o.get("operator_profile"):
             prof = o["operator_profile"]
