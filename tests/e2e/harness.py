@@ -162,6 +162,7 @@ def install_crds(kubeconfig: str) -> None:
             "crd/tasks.kubetask.dev",
             "crd/runs.kubetask.dev",
             "crd/queues.kubetask.dev",
+            "crd/webhooks.kubetask.dev",
         ],
         check=True,
         env=env,
@@ -275,8 +276,12 @@ class Operator:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"operator exited {self.proc.returncode}:\n{self.log_tail()}")
+            # Replicas share the port: /healthz may be another process's answer, so this
+            # one's own log must say it stands for leader (it is up) or leads.
             with contextlib.suppress(OSError), urllib.request.urlopen(f"{self.api}/healthz", timeout=2) as r:
-                if r.status == 200 and (not wait_ready or self.leading()):
+                if r.status == 200 and (
+                    self.leading() if wait_ready else self.own_log_has("standing for leader")
+                ):
                     return self
             time.sleep(0.3)
         raise AssertionError(f"operator API did not come up:\n{self.log_tail()}")
@@ -296,8 +301,12 @@ class Operator:
 
     def leading(self) -> bool:
         """Whether this process leads and finished its first resync (its log says so)."""
+        return self.own_log_has("leading:")
+
+    def own_log_has(self, text: str) -> bool:
+        """Whether this process (since its start marker) logged ``text``."""
         with contextlib.suppress(OSError):
-            return "leading:" in self.log_path.read_text(errors="replace").split(self.start_marker)[-1]
+            return text in self.log_path.read_text(errors="replace").split(self.start_marker)[-1]
         return False
 
     def log_tail(self, n: int = 60) -> str:

@@ -1,4 +1,4 @@
-"""control loop: timers (runs.wake_at and a timers table), infrastructure failures, cancel requests, TTLs, condition times
+"""control loop: timers, infrastructure failures, cancel requests, TTLs, condition times
 
 Revision ID: 0002
 Revises: 0001
@@ -29,8 +29,6 @@ def upgrade() -> None:
     op.add_column("runs", sa.Column("infra_failures", sa.Integer(), server_default="0", nullable=False))
     op.add_column("runs", sa.Column("cancel_requested", sa.Boolean(), server_default="false", nullable=False))
     op.add_column("runs", sa.Column("ttl_seconds", sa.Integer(), nullable=True))
-    op.add_column("runs", sa.Column("wake_at", sa.DateTime(timezone=True), nullable=True))
-    op.create_index("ix_runs_wake", "runs", ["wake_at"], postgresql_where=sa.text("wake_at IS NOT NULL"))
     op.add_column(
         "runs", sa.Column("condition_times", postgresql.JSONB(astext_type=sa.Text()), nullable=True)
     )
@@ -40,8 +38,10 @@ def upgrade() -> None:
     op.create_index("ix_runs_live", "runs", ["namespace"], postgresql_where=sa.text("finished_at IS NULL"))
     op.create_index("ix_logs_ts", "logs", ["ts"])
     # Runs that were Running or Retrying before this version were woken by in-memory
-    # timers: make each live run due now, so the first leader reconciles it.
-    op.execute("UPDATE runs SET wake_at = now() WHERE finished_at IS NULL")
+    # timers: give each live run a due timer so the first leader reconciles it.
+    op.execute(
+        "INSERT INTO timers (kind, key, due_at) SELECT 'run', id, now() FROM runs WHERE finished_at IS NULL"
+    )
 
 
 def downgrade() -> None:
@@ -49,8 +49,6 @@ def downgrade() -> None:
     op.drop_index("ix_runs_live", table_name="runs")
     op.drop_index("ix_runs_finished", table_name="runs")
     op.drop_column("runs", "condition_times")
-    op.drop_index("ix_runs_wake", table_name="runs")
-    op.drop_column("runs", "wake_at")
     op.drop_column("runs", "ttl_seconds")
     op.drop_column("runs", "cancel_requested")
     op.drop_column("runs", "infra_failures")
