@@ -9,9 +9,9 @@ snake_case attributes.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "kubetask.dev"
@@ -171,6 +171,98 @@ class QueueSpec(_Model):
         None, ge=1, le=100_000, description="Most live pods at once per concurrencyKey."
     )
     paused: bool = Field(False, description="Paused queues admit nothing; running pods continue.")
+
+
+HTTP_HEADER = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"
+#: Seconds a Stripe signature's timestamp may differ from the operator's clock.
+DEFAULT_TOLERANCE_SECONDS = 300
+
+
+class SecretKeyRef(_Model):
+    """A key of a Secret in the resource's namespace."""
+
+    name: str = Field(..., min_length=1, max_length=253, description="The Secret's name.")
+    key: str = Field(..., min_length=1, max_length=253, description="The key in the Secret's data.")
+
+
+class WebhookSpec(_Model):
+    """An HTTP endpoint that triggers a Task when a request is signed with a shared secret.
+
+    ``POST /api/v1/namespaces/{namespace}/webhooks/{name}`` on the public API; docs/webhooks.md."""
+
+    task: str = Field(
+        ...,
+        min_length=1,
+        max_length=63,
+        pattern=DNS1123_LABEL,
+        description="The Task to trigger, in this namespace.",
+    )
+    format: Literal["github", "stripe", "hmac-sha256"] = Field(
+        ...,
+        description="How requests are signed: github (X-Hub-Signature-256), stripe (Stripe-Signature, "
+        "timestamped) or hmac-sha256 (the hex digest in spec.header).",
+    )
+    secret_ref: SecretKeyRef = Field(..., description="The Secret key holding the shared secret.")
+    header: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        pattern=HTTP_HEADER,
+        description="hmac-sha256 only (and required there): the header carrying the hex digest.",
+    )
+    tolerance_seconds: int | None = Field(
+        None,
+        ge=1,
+        le=86_400,
+        description=f"stripe only: how far the signed timestamp may be from now; default {DEFAULT_TOLERANCE_SECONDS}.",
+    )
+    payload: Literal["body", "wrapped"] = Field(
+        "body",
+        description="The run's payload: the JSON body itself (body), or {headers, body} (wrapped).",
+    )
+    forward_headers: list[str] = Field(
+        default_factory=lambda: ["Content-Type", "User-Agent", "X-GitHub-Event", "X-GitHub-Delivery"],
+        max_length=32,
+        description="wrapped only: the request headers copied into payload.headers (names lowercased).",
+    )
+    idempotency_key_header: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        pattern=HTTP_HEADER,
+        description="A header whose value becomes the run's idempotencyKey (e.g. X-GitHub-Delivery), so a "
+        "redelivery does not run twice.",
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.format == 'hmac-sha256' ? has(self.header) : !has(self.header)",
+                    "message": "spec.header is required with format hmac-sha256 and not allowed otherwise",
+                    "fieldPath": ".header",
+                },
+                {
+                    "rule": "!has(self.toleranceSeconds) || self.format == 'stripe'",
+                    "message": "spec.toleranceSeconds is only allowed with format stripe",
+                    "fieldPath": ".toleranceSeconds",
+                },
+            ]
+        }
+    )
+
+    @model_validator(mode="after")
+    def _format_fields(self) -> WebhookSpec:
+        # The CEL rules above, for the operator's own parse.
+        if (self.format == "hmac-sha256") != (self.header is not None):
+            raise ValueError("spec.header is required with format hmac-sha256 and not allowed otherwise")
+        if self.tolerance_seconds is not None and self.format != "stripe":
+            raise ValueError("spec.toleranceSeconds is only allowed with format stripe")
+        return self
+
+    @property
+    def tolerance(self) -> int:
+        return self.tolerance_seconds or DEFAULT_TOLERANCE_SECONDS
 
 
 # Tags are validated item by item in the CRD (pydantic puts the bound on the list).

@@ -65,6 +65,24 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     ("unknown run field", run({"task": "t", "queue": "x"}), "queue"),
     ("queue limit negative", queue({"concurrencyLimit": -1}), "spec.concurrencyLimit"),
     ("queue paused not bool", queue({"paused": "no"}), "spec.paused"),
+    *[
+        (
+            f"webhook {what}",
+            {
+                "apiVersion": "kubetask.dev/v1alpha1",
+                "kind": "Webhook",
+                "metadata": {"name": "w"},
+                "spec": {"task": "t", "secretRef": {"name": "s", "key": "k"}, **spec},
+            },
+            field,
+        )
+        for what, spec, field in [
+            ("unknown format", {"format": "gitlab"}, "spec.format"),
+            ("hmac-sha256 without header", {"format": "hmac-sha256"}, "spec.header"),
+            ("tolerance on github", {"format": "github", "toleranceSeconds": 60}, "spec.toleranceSeconds"),
+            ("payload mode unknown", {"format": "github", "payload": "raw"}, "spec.payload"),
+        ]
+    ],
 ]
 
 

@@ -53,6 +53,9 @@ class Endpoint:
     """By status; a tuple for one status with several media types."""
     params: Sequence[Param] = ()
     auth: bool = True
+    raw_request: Body | None = None
+    """A request body the handler reads as bytes (a signed webhook): documented by media
+    type, with any JSON value allowed."""
 
 
 def _schema_ref(model: type[BaseModel]) -> dict[str, Any]:
@@ -114,6 +117,12 @@ def document(endpoints: Sequence[Endpoint], *, version: str) -> dict[str, Any]:
             op["requestBody"] = {
                 "required": True,
                 "content": {"application/json": {"schema": _schema_ref(ep.request)}},
+            }
+        if ep.raw_request is not None:
+            op["requestBody"] = {
+                "required": True,
+                "description": ep.raw_request.description,
+                "content": {ep.raw_request.media: {"schema": {}}},
             }
         for status, bodies in ep.responses.items():
             alternatives = bodies if isinstance(bodies, tuple) else (bodies,)

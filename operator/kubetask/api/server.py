@@ -36,6 +36,7 @@ from kubetask.api.openapi import Body, Endpoint, Param, document
 from kubetask.api.runner import LOG_BUDGET, LOG_WRITERS, LogBudget, get_attempt, post_complete, post_logs
 from kubetask.api.runs import RUN_NAMESPACES, RunNamespaces
 from kubetask.api.state import SESSIONS, SETTINGS
+from kubetask.api.webhooks import WEBHOOKS, Webhooks, receive
 from kubetask.apimodels import (
     MAX_BATCH_BODY_BYTES,
     MAX_BATCH_ITEMS,
@@ -46,6 +47,7 @@ from kubetask.apimodels import (
     BulkRequest,
     BulkSummary,
     CancelResponse,
+    ErrorResponse,
     LogLine,
     LogPage,
     LogStreamEnd,
@@ -243,6 +245,24 @@ PUBLIC_ENDPOINTS: tuple[Endpoint, ...] = (
         responses={200: Body((QueueItem,))},
     ),
     Endpoint(
+        "POST",
+        "/api/v1/namespaces/{namespace}/webhooks/{name}",
+        receive,
+        "Deliver a signed webhook: one run of the Webhook's task",
+        None,
+        auth=False,
+        raw_request=Body(description="the sender's JSON, signed as sent (docs/webhooks.md)"),
+        params=(_NS, Param("name", "path", {"type": "string", "pattern": DNS1123_LABEL, "maxLength": 63})),
+        responses={
+            202: Body(
+                (TriggerResponse,), description="the run triggered (or, isCached, the one holding the key)"
+            ),
+            401: Body(
+                (ErrorResponse,), description="invalid_signature: bad, missing or stale; nothing created"
+            ),
+        },
+    ),
+    Endpoint(
         "GET",
         "/api/v1/openapi.json",
         openapi,
@@ -313,6 +333,7 @@ def make_public_app(
         is_attempt_token=_attempt_tokens(sessions),
     )
     app[RUN_NAMESPACES] = RunNamespaces()
+    app[WEBHOOKS] = Webhooks(app[RUNS])
     for ep in PUBLIC_ENDPOINTS:
         app.router.add_route(ep.method, ep.path, ep.handler)
     if own:
