@@ -71,9 +71,10 @@ class Attempts:
 
     # ---- the live attempt ----------------------------------------------------------------
 
-    async def reconcile(self, row: t.Run, att: t.Attempt) -> None:
-        """Make the cluster match a live attempt (``att.finished_at`` is None)."""
-        pod = self.index.get(row.id, att.number)
+    async def reconcile(self, row: t.Run, att: t.Attempt, *, fresh: bool = False) -> None:
+        """Make the cluster match a live attempt (``att.finished_at`` is None). With
+        ``fresh`` (a deadline is due), the pod is read from the API server, not the cache."""
+        pod = None if fresh else self.index.get(row.id, att.number)
         if pod is None and row.phase == m.Phase.RUNNING and att.pod_uid is None:
             pod = await self.kube.get_pod(row.namespace, att.pod_name)
             if pod is None:

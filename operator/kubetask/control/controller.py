@@ -312,7 +312,7 @@ class Controller:
         live = att if att is not None and att.finished_at is None else None
         if live is not None:
             await self.attempts.clean_up(row, live.number)
-            await self.attempts.reconcile(row, live)
+            await self.attempts.reconcile(row, live, fresh=fired)
             return
         if phase is m.Phase.PENDING:
             await self.intake.resolve(row)

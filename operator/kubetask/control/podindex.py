@@ -42,9 +42,12 @@ class PodIndex:
                 yield attempt, pod
 
     def put(self, pod: dict[str, Any]) -> None:
+        """Remember a pod we created or read, unless the watch already delivered it: the
+        watch's copy may be newer (the scheduler's verdict can arrive before the create's
+        answer), and an older copy must never replace it."""
         key = attempt_key(pod)
         if key is not None:
-            self._pods[key] = pod
+            self._pods.setdefault(key, pod)
 
     def __len__(self) -> int:
         return len(self._pods)
