@@ -49,6 +49,7 @@ class Attempts:
         catalogue: Catalogue,
         index: PodIndex,
         apply: Apply,
+        wake: Callable[[datetime], None],
     ) -> None:
         self.sessions = sessions
         self.kube = kube
@@ -56,6 +57,8 @@ class Attempts:
         self.catalogue = catalogue
         self.index = index
         self.apply = apply
+        #: Tells the timer loop a timer was set (so it fires on time, not on its next tick).
+        self.wake = wake
         self.limits = StartLimits(
             unschedulable=timedelta(seconds=settings.unschedulable_timeout_seconds),
             image_pull=timedelta(seconds=settings.image_pull_timeout_seconds),
@@ -109,6 +112,8 @@ class Attempts:
                 if row.wake_at != due:  # the run's timer follows its pod's next deadline
                     async with self.sessions.begin() as s:
                         await set_run_timer(s, row.id, due)
+                    if due is not None:
+                        self.wake(due)
                 return
             log.info("pod %s/%s: %s", row.namespace, att.pod_name, end.message)
             # Force only what is stuck terminating (its kubelet is gone and cannot confirm).

@@ -50,16 +50,15 @@ class Controller:
         self.sessions = sessions
         self.kube = kube
         self.settings = settings
-        self.admission = Admission(
-            sessions,
-            start_deadline=timedelta(
-                seconds=min(
-                    settings.unschedulable_timeout_seconds,
-                    settings.image_pull_timeout_seconds,
-                    settings.pod_start_timeout_seconds,
-                )
-            ),
+        #: A granted run's timer: the earliest moment its pod could be late starting.
+        self.start_deadline = timedelta(
+            seconds=min(
+                settings.unschedulable_timeout_seconds,
+                settings.image_pull_timeout_seconds,
+                settings.pod_start_timeout_seconds,
+            )
         )
+        self.admission = Admission(sessions, start_deadline=self.start_deadline)
         self.runs = WorkQueue(name="runs")
         self.queues = WorkQueue(name="queues")
         self.intake_queue = WorkQueue(name="intake")
@@ -88,6 +87,7 @@ class Controller:
             catalogue=self.catalogue,
             index=self.index,
             apply=self.transitions.apply,
+            wake=lambda due: self.timers.wake(due),
         )
         self.intake = Intake(
             sessions=sessions, catalogue=self.catalogue, settings=settings, apply=self.transitions.apply
@@ -141,6 +141,7 @@ class Controller:
         self.status.touch(applied.run_id)
         if applied.grant is not None:
             self.attempts.tokens[(applied.run_id, applied.grant.attempt)] = applied.grant.token
+            self.timers.wake(utcnow() + self.start_deadline)
         if applied.grant is not None or any(isinstance(a, m.DeletePod) for a in tr.actions):
             # Kubernetes has to follow (create or delete a pod): the reconcile does it. An
             # ended attempt's pod is deleted by the reconcile that recorded the end; the
@@ -274,6 +275,7 @@ class Controller:
             grants = await self.admission.admit(queue, retry_for=self.retry_for)
             for grant in grants:
                 self.attempts.tokens[(grant.run_id, grant.attempt)] = grant.token
+                self.timers.wake(utcnow() + self.start_deadline)
                 self.status.touch(grant.run_id)
                 self.runs.add(grant.run_id)
             if len(grants) < 64:

@@ -73,31 +73,54 @@ class TimerLoop:
         self._batch = batch
         self._wake = asyncio.Event()
         self._next: datetime | None = None
+        self._pending: datetime | None = None
         #: Timers fired (read by tests and /metrics).
         self.fired = 0
 
     def wake(self, due_at: datetime | None = None) -> None:
-        """A timer was set: look again now if it is earlier than what the loop sleeps for."""
-        if due_at is None or self._next is None or due_at < self._next:
+        """A timer was set for ``due_at`` (None: something may be due now). Costs no
+        query: the loop only moves its next tick earlier when the time is earlier."""
+        due = due_at or utcnow()
+        # Remembered apart too: a wake-up during a tick must survive the tick's answer.
+        self._pending = due if self._pending is None else min(self._pending, due)
+        if self._next is None or due < self._next:
+            self._next = due
             self._wake.set()
 
     async def run(self) -> None:
         while True:
+            last = utcnow()
+            self._pending = None
             try:
-                sleep = await self._tick()
+                nxt = await self._tick()
+                self._next = (
+                    nxt
+                    if self._pending is None or (nxt is not None and nxt < self._pending)
+                    else self._pending
+                )
             except asyncio.CancelledError:
                 raise
             except Exception as e:
                 log.warning("timer loop: %r; retrying in 2s", e)
-                sleep = 2.0
-            self._wake.clear()
-            try:
-                async with asyncio.timeout(sleep):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
+                self._next = utcnow() + timedelta(seconds=2)
+            # Sleep until the next due time, at most max_sleep after this tick; a wake-up
+            # for an earlier time shortens the sleep without another query.
+            while True:
+                self._wake.clear()
+                until = last + timedelta(seconds=self._max_sleep)
+                if self._next is not None and self._next < until:
+                    until = self._next
+                delay = (until - utcnow()).total_seconds()
+                if delay <= 0:
+                    break
+                try:
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
+                except TimeoutError:
+                    break
 
-    async def _tick(self) -> float:
+    async def _tick(self) -> datetime | None:
+        """Fire what is due; return the next due time (None: nothing is set)."""
         now = utcnow()
         later = now + self._refire
         async with self._sessions.begin() as s:
@@ -158,8 +181,5 @@ class TimerLoop:
             self._fire(kind, key)
         self.fired += len(runs) + len(others)
         if len(runs) >= self._batch or len(others) >= self._batch:
-            return 0.0
-        self._next = nxt
-        if nxt is None:
-            return self._max_sleep
-        return max(0.0, min(self._max_sleep, (nxt - utcnow()).total_seconds()))
+            return now  # more are due: tick again at once
+        return nxt
