@@ -39,6 +39,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
+from kubetask.engine.machine import TERMINAL
 from kubetask.protocol import ErrorDetail, ErrorResponse
 from kubetask.spec import MAX_PAYLOAD_BYTES, TAG_ITEM_SCHEMA, QueueSpec, RunSpec
 
@@ -100,7 +101,7 @@ RunPhase = Literal[
 ]
 """A run's phase (the engine's ``Phase``; a unit test keeps the two equal)."""
 PHASES: Final[tuple[str, ...]] = get_args(RunPhase)
-TERMINAL_PHASES: Final = frozenset({"Succeeded", "Failed", "Canceled", "TimedOut", "Deduplicated"})
+TERMINAL_PHASES: Final = frozenset(p.value for p in TERMINAL)
 """Phases a run never leaves."""
 
 # ---- problems ---------------------------------------------------------------------------

@@ -23,6 +23,7 @@ only pydantic and the standard library.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -102,6 +103,11 @@ def clean_text(value: str, max_bytes: int) -> str:
         return value
     keep = max_bytes - len(TRUNCATED.encode())
     return raw[:keep].decode("utf-8", "ignore") + TRUNCATED
+
+
+def hash_token(token: str) -> str:
+    """How an attempt's token is stored and looked up (never the plaintext): SHA-256, hex."""
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def iso(ts: datetime) -> str:

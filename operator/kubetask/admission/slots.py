@@ -20,7 +20,6 @@ served. Picking costs two index lookups whatever the queue depth.
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -33,6 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from kubetask import pods
 from kubetask.engine.machine import Phase, RunState, SlotGranted, step
+from kubetask.protocol import hash_token
 from kubetask.spec import RetrySpec
 from kubetask.store import tables as t
 from kubetask.store.runs import load_state, save_state
@@ -53,10 +53,6 @@ class Grant:
     run_id: str
     attempt: int
     token: str
-
-
-def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 class Admission:

@@ -22,7 +22,6 @@ listener): it is recognised by its digest before any review is asked.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections import OrderedDict
@@ -35,6 +34,7 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.rest import ApiException
 
 from kubetask.api.errors import ApiError
+from kubetask.protocol import hash_token
 from kubetask.spec import GROUP
 
 log = logging.getLogger("kubetask.api.auth")
@@ -157,7 +157,7 @@ class Reviewer:
 
     async def authenticate(self, token: str) -> User:
         """The token's user, or ``401 invalid_token``."""
-        digest = hashlib.sha256(token.encode()).hexdigest()
+        digest = hash_token(token)
 
         async def review() -> User | _Rejected:
             if self._is_attempt_token is not None and await self._is_attempt_token(digest):

@@ -13,7 +13,6 @@ Bodies and answers are the models of :mod:`kubetask.protocol`, which the runner 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from kubetask.protocol import (
     RunRef,
     Succeeded,
     TaskRef,
+    hash_token,
 )
 from kubetask.store.tables import Attempt, LogLine, Run
 
@@ -87,7 +87,7 @@ def _bearer(request: web.Request) -> str:
 async def _authenticate(session: AsyncSession, token: str, *, lock: bool = False) -> _Caller:
     """The attempt the token belongs to, if it may still talk to the API (else 401).
     ``lock`` takes the run's row (FOR NO KEY UPDATE) for the rest of the transaction."""
-    digest = hashlib.sha256(token.encode()).hexdigest()
+    digest = hash_token(token)
     stmt = (
         select(
             Run.id,

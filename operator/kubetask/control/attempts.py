@@ -23,7 +23,6 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from kubetask import pods
-from kubetask.admission.slots import hash_token
 from kubetask.control.catalogue import Catalogue
 from kubetask.control.podindex import PodIndex
 from kubetask.control.timers import set_run_timer, utcnow
@@ -31,6 +30,7 @@ from kubetask.control.transitions import Applied, EventSource
 from kubetask.engine import machine as m
 from kubetask.engine.outcomes import PodEnd, Report, StartLimits, classify, pod_end, start_problem
 from kubetask.kube import Kube
+from kubetask.protocol import hash_token
 from kubetask.settings import Settings
 from kubetask.store import tables as t
 
