@@ -31,6 +31,27 @@ def retry_for(_: t.Run) -> RetrySpec:
     return RetrySpec()
 
 
+def queued_run(run_id: str, queue: str, key: str, priority: int) -> t.Run:
+    """A Queued run's row (its id doubles as name and uid)."""
+    return t.Run(
+        id=run_id,
+        namespace="ns",
+        name=run_id,
+        uid=run_id,
+        task="task",
+        queue=queue,
+        concurrency_key=key or None,
+        priority=priority,
+        tags=[],
+        payload={},
+        phase="Queued",
+        attempt=0,
+        max_attempts=3,
+        reason="",
+        message="",
+    )
+
+
 async def add_runs(
     sessions: async_sessionmaker[AsyncSession],
     admission: Admission,
@@ -40,25 +61,7 @@ async def add_runs(
     """specs: (run id, concurrency key, priority), enqueued in this order."""
     async with sessions.begin() as s:
         for run_id, key, prio in specs:
-            s.add(
-                t.Run(
-                    id=run_id,
-                    namespace="ns",
-                    name=run_id,
-                    uid=run_id,
-                    task="task",
-                    queue=queue,
-                    concurrency_key=key or None,
-                    priority=prio,
-                    tags=[],
-                    payload={},
-                    phase="Queued",
-                    attempt=0,
-                    max_attempts=3,
-                    reason="",
-                    message="",
-                )
-            )
+            s.add(queued_run(run_id, queue, key, prio))
         await s.flush()
         async with admission.locked_queue(s, queue) as q:
             for run_id, key, prio in specs:
@@ -304,25 +307,7 @@ async def _join(
     """A run joins its queue as a transition does: the fast path first, else an entry.
     Returns "granted" or "queued"."""
     async with sessions.begin() as s:
-        s.add(
-            t.Run(
-                id=run_id,
-                namespace="ns",
-                name=run_id,
-                uid=run_id,
-                task="task",
-                queue=queue,
-                concurrency_key=key or None,
-                priority=0,
-                tags=[],
-                payload={},
-                phase="Queued",
-                attempt=0,
-                max_attempts=3,
-                reason="",
-                message="",
-            )
-        )
+        s.add(queued_run(run_id, queue, key, 0))
         await s.flush()
         async with admission.locked_queue(s, queue) as q:
             run = (await s.execute(select(t.Run).where(t.Run.id == run_id).with_for_update())).scalar_one()
