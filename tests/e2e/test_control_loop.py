@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+import urllib.error
 from collections.abc import Callable
 from typing import Any
 
@@ -314,3 +315,25 @@ def test_a_task_that_ends_while_the_operator_is_down_for_long_is_not_run_again(
         status = stack.wait_run(ns, name, timeout=120)["status"]
     assert status["phase"] == "Succeeded" and [a["reason"] for a in status["attempts"]] == ["Succeeded"]
     assert len(watcher.uids_by_name) == 1
+
+
+def test_records_and_logs_go_after_their_retention(
+    stack: Stack, ns: str, start_operator: Callable[..., Operator]
+) -> None:
+    """Nothing grows without bound: a finished Run's resource goes after its TTL, then its
+    record and its log lines after their retention (here about a second each)."""
+    op = start_operator(KUBETASK_RECORD_RETENTION_DAYS="0.00001", KUBETASK_LOG_RETENTION_DAYS="0.00001")
+    stack.apply_task(ns, "hello", HELLO)
+    name = stack.create_run(ns, "hello", payload={"n": 9}, ttlSecondsAfterFinished=0)
+    status = stack.wait_run(ns, name, timeout=60)["status"]
+    assert status["phase"] == "Succeeded"
+
+    def record_gone() -> bool:
+        try:
+            op.get(f"/api/v1/runs/{status['runId']}")
+        except urllib.error.HTTPError as e:
+            return e.code == 404
+        return False
+
+    wait_for(record_gone, 60, "the record to be deleted after its retention")
+    assert token_secrets(stack, ns) == []
