@@ -92,7 +92,7 @@ class Controller:
         self.intake = Intake(
             sessions=sessions, catalogue=self.catalogue, settings=settings, apply=self.transitions.apply
         )
-        self.timers = TimerLoop(sessions, fire=self._fire)
+        self.timers = TimerLoop(sessions, fire=self._fire, namespaces=settings.namespaces)
         self.resync = Resync(self)
         #: Run uid -> (run id, generation handled): a watch event of a Run whose spec did
         #: not change (our own status patch, echoed) costs no database query.

@@ -17,6 +17,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import delete, func, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -65,8 +66,12 @@ class TimerLoop:
         refire: timedelta = timedelta(seconds=30),
         max_sleep: float = 30.0,
         batch: int = 500,
+        namespaces: list[str] | None = None,
     ) -> None:
         self._sessions = sessions
+        #: Only runs of these namespaces are fired (None or empty: all). One database may
+        #: serve several operators: firing another's runs would refire them every tick.
+        self._namespaces = namespaces or None
         self._fire = fire
         self._refire = refire
         self._max_sleep = max_sleep
@@ -119,6 +124,9 @@ class TimerLoop:
                 except TimeoutError:
                     break
 
+    def _mine(self) -> list[Any]:
+        return [t.Run.namespace.in_(self._namespaces)] if self._namespaces else []
+
     async def _tick(self) -> datetime | None:
         """Fire what is due; return the next due time (None: nothing is set)."""
         now = utcnow()
@@ -132,7 +140,7 @@ class TimerLoop:
                         .where(
                             t.Run.id.in_(
                                 select(t.Run.id)
-                                .where(t.Run.wake_at <= now)
+                                .where(t.Run.wake_at <= now, *self._mine())
                                 .order_by(t.Run.wake_at)
                                 .limit(self._batch)
                                 .with_for_update(skip_locked=True)
@@ -168,7 +176,7 @@ class TimerLoop:
                     select(
                         func.least(
                             select(func.min(t.Run.wake_at))
-                            .where(t.Run.wake_at.is_not(None))
+                            .where(t.Run.wake_at.is_not(None), *self._mine())
                             .scalar_subquery(),
                             select(func.min(t.Timer.due_at)).scalar_subquery(),
                         )
