@@ -14,7 +14,21 @@ The operator lives in submodules that need the ``operator`` extra; importing
 
 from importlib.metadata import PackageNotFoundError, version
 
-from kubetask.sdk import AbortRun, ApiError, AsyncClient, Client, Queue, Retry, TaskContext, logger, task
+from kubetask.sdk import (
+    AbortRun,
+    ApiError,
+    AsyncClient,
+    ChildRunFailed,
+    Client,
+    Queue,
+    ReplayMismatch,
+    Retry,
+    TaskContext,
+    Token,
+    WaitTimeout,
+    logger,
+    task,
+)
 
 try:
     __version__: str = version("kubetask")
@@ -25,10 +39,14 @@ __all__ = [
     "AbortRun",
     "ApiError",
     "AsyncClient",
+    "ChildRunFailed",
     "Client",
     "Queue",
+    "ReplayMismatch",
     "Retry",
     "TaskContext",
+    "Token",
+    "WaitTimeout",
     "__version__",
     "logger",
     "task",

@@ -40,7 +40,7 @@ from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
 from kubetask.engine.machine import TERMINAL
-from kubetask.protocol import ErrorDetail, ErrorResponse
+from kubetask.protocol import ErrorDetail, ErrorResponse, storable_size
 from kubetask.spec import MAX_PAYLOAD_BYTES, TAG_ITEM_SCHEMA, QueueSpec, RunSpec
 
 __all__ = [
@@ -58,8 +58,11 @@ __all__ = [
     "BulkRequest",
     "BulkSummary",
     "CancelResponse",
+    "Checkpoint",
     "ErrorDetail",
     "ErrorResponse",
+    "EventRequest",
+    "EventResponse",
     "LogLine",
     "LogPage",
     "LogStreamEnd",
@@ -76,6 +79,7 @@ __all__ = [
     "RunSummary",
     "TaskItem",
     "TaskList",
+    "TokenCompleted",
     "TriggerRequest",
     "TriggerResponse",
     "request_problem",
@@ -86,6 +90,8 @@ __all__ = [
 
 MAX_BATCH_ITEMS: Final = 1000
 """Most runs one ``POST .../batch`` triggers."""
+MAX_EVENT_BYTES: Final = 1024 * 1024
+"""Largest event data (and token completion body): compact JSON, UTF-8 bytes."""
 MAX_TRIGGER_BODY_BYTES: Final = 2 * MAX_PAYLOAD_BYTES
 """Most bytes of one trigger body (a payload of :data:`kubetask.spec.MAX_PAYLOAD_BYTES`
 and room for the rest)."""
@@ -97,7 +103,16 @@ IDEMPOTENCY_KEY_TTL_MAX_SECONDS: Final = 31_536_000
 """Longest ``idempotencyKeyTTLSeconds`` (a year)."""
 
 RunPhase = Literal[
-    "Pending", "Queued", "Running", "Retrying", "Succeeded", "Failed", "Canceled", "TimedOut", "Deduplicated"
+    "Pending",
+    "Queued",
+    "Running",
+    "Retrying",
+    "Waiting",
+    "Succeeded",
+    "Failed",
+    "Canceled",
+    "TimedOut",
+    "Deduplicated",
 ]
 """A run's phase (the engine's ``Phase``; a unit test keeps the two equal)."""
 PHASES: Final[tuple[str, ...]] = get_args(RunPhase)
@@ -328,6 +343,10 @@ class RunSummary(_Response):
     message: str = ""
     original_run_id: str | None = None
     """For a ``Deduplicated`` run: the run that holds its idempotencyKey."""
+    parent_run_id: str | None = None
+    """For a child run (``ctx.trigger``): the run that triggered it."""
+    resumes: int = 0
+    """Pods that continued an attempt after a durable wait (they are not attempts)."""
 
 
 class AttemptInfo(_Response):
@@ -342,6 +361,33 @@ class AttemptInfo(_Response):
     exit_code: int | None = None
     reason: str | None = None
     error: RunError | None = None
+    resume: bool = False
+    """This pod resumed the attempt after a durable wait."""
+
+
+class Checkpoint(_Response):
+    """One entry of a run's journal (docs/durable.md): a step, a wait, a token, a child."""
+
+    key: str
+    name: str
+    position: int
+    kind: str
+    """``step``, ``sleep``, ``event``, ``token``, ``token_wait``, ``trigger`` or ``child``."""
+    status: str
+    """Steps: ``completed`` or ``failed``; waits: ``waiting``, ``satisfied``, ``timed_out``,
+    ``canceled``."""
+    attempt: int
+    """The pod (attempt number) that recorded it."""
+    started_at: str | None = None
+    finished_at: str | None = None
+    due_at: str | None = None
+    """Waits: when a sleep ends or the wait times out."""
+    result: Any = None
+    error: dict[str, Any] | None = None
+    event: str | None = None
+    match: dict[str, Any] | None = None
+    ref: str | None = None
+    """A child wait: the child run's id."""
 
 
 class RunDetail(RunSummary):
@@ -356,6 +402,10 @@ class RunDetail(RunSummary):
     """The task's return value (any JSON value); null without one."""
     attempts: list[AttemptInfo] = Field(default_factory=list)
     """Ordered by number."""
+    checkpoints: list[Checkpoint] = Field(default_factory=list)
+    """The run's journal (steps, waits, tokens, children), by position."""
+    waiting_for: str | None = None
+    """While ``Waiting``: what the run waits for, in words."""
 
 
 class RunList(_Response):
@@ -595,3 +645,41 @@ class QueueUpdate(_Request):
     def spec_patch(self) -> dict[str, Any]:
         """The merge patch of the Queue's ``spec`` (camelCase; null removes)."""
         return self.model_dump(by_alias=True, include=self.model_fields_set)
+
+
+# ---- durable execution: events and tokens -------------------------------------------------
+
+
+class EventRequest(_Request):
+    """The body of ``POST /api/v1/events``: resumes every run of ``namespace`` waiting for
+    ``name`` whose ``match`` the ``data`` contains (and waits registered within the event
+    retention window afterwards)."""
+
+    name: str = Field(min_length=1, max_length=256)
+    namespace: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    data: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("data")
+    @classmethod
+    def _storable(cls, value: dict[str, Any]) -> dict[str, Any]:
+        storable_size(value, limit=MAX_EVENT_BYTES, what="data", invalid="invalid", too_large="too_large")
+        return value
+
+
+class EventResponse(_Response):
+    """An event was stored (before this answer: it survives a restart)."""
+
+    id: int
+    name: str
+    namespace: str
+    resumed: int
+    """Waiting runs it satisfied now (more may match it later, within the retention window)."""
+
+
+class TokenCompleted(_Response):
+    """The answer of ``POST /api/v1/tokens/{id}/complete``."""
+
+    id: str
+    run_id: str
+    resumed: bool
+    """Whether a run was waiting for the token (else it gets the result when it waits)."""

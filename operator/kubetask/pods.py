@@ -14,6 +14,8 @@ LABEL_RUN_UID = "kubetask.dev/run-uid"
 LABEL_TASK = "kubetask.dev/task"
 LABEL_QUEUE = "kubetask.dev/queue"
 LABEL_ATTEMPT = "kubetask.dev/attempt"
+#: A child run's label: the id of the run that triggered it (ctx.trigger).
+LABEL_PARENT_RUN = "kubetask.dev/parent-run"
 LABEL_MANAGED = "app.kubernetes.io/managed-by"
 MANAGED_BY = "kubetask"
 #: The server-side label selector the operator's pod watch (and Secret sweep) uses.

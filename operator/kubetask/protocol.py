@@ -60,6 +60,9 @@ EXIT_API_UNREACHABLE: Final = 12
 """The API could not be reached or rejected the token; infrastructure, retryable."""
 EXIT_OUTPUT_NOT_SERIALIZABLE: Final = 13
 """The output is not JSON, or the API rejected it; not retryable (reported)."""
+EXIT_SUSPENDED: Final = 14
+"""The task suspended on a durable wait (registered with the API first): the run waits,
+holding no pod and no slot, and a later pod resumes it."""
 
 # ---- limits -----------------------------------------------------------------------------
 
@@ -84,6 +87,13 @@ MAX_ERROR_MESSAGE_BYTES: Final = 64 * KiB
 """A failed attempt's ``error.message`` is cut to this many UTF-8 bytes."""
 MAX_ERROR_STACK_BYTES: Final = 256 * KiB
 """A failed attempt's ``error.stack`` is cut to this many UTF-8 bytes."""
+MAX_STEP_RESULT_BYTES: Final = 1 * MiB
+"""Largest result of one ``ctx.step`` (compact JSON, UTF-8 bytes), also the largest event
+data and token completion body: the journal is read back by every replaying pod."""
+MAX_JOURNAL_NAME_CHARS: Final = 200
+"""Longest name of a step or wait (its key adds ``#n`` for repeats)."""
+MAX_WAIT_SECONDS: Final = 366 * 24 * 3600
+"""Longest timeout or sleep of one durable wait (a year and a day)."""
 
 TRUNCATED: Final = "… [truncated]"
 """The end of a text the API cut to its limit."""
@@ -129,6 +139,8 @@ PROBLEM_STATUS: Final = {
     "invalid_output": 400,
     "too_many_lines": 413,
     "output_too_large": 413,
+    "invalid_journal": 400,
+    "result_too_large": 413,
 }
 
 
@@ -362,26 +374,39 @@ class Succeeded(_Wire):
 
     @model_validator(mode="after")
     def _storable(self) -> Succeeded:
-        try:
-            raw = json.dumps(self.output, ensure_ascii=False, separators=(",", ":")).encode()
-        except UnicodeEncodeError:
-            raise _invalid(
-                "invalid_output", "the output has a string with a lone UTF-16 surrogate; send valid Unicode"
-            ) from None
-        if len(raw) > MAX_OUTPUT_BYTES:
-            raise _invalid(
-                "output_too_large",
-                f"the task's output is {len(raw)} bytes as JSON; the limit is {MAX_OUTPUT_BYTES} bytes "
-                f"({MAX_OUTPUT_BYTES // MiB} MiB). Store large results elsewhere (e.g. object storage) "
-                "and return a reference to them",
-            )
-        if _has_nul(self.output):
-            raise _invalid(
-                "invalid_output",
-                "the output has a NUL character (\\u0000) in a string; PostgreSQL cannot store it",
-            )
-        self._output_bytes = len(raw)
+        self._output_bytes = storable_size(
+            self.output,
+            limit=MAX_OUTPUT_BYTES,
+            what="the task's output",
+            invalid="invalid_output",
+            too_large="output_too_large",
+        )
         return self
+
+
+def storable_size(value: Any, *, limit: int, what: str, invalid: str, too_large: str) -> int:
+    """The size of ``value`` as compact UTF-8 JSON, if PostgreSQL's ``jsonb`` can store it
+    and it is at most ``limit`` bytes; else a validation error with code ``too_large`` or
+    ``invalid`` whose message names ``what``."""
+    try:
+        raw = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+    except UnicodeEncodeError:
+        raise _invalid(
+            invalid, f"{what} has a string with a lone UTF-16 surrogate; send valid Unicode"
+        ) from None
+    except (TypeError, ValueError) as exc:
+        raise _invalid(invalid, f"{what} is not JSON: {exc}") from None
+    if len(raw) > limit:
+        raise _invalid(
+            too_large,
+            f"{what} is {len(raw)} bytes as JSON; the limit is {limit} bytes ({limit / MiB:g} MiB). "
+            "Store large results elsewhere (e.g. object storage) and return a reference to them",
+        )
+    if _has_nul(value):
+        raise _invalid(
+            invalid, f"{what} has a NUL character (\\u0000) in a string; PostgreSQL cannot store it"
+        )
+    return len(raw)
 
 
 def _has_nul(value: Any) -> bool:
@@ -454,3 +479,189 @@ class ErrorResponse(_Wire):
     """Every answer of the API that is not a success: ``{"error": {"code", "message"}}``."""
 
     error: ErrorDetail
+
+
+# ---- durable execution: /runner/v1/journal, /steps, /waits, /tokens, /children --------------
+
+JournalKind = Literal["step", "sleep", "event", "token", "token_wait", "trigger", "child"]
+WaitKind = Literal["sleep", "event", "token_wait", "child"]
+
+
+class _JournalCall(_Wire):
+    """What every journal call carries: the call's key (its name, ``#n`` for the n-th
+    repeat of a name in the run), its name, and its position among the run's calls."""
+
+    key: str = Field(min_length=1, max_length=MAX_JOURNAL_NAME_CHARS + 12)
+    name: str = Field(min_length=1, max_length=MAX_JOURNAL_NAME_CHARS)
+    position: int = Field(ge=0, le=1_000_000)
+
+
+class JournalEntry(_Wire):
+    """One entry of ``GET /runner/v1/journal``: what a replaying pod gets back."""
+
+    key: str
+    name: str
+    position: int
+    kind: JournalKind
+    status: str
+    """step: completed | failed; waits and tokens: waiting | satisfied | timed_out |
+    canceled; trigger: completed."""
+    result: Any = None
+    error: ErrorInfo | None = None
+    due_at: datetime | None = Field(default=None, alias="dueAt")
+
+    @field_serializer("due_at")
+    def _iso(self, ts: datetime | None) -> str | None:
+        return None if ts is None else iso(ts)
+
+
+class Journal(_Wire):
+    """The answer of ``GET /runner/v1/journal``: the run's entries by position."""
+
+    entries: list[JournalEntry] = Field(default_factory=list)
+
+
+class StepRecord(_JournalCall):
+    """The body of ``POST /runner/v1/steps``: a step returned (``result``, at most
+    :data:`MAX_STEP_RESULT_BYTES` of JSON) or raised (``error``)."""
+
+    status: Literal["completed", "failed"]
+    result: Any = None
+    error: ErrorInfo | None = None
+    started_at: datetime | None = Field(default=None, alias="startedAt")
+
+    @model_validator(mode="after")
+    def _storable(self) -> StepRecord:
+        if self.status == "completed":
+            storable_size(
+                self.result,
+                limit=MAX_STEP_RESULT_BYTES,
+                what=f"the result of step {self.name!r}",
+                invalid="invalid_journal",
+                too_large="result_too_large",
+            )
+        elif self.error is None:
+            raise _invalid("invalid_journal", 'a failed step needs "error": {"type", "message", "stack"}')
+        return self
+
+    @field_serializer("started_at")
+    def _iso(self, ts: datetime | None) -> str | None:
+        return None if ts is None else iso(ts)
+
+
+class WaitRequest(_JournalCall):
+    """The body of ``POST /runner/v1/waits``: register a wait (idempotent by key: a
+    replayed registration gets the first one's state, never a new deadline).
+
+    - ``sleep``: ``seconds`` from the first registration, or ``until``;
+    - ``event``: ``event`` (its name) and ``match`` (fields its data must contain),
+      ``timeoutSeconds``;
+    - ``token_wait``: ``tokenId`` (from ``POST /runner/v1/tokens``), until the token expires;
+    - ``child``: ``childRunId`` (from ``POST /runner/v1/children``), until it ends.
+    """
+
+    kind: WaitKind
+    seconds: float | None = Field(default=None, ge=0, le=MAX_WAIT_SECONDS)
+    until: datetime | None = None
+    timeout_seconds: float | None = Field(default=None, alias="timeoutSeconds", gt=0, le=MAX_WAIT_SECONDS)
+    event: str | None = Field(default=None, max_length=256)
+    match: dict[str, Any] | None = None
+    token_id: str | None = Field(default=None, alias="tokenId", max_length=200)
+    child_run_id: str | None = Field(default=None, alias="childRunId", max_length=40)
+
+    @model_validator(mode="after")
+    def _complete(self) -> WaitRequest:
+        need = {
+            "sleep": self.seconds is not None or self.until is not None,
+            "event": bool(self.event) and self.timeout_seconds is not None,
+            "token_wait": bool(self.token_id),
+            "child": bool(self.child_run_id),
+        }
+        if not need[self.kind]:
+            fields = {
+                "sleep": '"seconds" or "until"',
+                "event": '"event" and "timeoutSeconds"',
+                "token_wait": '"tokenId"',
+                "child": '"childRunId"',
+            }[self.kind]
+            raise _invalid("invalid_journal", f"a {self.kind} wait needs {fields}")
+        if self.until is not None and self.until.tzinfo is None:
+            self.until = self.until.replace(tzinfo=UTC)
+        if self.match is not None:
+            storable_size(
+                self.match,
+                limit=64 * KiB,
+                what="match",
+                invalid="invalid_journal",
+                too_large="result_too_large",
+            )
+        return self
+
+    @field_serializer("until")
+    def _iso(self, ts: datetime | None) -> str | None:
+        return None if ts is None else iso(ts)
+
+
+class WaitResponse(_Wire):
+    """The answer of ``POST /runner/v1/waits``. ``suspend``: the runner must exit now
+    (:data:`EXIT_SUSPENDED`); otherwise ``waiting`` means sleep in the pod until ``dueAt``
+    (a short sleep), and ``satisfied``/``timed_out`` carry the outcome."""
+
+    status: Literal["waiting", "satisfied", "timed_out", "canceled"]
+    result: Any = None
+    due_at: datetime | None = Field(default=None, alias="dueAt")
+    suspend: bool = False
+
+    @field_serializer("due_at")
+    def _iso(self, ts: datetime | None) -> str | None:
+        return None if ts is None else iso(ts)
+
+
+class TokenRequest(_JournalCall):
+    """The body of ``POST /runner/v1/tokens``: a completion token valid ``timeoutSeconds``."""
+
+    timeout_seconds: float = Field(alias="timeoutSeconds", gt=0, le=MAX_WAIT_SECONDS)
+
+
+class TokenResponse(_Wire):
+    """A token: its id (the secret in its URL) and the URL to POST the result to."""
+
+    id: str
+    url: str
+    expires_at: datetime = Field(alias="expiresAt")
+
+    @field_serializer("expires_at")
+    def _iso(self, ts: datetime) -> str:
+        return iso(ts)
+
+
+class ChildRequest(_JournalCall):
+    """The body of ``POST /runner/v1/children``: start a child run of ``task`` (in the
+    parent's namespace) once per key, however often the parent replays."""
+
+    task: str = Field(min_length=1, max_length=63)
+    payload: Any = None
+    concurrency_key: str | None = Field(default=None, alias="concurrencyKey", max_length=256)
+    idempotency_key: str | None = Field(default=None, alias="idempotencyKey", max_length=256)
+    priority: int | None = None
+    tags: list[str] | None = None
+    max_attempts: int | None = Field(default=None, alias="maxAttempts", ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _storable(self) -> ChildRequest:
+        storable_size(
+            self.payload,
+            limit=MAX_STEP_RESULT_BYTES,
+            what="the child's payload",
+            invalid="invalid_journal",
+            too_large="result_too_large",
+        )
+        return self
+
+
+class ChildResponse(_Wire):
+    """The child run: its id and its Run resource's name."""
+
+    run_id: str = Field(alias="runId")
+    name: str
+    namespace: str

@@ -48,6 +48,24 @@ class Settings(BaseSettings):
     auth_cache_entries: int = Field(
         10_000, ge=1, description="Most TokenReview (and SubjectAccessReview) answers kept."
     )
+    public_url: str = Field(
+        "http://kubetask-api.kubetask-system.svc:8080",
+        description="Base URL of the public API as its callers see it: the start of token "
+        "completion URLs (ctx.create_token). Set it to the Ingress address users reach.",
+    )
+    # ---- durable execution (docs/durable.md) ----------------------------------------------
+    wait_keep_pod_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="A durable sleep this short (or the rest of one) is slept in the pod, which "
+        "keeps its slot; longer waits, and every wait for an event, token or child, free the pod.",
+    )
+    event_retention_seconds: float = Field(
+        900.0,
+        ge=600,
+        description="How long an event is kept: a wait registered this long after the event "
+        "arrived still matches it (at least 10 minutes).",
+    )
     runner_image: str = Field("localhost/kubetask/runner:0.1.0", description="Default image of a Task.")
     image_pull_policy: str = Field("IfNotPresent", description="imagePullPolicy of attempt pods.")
     namespaces: list[str] = Field(

@@ -332,6 +332,7 @@ class Admission:
                 number=state.attempt,
                 pod_name=self._pod_name(run.name, run.uid, state.attempt),
                 token_hash=hash_token(token),
+                resume=state.reason == "Resumed",
             )
         )
         q.running += 1

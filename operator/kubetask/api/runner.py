@@ -129,7 +129,15 @@ async def get_attempt(request: web.Request) -> web.Response:
         run = (
             await session.execute(
                 select(
-                    Run.id, Run.name, Run.namespace, Run.tags, Run.task, Run.max_attempts, Run.payload
+                    Run.id,
+                    Run.name,
+                    Run.namespace,
+                    Run.tags,
+                    Run.task,
+                    Run.max_attempts,
+                    Run.payload,
+                    Run.infra_failures,
+                    Run.resumes,
                 ).where(Run.id == caller.run_id)
             )
         ).one()
@@ -146,7 +154,12 @@ async def get_attempt(request: web.Request) -> web.Response:
     answer = AttemptResponse(
         run=RunRef(id=run.id, name=run.name, namespace=run.namespace, tags=run.tags or []),
         task=TaskRef(id=run.task),
-        attempt=AttemptRef(number=caller.attempt, max_attempts=run.max_attempts),
+        # The attempt as the task counts it: pods that never ran the task, and pods that
+        # resumed an attempt after a wait, are not attempts.
+        attempt=AttemptRef(
+            number=max(1, caller.attempt - (run.infra_failures or 0) - (run.resumes or 0)),
+            max_attempts=run.max_attempts,
+        ),
         payload=run.payload if run.payload is not None else {},
     )
     return web.json_response(answer.model_dump(by_alias=True))

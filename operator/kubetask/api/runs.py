@@ -31,8 +31,8 @@ from kubetask.api.state import SESSIONS
 from kubetask.apimodels import TERMINAL_PHASES, LogLine, LogPage, LogStreamEnd, RunDetail, RunList, storable
 from kubetask.engine.machine import Phase
 from kubetask.spec import DNS1123_LABEL
-from kubetask.store.runs import attempt_view, iso
-from kubetask.store.tables import Attempt, Run
+from kubetask.store.runs import attempt_view, checkpoint_view, iso
+from kubetask.store.tables import Attempt, Checkpoint, Run
 from kubetask.store.tables import LogLine as LogLineRow
 
 RUNS_LIMIT_DEFAULT, RUNS_LIMIT_MAX = 50, 500
@@ -244,7 +244,7 @@ async def scope(request: web.Request, verb: str, asked: Sequence[str]) -> Scope:
 _SUMMARY = (
     Run.id, Run.namespace, Run.name, Run.task, Run.queue, Run.phase, Run.attempt, Run.max_attempts, Run.tags,
     Run.concurrency_key, Run.idempotency_key, Run.priority, Run.created_at, Run.started_at, Run.finished_at,
-    Run.error, Run.reason, Run.message, Run.original_run_id,
+    Run.error, Run.reason, Run.message, Run.original_run_id, Run.parent_run_id, Run.resumes,
 )  # fmt: skip
 
 
@@ -271,6 +271,8 @@ def run_summary(run: Any) -> dict[str, Any]:
         "reason": run.reason,
         "message": run.message,
         "originalRunId": run.original_run_id,
+        "parentRunId": run.parent_run_id,
+        "resumes": run.resumes,
     }
 
 
@@ -343,6 +345,17 @@ async def get_run(request: web.Request) -> web.Response:
         body["outputBytes"] = run.output_bytes
         body["output"] = run.output if run.has_output else None
         body["attempts"] = [attempt_view(a, pod_key="podName") for a in attempts]
+        checkpoints = (
+            await session.execute(
+                select(Checkpoint)
+                .where(Checkpoint.run_id == run.id)
+                .order_by(Checkpoint.position, Checkpoint.key)
+            )
+        ).scalars()
+        body["checkpoints"] = [checkpoint_view(cp) for cp in checkpoints]
+        if run.phase == Phase.WAITING and run.wait_key:
+            waiting = next((cp for cp in body["checkpoints"] if cp["key"] == run.wait_key), None)
+            body["waitingFor"] = run.message if waiting is not None else None
     return reply(RunDetail.model_validate(body))
 
 

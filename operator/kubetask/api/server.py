@@ -5,7 +5,7 @@
   routes come from :data:`PUBLIC_ENDPOINTS`, from which the OpenAPI document is generated
   too.
 - The **runner** application (``runner_api_port``, default 8081): ``/runner/v1`` (the
-  per-attempt token) and ``/healthz``, with a database pool of its own
+  per-attempt token; the journal of durable execution, :mod:`kubetask.api.journal`) and ``/healthz``, with a database pool of its own
   (``runner_db_pool_size``) so that log ingestion never takes the connections the
   reconciler and the public API use.
 
@@ -28,7 +28,7 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
-from kubetask.api import actions, catalog, runs
+from kubetask.api import actions, catalog, events, journal, runs
 from kubetask.api.actions import RUNS, Runs
 from kubetask.api.auth import REVIEWER, Reviewer, authenticate
 from kubetask.api.errors import error_response, middleware
@@ -48,6 +48,8 @@ from kubetask.apimodels import (
     BulkSummary,
     CancelResponse,
     ErrorResponse,
+    EventRequest,
+    EventResponse,
     LogLine,
     LogPage,
     LogStreamEnd,
@@ -58,6 +60,7 @@ from kubetask.apimodels import (
     RunDetail,
     RunList,
     TaskList,
+    TokenCompleted,
     TriggerRequest,
     TriggerResponse,
 )
@@ -217,6 +220,31 @@ PUBLIC_ENDPOINTS: tuple[Endpoint, ...] = (
         responses={201: Body((ReplayResponse,))},
     ),
     Endpoint(
+        "POST",
+        "/api/v1/events",
+        events.send_event,
+        "Send an event: resumes the runs waiting for it (ctx.wait_for_event)",
+        "patch runs",
+        request=EventRequest,
+        responses={202: Body((EventResponse,), description="stored (before this answer) and delivered")},
+    ),
+    Endpoint(
+        "POST",
+        "/api/v1/tokens/{id}/complete",
+        events.complete_token,
+        "Complete a wait token (ctx.create_token): the JSON body is its result",
+        None,
+        auth=False,
+        raw_request=Body(description="any JSON value: what ctx.wait_for_token returns"),
+        params=(Param("id", "path", {"type": "string", "maxLength": 200}, "The token's id (tok_...)."),),
+        responses={
+            200: Body((TokenCompleted,)),
+            404: Body((ErrorResponse,), description="token_not_found"),
+            409: Body((ErrorResponse,), description="token_completed: a token completes once"),
+            410: Body((ErrorResponse,), description="token_expired or run_finished"),
+        },
+    ),
+    Endpoint(
         "GET",
         "/api/v1/namespaces/{namespace}/tasks",
         catalog.list_tasks,
@@ -346,9 +374,13 @@ def make_public_app(
     return app
 
 
-def make_runner_app(*, sessions: async_sessionmaker[AsyncSession], settings: Settings) -> web.Application:
+def make_runner_app(
+    *, sessions: async_sessionmaker[AsyncSession], settings: Settings, runs: Runs | None = None
+) -> web.Application:
     """The runner API on its own database pool (``sessions`` is only used to find the
-    database: a pool of ``runner_db_pool_size`` connections is made from its engine's URL)."""
+    database: a pool of ``runner_db_pool_size`` connections is made from its engine's URL).
+    ``runs`` (the public application's) creates child runs; without it
+    ``POST /runner/v1/children`` answers 503."""
     bind = sessions.kw["bind"]
     engine = create_async_engine(
         bind.url, pool_size=settings.runner_db_pool_size, max_overflow=0, pool_pre_ping=True
@@ -362,6 +394,13 @@ def make_runner_app(*, sessions: async_sessionmaker[AsyncSession], settings: Set
     app.router.add_get("/runner/v1/attempt", get_attempt)
     app.router.add_post("/runner/v1/logs", post_logs)
     app.router.add_post("/runner/v1/complete", post_complete)
+    app.router.add_get("/runner/v1/journal", journal.get_journal)
+    app.router.add_post("/runner/v1/steps", journal.post_step)
+    app.router.add_post("/runner/v1/waits", journal.post_wait)
+    app.router.add_post("/runner/v1/tokens", journal.post_token)
+    app.router.add_post("/runner/v1/children", journal.post_child)
+    if runs is not None:
+        app[RUNS] = runs
     app.router.add_get("/healthz", healthz)
 
     async def dispose(_: web.Application) -> AsyncIterator[None]:
@@ -385,9 +424,10 @@ def make_app(
     *, sessions: async_sessionmaker[AsyncSession], settings: Settings, kube: Kube | None = None
 ) -> Apps:
     """The public and the runner applications (call it in a running event loop)."""
+    public = make_public_app(sessions=sessions, settings=settings, kube=kube)
     return Apps(
-        public=make_public_app(sessions=sessions, settings=settings, kube=kube),
-        runner=make_runner_app(sessions=sessions, settings=settings),
+        public=public,
+        runner=make_runner_app(sessions=sessions, settings=settings, runs=public[RUNS]),
         settings=settings,
     )
 

@@ -11,6 +11,7 @@ gone" is only concluded after asking the API server.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import secrets
@@ -32,6 +33,7 @@ from kubetask.engine.outcomes import PodEnd, Report, StartLimits, classify, pod_
 from kubetask.kube import Kube
 from kubetask.protocol import hash_token
 from kubetask.settings import Settings
+from kubetask.store import journal
 from kubetask.store import tables as t
 
 log = logging.getLogger("kubetask.attempts")
@@ -233,6 +235,8 @@ class Attempts:
             if row is None or row.finished_at is not None:
                 return None
             ev = classify(attempt=attempt, end=end, report=_report(row.report))
+            if ev.outcome is m.Outcome.SUSPENDED:
+                ev = await _suspension(s, _run, ev)
             row.finished_at = utcnow()
             row.exit_code = end.exit_code
             row.reason = ev.reason[:64]
@@ -262,6 +266,25 @@ class Attempts:
                 )
 
 
+async def _suspension(s: AsyncSession, run: t.Run, ev: m.AttemptEnded) -> m.AttemptEnded:
+    """A suspended attempt's end, completed from its wait: resume at once if the wait was
+    satisfied while the pod was exiting (an event that came meanwhile), else wait until
+    its deadline."""
+    cp = (
+        await s.execute(
+            select(t.Checkpoint)
+            .where(t.Checkpoint.run_id == run.id, t.Checkpoint.key == (run.wait_key or ""))
+            .with_for_update()
+        )
+    ).scalar_one_or_none()
+    if cp is None:
+        return dataclasses.replace(ev, resume_now=True, waiting_for="a wait that is gone")
+    journal.expire(cp, utcnow())
+    if cp.status != journal.WAITING:
+        return dataclasses.replace(ev, resume_now=True, waiting_for=journal.describe(cp))
+    return dataclasses.replace(ev, wake_at=cp.due_at, waiting_for=journal.describe(cp))
+
+
 def _report(raw: dict[str, Any] | None) -> Report | None:
     if not raw:
         return None
@@ -269,6 +292,7 @@ def _report(raw: dict[str, Any] | None) -> Report | None:
     return Report(
         succeeded=bool(raw.get("succeeded")),
         retryable=bool(raw.get("retryable", True)),
+        suspended=bool(raw.get("suspended")),
         error_type=err.get("type"),
         error_message=err.get("message"),
     )

@@ -40,6 +40,7 @@ from kubetask.engine import machine as m
 from kubetask.kube import Kube
 from kubetask.settings import Settings
 from kubetask.spec import RetrySpec
+from kubetask.store import journal
 from kubetask.store import tables as t
 
 log = logging.getLogger("kubetask.controller")
@@ -307,9 +308,10 @@ class Controller:
                 )
                 return
             if row.cancel_requested:
-                await self.transitions.apply(
-                    run_id, m.CancelRequested("Canceled", "spec.cancel was set to true")
-                )
+                why = "spec.cancel was set to true"
+                if row.parent_run_id is not None:
+                    why += f", or its parent run {row.parent_run_id} was canceled"
+                await self.transitions.apply(run_id, m.CancelRequested("Canceled", why))
                 return
         live = att if att is not None and att.finished_at is None else None
         if live is not None:
@@ -322,6 +324,8 @@ class Controller:
             self.queues.add(row.queue)
             if fired:
                 await self._set_timer(run_id, None)
+        elif phase is m.Phase.WAITING:
+            await self.transitions.apply(run_id, _wait_over)
         elif phase is m.Phase.RETRYING:
             if row.next_attempt_at is None or row.next_attempt_at <= utcnow():
                 await self.transitions.apply(run_id, m.BackoffElapsed())
@@ -354,3 +358,26 @@ class Controller:
             await set_run_timer(s, run_id, due)
         if due is not None:
             self.timers.wake(due)
+
+
+async def _wait_over(s: AsyncSession, row: t.Run) -> m.Event | None:
+    """A Waiting run's reconcile, inside its transition's transaction: resume it when
+    its wait was satisfied or its time came (a sleep's end, a timeout); else set its timer
+    to the wait's deadline (none for a child without a timeout: the child's end wakes it)."""
+    if row.phase != m.Phase.WAITING:
+        return None
+    cp = (
+        await s.execute(
+            select(t.Checkpoint)
+            .where(t.Checkpoint.run_id == row.id, t.Checkpoint.key == (row.wait_key or ""))
+            .with_for_update()
+        )
+    ).scalar_one_or_none()
+    if cp is None:  # cannot be (the wait is written before the run suspends): do not strand it
+        return m.WaitSatisfied("its wait is not in the journal any more")
+    journal.expire(cp, utcnow())
+    if cp.status == journal.WAITING:
+        row.wake_at = cp.due_at
+        return None
+    outcome = {journal.TIMED_OUT: "timed out", journal.CANCELED: "was canceled"}.get(cp.status, "is over")
+    return m.WaitSatisfied(f"{journal.describe(cp)} {outcome}")

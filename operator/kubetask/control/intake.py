@@ -29,6 +29,7 @@ from kubetask.control.catalogue import Catalogue, queue_key
 from kubetask.control.timers import utcnow
 from kubetask.control.transitions import Applied, EventSource
 from kubetask.engine import machine as m
+from kubetask.pods import LABEL_PARENT_RUN
 from kubetask.settings import Settings
 from kubetask.spec import MAX_PAYLOAD_BYTES, RunSpec
 from kubetask.store import tables as t
@@ -38,6 +39,12 @@ Apply = Callable[[str, m.Event | EventSource], Awaitable[Applied | None]]
 
 #: Reasons recorded at intake for a spec that can never run.
 REJECTED_AT_INTAKE = frozenset({"InvalidSpec", "PayloadTooLarge"})
+
+
+def _parent(meta: dict[str, Any]) -> str | None:
+    """The parent run of a child run (its label, set by the runner API), if any."""
+    value = (meta.get("labels") or {}).get(LABEL_PARENT_RUN)
+    return value if isinstance(value, str) and value.startswith("run_") and len(value) <= 40 else None
 
 
 def new_run_id() -> str:
@@ -117,6 +124,7 @@ class Intake:
                         reason=reason,
                         message=message,
                         created_at=created_at(meta, now),
+                        parent_run_id=_parent(meta),
                     )
                     .on_conflict_do_nothing(index_elements=[t.Run.uid])
                     .returning(t.Run.id)

@@ -148,7 +148,13 @@ def project(row: t.Run, attempts: list[t.Attempt], q: t.Queue | None) -> dict[st
         "attempts": [attempt_view(a, pod_key="pod") for a in attempts],
         "conditions": conds,
         "originalRun": row.original_run_id,
+        "resumes": row.resumes,
     }
+    if row.parent_run_id is not None:
+        out["parentRun"] = row.parent_run_id
+    if phase is m.Phase.WAITING:
+        # What it waits for and until when (the message says it in words).
+        out["waitingFor"] = row.message
     if row.has_output:
         if row.output_bytes <= MAX_STATUS_OUTPUT_BYTES:
             out["output"] = row.output
@@ -170,6 +176,8 @@ def _explain(ctype: str, status: bool, row: t.Run, phase: m.Phase, q: t.Queue | 
             return _wait_reason(row, q)
         if phase is m.Phase.RETRYING:
             return "BackingOff", row.message
+        if phase is m.Phase.WAITING:
+            return "Waiting", "suspended on a durable wait: it holds no slot until it resumes"
         return "SlotGranted", f"attempt {row.attempt} got a slot"
     if status:
         return row.reason, row.message

@@ -14,16 +14,19 @@ and the reconcile that does run sets or clears it for real.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg
 from sqlalchemy import delete, func, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from kubetask.store import tables as t
+from kubetask.store.journal import WAKE_CHANNEL
 
 log = logging.getLogger("kubetask.timers")
 
@@ -93,6 +96,34 @@ class TimerLoop:
             self._wake.set()
 
     async def run(self) -> None:
+        listener = asyncio.create_task(self._listen(), name="timer-listen")
+        try:
+            await self._loop()
+        finally:
+            listener.cancel()
+            with contextlib.suppress(BaseException):
+                await listener
+
+    async def _listen(self) -> None:
+        """``LISTEN kubetask_wake``: another process (an API replica that stored an event,
+        completed a token, ...) made a run's timer due now. Each notification is a wake-up
+        (coalesced); a lost one costs at most ``max_sleep``."""
+        bind = self._sessions.kw["bind"]
+        url = bind.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+                    await conn.execute(f"LISTEN {WAKE_CHANNEL}")
+                    self.wake()  # what was notified while nobody listened
+                    async for _ in conn.notifies():
+                        self.wake()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.info("timer loop: LISTEN %s failed (%r); polling until it is back", WAKE_CHANNEL, e)
+                await asyncio.sleep(2)
+
+    async def _loop(self) -> None:
         while True:
             last = utcnow()
             self._pending = None

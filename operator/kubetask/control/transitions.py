@@ -24,6 +24,7 @@ from kubetask.admission.slots import Grant
 from kubetask.control.timers import utcnow
 from kubetask.engine import machine as m
 from kubetask.spec import RetrySpec
+from kubetask.store import journal
 from kubetask.store import tables as t
 from kubetask.store.runs import load_state, save_state
 
@@ -121,6 +122,8 @@ class Transitions:
             if tr.state == before and not tr.actions:
                 return None
             save_state(row, tr.state, now=now)
+            if tr.state.terminal and not before.terminal:
+                await _ended(s, row, before)
             # The run's timer follows its state, in the same UPDATE: a wait sets it, a
             # finished run's is its TTL, a move clears it (a reconcile sets whatever else
             # it needs later, e.g. a pod's start deadline; a grant sets its own).
@@ -174,3 +177,15 @@ class Transitions:
         )
         self._committed(applied)
         return applied
+
+
+async def _ended(s: AsyncSession, row: t.Run, before: m.RunState) -> None:
+    """What a run's end changes for other runs, in the same transaction (so no crash in
+    between can strand a parent or leave a child running): a parent waiting for this
+    child resumes; a canceled run's children are canceled; a waiting run's wait closes."""
+    if row.parent_run_id is not None:
+        await journal.child_ended(s, row)
+    if row.phase == m.Phase.CANCELED:
+        await journal.cancel_children(s, row.id)
+    if before.phase is m.Phase.WAITING:
+        await journal.close_waits(s, row.id)

@@ -24,6 +24,8 @@ class Phase(enum.StrEnum):
     QUEUED = "Queued"
     RUNNING = "Running"
     RETRYING = "Retrying"
+    #: Suspended on a durable wait (sleep, event, token, child run): no pod, no slot.
+    WAITING = "Waiting"
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
     CANCELED = "Canceled"
@@ -51,6 +53,11 @@ class RunState:
     #: Attempts that ended before the task ran (pod never started, quota, node lost):
     #: they do not count against max_attempts, up to their own limit.
     infra_failures: int = 0
+    #: Pods that continued an attempt after a wait: not attempts either.
+    resumes: int = 0
+    #: The next pod continues the current attempt (set when the run suspends; kept if a
+    #: resume pod never starts).
+    resuming: bool = False
     next_attempt_at: datetime | None = None
     error: RunError | None = None
     #: Machine-readable reason of the last transition (becomes a condition reason).
@@ -63,8 +70,9 @@ class RunState:
 
     @property
     def counted_attempts(self) -> int:
-        """Attempts that count against max_attempts (those in which the task ran)."""
-        return self.attempt - self.infra_failures
+        """Attempts that count against max_attempts: pods in which the task ran, except
+        those that resumed an attempt after a wait."""
+        return self.attempt - self.infra_failures - self.resumes
 
 
 # ---- events -------------------------------------------------------------------------
@@ -114,6 +122,8 @@ class Outcome(enum.StrEnum):
     #: The task never ran (pod never started, quota exceeded, node lost before start):
     #: retried without using up an attempt, up to the infrastructure retry limit.
     INFRA = "Infrastructure"
+    #: The task suspended on a durable wait (the runner registered it and exited).
+    SUSPENDED = "Suspended"
 
 
 @dataclass(frozen=True)
@@ -122,6 +132,18 @@ class AttemptEnded:
     outcome: Outcome
     reason: str
     error: RunError | None = None
+    #: SUSPENDED: the wait was satisfied before the pod ended (resume at once), else
+    #: when its timer is due (a sleep's end, a wait's timeout), and what it waits for.
+    resume_now: bool = False
+    wake_at: datetime | None = None
+    waiting_for: str = ""
+
+
+@dataclass(frozen=True)
+class WaitSatisfied:
+    """The wait of a Waiting run was satisfied or timed out: it resumes (queues again)."""
+
+    message: str = "the wait is over"
 
 
 @dataclass(frozen=True)
@@ -144,6 +166,7 @@ Event = (
     | AttemptEnded
     | BackoffElapsed
     | CancelRequested
+    | WaitSatisfied
 )
 
 
@@ -250,19 +273,31 @@ def step(
             if state.phase is not Phase.QUEUED:
                 return unchanged
             attempt = state.attempt + 1
+            resumes = state.resumes + 1 if state.resuming else state.resumes
+            counted = attempt - state.infra_failures - resumes
+            what = f"attempt {counted} of {state.max_attempts}"
             return Transition(
                 _to(
                     state,
                     phase=Phase.RUNNING,
                     attempt=attempt,
+                    resumes=resumes,
                     next_attempt_at=None,
-                    reason="PodCreated",
-                    message=f"attempt {attempt - state.infra_failures} of {state.max_attempts} is running"
-                    + (f" (pod {attempt})" if state.infra_failures else ""),
+                    reason="Resumed" if state.resuming else "PodCreated",
+                    message=(f"{what} resumed" if state.resuming else f"{what} is running")
+                    + (f" (pod {attempt})" if attempt != counted else ""),
                 ),
                 (CreatePod(attempt),),
             )
-        case AttemptEnded(attempt=attempt, outcome=outcome, reason=reason, error=error):
+        case AttemptEnded(
+            attempt=attempt,
+            outcome=outcome,
+            reason=reason,
+            error=error,
+            resume_now=resume_now,
+            wake_at=wake_at,
+            waiting_for=waiting_for,
+        ):
             if state.phase is Phase.CANCELED and attempt == state.attempt and attempt > 0:
                 # The canceled run's pod is gone now: only then is its slot free, so a
                 # watcher never sees the queue's limit exceeded while the pod terminates.
@@ -270,6 +305,34 @@ def step(
             if state.phase is not Phase.RUNNING or attempt != state.attempt:
                 return unchanged
             release = ReleaseSlot(attempt)
+            if outcome is Outcome.SUSPENDED:
+                counted = state.counted_attempts
+                if resume_now:
+                    return Transition(
+                        _to(
+                            state,
+                            phase=Phase.QUEUED,
+                            resuming=True,
+                            reason="Resuming",
+                            message=f"attempt {counted} resumes: {waiting_for or 'its wait'} is over",
+                        ),
+                        (release, Enqueue()),
+                    )
+                deadline = f" until {wake_at.isoformat()}" if wake_at is not None else ""
+                return Transition(
+                    _to(
+                        state,
+                        phase=Phase.WAITING,
+                        resuming=True,
+                        reason="Waiting",
+                        message=f"attempt {counted} waits for {waiting_for or 'a durable wait'}{deadline}; "
+                        "it holds no pod and no slot",
+                    ),
+                    (release, WakeAt(wake_at)) if wake_at is not None else (release,),
+                )
+            if state.resuming and outcome is not Outcome.INFRA:
+                # The resumed attempt ended: whatever comes next is a new attempt.
+                state = _to(state, resuming=False)
             if outcome is Outcome.SUCCEEDED:
                 return Transition(
                     _to(
@@ -290,6 +353,10 @@ def step(
             err = error or RunError(reason, f"attempt {attempt} failed: {reason}")
             if outcome is Outcome.INFRA:
                 failures = state.infra_failures + 1
+                if state.resuming:
+                    # A resume pod that never ran: neither a resume nor an attempt; the
+                    # next pod resumes again.
+                    state = _to(state, resumes=state.resumes - 1)
                 if failures > infra_limit:
                     return Transition(
                         _to(
@@ -367,6 +434,18 @@ def step(
                     next_attempt_at=None,
                     reason="WaitingForSlot",
                     message=f"attempt {state.counted_attempts + 1} is waiting for a slot",
+                ),
+                (Enqueue(),),
+            )
+        case WaitSatisfied(message=message):
+            if state.phase is not Phase.WAITING:
+                return unchanged
+            return Transition(
+                _to(
+                    state,
+                    phase=Phase.QUEUED,
+                    reason="Resuming",
+                    message=f"attempt {state.counted_attempts} resumes: {message}",
                 ),
                 (Enqueue(),),
             )

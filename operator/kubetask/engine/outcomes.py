@@ -15,6 +15,9 @@ Which endings count as an attempt (all of them do; each consumes one of maxAttem
   node lost before the container ran                         -> retried, NOT counted
   against maxAttempts (up to the operator's infrastructure retry limit)
 - the image name is invalid, the pod spec is rejected        -> Failed, not retried
+- the runner registered a durable wait (exit 14, or any end after the registration)
+                                                             -> Waiting (not an attempt end:
+  the next pod resumes the same attempt)
 A success the runner reported wins over the pod's fate afterwards (the output is in
 PostgreSQL already).
 """
@@ -46,6 +49,8 @@ class Report:
 
     succeeded: bool
     retryable: bool = True
+    #: The runner registered a durable wait and suspends (it reports nothing else).
+    suspended: bool = False
     error_type: str | None = None
     error_message: str | None = None
 
@@ -204,6 +209,10 @@ def _terminated(status: dict[str, Any]) -> dict[str, Any] | None:
 def classify(*, attempt: int, end: PodEnd, report: Report | None) -> AttemptEnded:
     if report is not None and report.succeeded:
         return AttemptEnded(attempt, Outcome.SUCCEEDED, "Succeeded")
+    if report is not None and report.suspended:
+        # The wait is in PostgreSQL and what ran before it is checkpointed: however the
+        # pod ended after that (exit 14, killed, deleted), the run waits.
+        return AttemptEnded(attempt, Outcome.SUSPENDED, "Suspended")
     if end.permanent:
         return AttemptEnded(attempt, Outcome.ABORTED, end.reason, RunError(end.reason, end.message))
     if end.infra and report is None:

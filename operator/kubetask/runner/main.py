@@ -36,6 +36,7 @@ from kubetask.protocol import (
     EXIT_LOAD_ERROR,
     EXIT_OK,
     EXIT_OUTPUT_NOT_SERIALIZABLE,
+    EXIT_SUSPENDED,
     EXIT_TASK_ERROR,
     AttemptResponse,
     ErrorInfo,
@@ -45,10 +46,12 @@ from kubetask.protocol import (
 )
 from kubetask.runner.client import ApiClient, ApiError, short
 from kubetask.runner.config import ConfigError, RunnerConfig
+from kubetask.runner.journal import RunnerTransport
 from kubetask.runner.loader import TaskLoadError, check_task_id, format_exc, load_task, user_traceback
 from kubetask.runner.logship import LOG_RETRY_SECONDS, LogShipper, capture_output, echo_line
 from kubetask.sdk.context import AttemptInfo, RunInfo, TaskContext, TaskInfo
-from kubetask.sdk.errors import AbortRun
+from kubetask.sdk.durable import Durable
+from kubetask.sdk.errors import AbortRun, ReplayMismatch, Suspended
 
 __all__ = ["main"]
 
@@ -95,7 +98,7 @@ def _load_failed(exc: TaskLoadError) -> _Outcome:
     return _Outcome(EXIT_LOAD_ERROR, completion, f"load failed: {exc}")
 
 
-def _context(config: RunnerConfig, attempt: AttemptResponse) -> TaskContext:
+def _context(config: RunnerConfig, attempt: AttemptResponse, transport: RunnerTransport) -> TaskContext:
     return TaskContext(
         run=RunInfo(
             id=attempt.run.id or config.run_id or "",
@@ -105,10 +108,13 @@ def _context(config: RunnerConfig, attempt: AttemptResponse) -> TaskContext:
         ),
         task=TaskInfo(id=attempt.task.id or config.task_id or ""),
         attempt=AttemptInfo(number=attempt.attempt.number, max_attempts=attempt.attempt.max_attempts),
+        durable=Durable(transport),
     )
 
 
-def _run_attempt(config: RunnerConfig, api: ApiClient) -> tuple[_Outcome, TaskContext | None]:
+def _run_attempt(
+    config: RunnerConfig, api: ApiClient, transport: RunnerTransport
+) -> tuple[_Outcome, TaskContext | None]:
     try:
         definition = load_task(config)
     except TaskLoadError as exc:
@@ -118,7 +124,7 @@ def _run_attempt(config: RunnerConfig, api: ApiClient) -> tuple[_Outcome, TaskCo
         attempt = api.get_attempt()
     except ApiError as exc:
         return _Outcome(EXIT_API_UNREACHABLE, None, f"cannot fetch the attempt: {exc}"), None
-    ctx = _context(config, attempt)
+    ctx = _context(config, attempt, transport)
 
     if not config.task_id:  # no id in the environment: check against the API's answer
         try:
@@ -136,6 +142,13 @@ def _run_attempt(config: RunnerConfig, api: ApiClient) -> tuple[_Outcome, TaskCo
     )
     try:
         result = asyncio.run(definition.execute(payload, ctx))
+    except Suspended as exc:
+        # The wait is registered (the API said suspend): the run waits without a pod.
+        _runner_log.info("suspended: %s; the pod exits, a new one resumes the run", exc)
+        return _Outcome(EXIT_SUSPENDED, None, f"suspended ({exc})"), ctx
+    except ReplayMismatch as exc:
+        _runner_log.error("replay mismatch: %s", exc)
+        return _Outcome(EXIT_ABORTED, _failure(exc, retryable=False), f"aborted ({_one_line(exc)})"), ctx
     except AbortRun as exc:
         _runner_log.error("run aborted: %s", str(exc) or type(exc).__name__)
         return _Outcome(EXIT_ABORTED, _failure(exc, retryable=False), f"aborted ({_one_line(exc)})"), ctx
@@ -238,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     # Two clients: httpx clients are not shared between threads (the shipper has its own).
     api = ApiClient(config.api_url, token, retry_budget_seconds=config.retry_budget_seconds)
     log_api = ApiClient(config.api_url, token)
+    transport = RunnerTransport(config.api_url, token, retry_budget_seconds=config.retry_budget_seconds)
     shipper = LogShipper(
         log_api, echo=real_err, send_budget_seconds=min(LOG_RETRY_SECONDS, config.retry_budget_seconds)
     )
@@ -246,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx: TaskContext | None = None
     try:
         with capture_output(shipper):
-            outcome, ctx = _run_attempt(config, api)
+            outcome, ctx = _run_attempt(config, api, transport)
         shipper.close()
 
         code, text, reported = _report(api, shipper, outcome, real_err)
@@ -257,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous_handler)
         api.close()
         log_api.close()
+        transport.close()
 
 
 _Handler = Any  # what signal.signal returns: a callable, an int or None

@@ -8,7 +8,8 @@ in any runner image.
 
 from kubetask.sdk.client import ApiError, AsyncClient, Client
 from kubetask.sdk.context import AttemptInfo, RunInfo, TaskContext, TaskInfo
-from kubetask.sdk.errors import AbortRun
+from kubetask.sdk.durable import Token
+from kubetask.sdk.errors import AbortRun, ChildRunFailed, ReplayMismatch, WaitTimeout
 from kubetask.sdk.logging import logger
 from kubetask.sdk.task import Queue, Retry, TaskDefinition, TaskFunction, task, validate_task_id
 
@@ -17,14 +18,18 @@ __all__ = [
     "ApiError",
     "AsyncClient",
     "AttemptInfo",
+    "ChildRunFailed",
     "Client",
     "Queue",
+    "ReplayMismatch",
     "Retry",
     "RunInfo",
     "TaskContext",
     "TaskDefinition",
     "TaskFunction",
     "TaskInfo",
+    "Token",
+    "WaitTimeout",
     "logger",
     "task",
     "validate_task_id",

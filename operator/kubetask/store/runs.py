@@ -18,6 +18,8 @@ def load_state(row: t.Run) -> RunState:
         attempt=row.attempt,
         max_attempts=row.max_attempts,
         infra_failures=row.infra_failures or 0,
+        resumes=row.resumes or 0,
+        resuming=bool(row.resuming),
         next_attempt_at=row.next_attempt_at,
         error=err,
         reason=row.reason,
@@ -42,6 +44,28 @@ def attempt_view(a: t.Attempt, *, pod_key: str) -> dict[str, Any]:
         "exitCode": a.exit_code,
         "reason": a.reason,
         "error": a.error,
+        "resume": a.resume,
+    }
+
+
+def checkpoint_view(cp: t.Checkpoint) -> dict[str, Any]:
+    """A journal entry as JSON (the API's ``checkpoints[]``)."""
+    return {
+        "key": cp.key,
+        "name": cp.name,
+        "position": cp.position,
+        "kind": cp.kind,
+        "status": cp.status,
+        "attempt": cp.attempt,
+        "startedAt": iso(cp.started_at),
+        "finishedAt": iso(cp.finished_at),
+        "dueAt": iso(cp.due_at),
+        # A token's id is its capability: the API shows that it exists, not the secret.
+        "result": None if cp.kind == "token" else cp.result,
+        "error": cp.error,
+        "event": cp.event_name,
+        "match": cp.match,
+        "ref": cp.ref if cp.kind in ("child", "trigger") else None,
     }
 
 
@@ -57,7 +81,7 @@ def condition_statuses(phase: Phase, reason: str, attempt: int) -> dict[str, boo
         out["Accepted"] = False
     elif phase is not Phase.PENDING:
         out["Accepted"] = True
-    if phase in (Phase.QUEUED, Phase.RETRYING):
+    if phase in (Phase.QUEUED, Phase.RETRYING, Phase.WAITING):
         out["Admitted"] = False
     elif phase is Phase.RUNNING or (phase in TERMINAL and attempt > 0):
         out["Admitted"] = True
@@ -74,6 +98,8 @@ def save_state(row: t.Run, state: RunState, *, now: datetime) -> None:
     row.attempt = state.attempt
     row.max_attempts = state.max_attempts
     row.infra_failures = state.infra_failures
+    row.resumes = state.resumes
+    row.resuming = state.resuming
     times = dict(row.condition_times or {})
     for ctype, status in condition_statuses(state.phase, state.reason, state.attempt).items():
         value = "True" if status else "False"

@@ -70,6 +70,15 @@ class Run(Base):
     has_output: Mapped[bool] = mapped_column(Boolean, default=False)
     output_bytes: Mapped[int] = mapped_column(Integer, default=0)
     original_run_id: Mapped[str | None] = mapped_column(String(40))
+    #: The run that triggered this one with ctx.trigger (durable execution), if any.
+    parent_run_id: Mapped[str | None] = mapped_column(String(40))
+    #: Pods that continued an attempt after a wait (they are not attempts).
+    resumes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: The next pod continues the current attempt (the run was Waiting, or a resume pod
+    #: never started).
+    resuming: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
+    #: The checkpoint (its key) the run waits on while Waiting, or asked to suspend on.
+    wait_key: Mapped[str | None] = mapped_column(String(300))
     resource_deleted: Mapped[bool] = mapped_column(Boolean, default=False)
     next_attempt_at: Mapped[datetime | None] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
@@ -86,6 +95,7 @@ class Run(Base):
         Index("ix_runs_finished", "finished_at", postgresql_where=text("finished_at IS NOT NULL")),
         Index("ix_runs_live", "namespace", postgresql_where=text("finished_at IS NULL")),
         Index("ix_runs_wake", "wake_at", postgresql_where=text("wake_at IS NOT NULL")),
+        Index("ix_runs_parent", "parent_run_id", postgresql_where=text("parent_run_id IS NOT NULL")),
     )
 
 
@@ -104,8 +114,11 @@ class Attempt(Base):
     exit_code: Mapped[int | None] = mapped_column(Integer)
     reason: Mapped[str | None] = mapped_column(String(64))
     error: Mapped[dict[str, Any] | None] = mapped_column()
-    #: What the runner posted to /runner/v1/complete (None until it did).
+    #: What the runner posted to /runner/v1/complete (None until it did), or
+    #: ``{"suspended": true, "wait": key}`` once it registered a wait it suspends on.
     report: Mapped[dict[str, Any] | None] = mapped_column()
+    #: This pod continued an attempt after a wait (a resume), rather than starting one.
+    resume: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
 
     __table_args__ = (Index("ix_attempts_token", "token_hash", unique=True),)
 
@@ -223,3 +236,73 @@ class Timer(Base):
     due_at: Mapped[datetime] = mapped_column()
 
     __table_args__ = (Index("ix_timers_due", "due_at"),)
+
+
+class Checkpoint(Base):
+    """One entry of a run's journal (durable execution): a completed (or failed) step, a
+    wait, a token, a child run triggered. A replaying pod reads the journal and gets each
+    completed entry's ``result`` back without doing the work again.
+
+    ``key`` is the call's name, with ``#n`` for the n-th repeat of a name in one run;
+    ``position`` is the call's order among all journal calls of the run (what replay
+    checks for determinism)."""
+
+    __tablename__ = "checkpoints"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(300), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer)
+    #: step | sleep | event | token | token_wait | trigger | child
+    kind: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str] = mapped_column(String(256))
+    #: completed | failed (steps); waiting | satisfied | timed_out | canceled (waits, tokens)
+    status: Mapped[str] = mapped_column(String(16))
+    result: Mapped[Any | None] = mapped_column(JSONB(none_as_null=True))
+    error: Mapped[dict[str, Any] | None] = mapped_column()
+    #: The pod (attempt number) that recorded it.
+    attempt: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+    #: Waits: when a sleep ends or a wait times out; tokens: when they expire.
+    due_at: Mapped[datetime | None] = mapped_column()
+    #: Event waits: the run's namespace, the event's name and the fields it must contain.
+    namespace: Mapped[str | None] = mapped_column(String(63))
+    event_name: Mapped[str | None] = mapped_column(String(256))
+    match: Mapped[dict[str, Any] | None] = mapped_column()
+    #: token_wait: the token's hash; child: the child run's id.
+    ref: Mapped[str | None] = mapped_column(String(64))
+    #: token: the SHA-256 of the token's id (the capability in its URL).
+    token_hash: Mapped[str | None] = mapped_column(String(64))
+    #: The event that satisfied an event wait (so one event resumes one wait of a run once).
+    event_id: Mapped[int | None] = mapped_column(BigInteger)
+
+    __table_args__ = (
+        Index(
+            "ix_checkpoints_event",
+            "namespace",
+            "event_name",
+            postgresql_where=text("kind = 'event' AND status = 'waiting'"),
+        ),
+        Index("ix_checkpoints_ref", "ref", postgresql_where=text("status = 'waiting'")),
+        Index(
+            "ix_checkpoints_token", "token_hash", unique=True, postgresql_where=text("token_hash IS NOT NULL")
+        ),
+    )
+
+
+class Event(Base):
+    """An event sent to ``POST /api/v1/events``: stored before the answer, matched against
+    open event waits then, and kept for ``event_retention_seconds`` so a wait registered
+    shortly after still finds it."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    namespace: Mapped[str] = mapped_column(String(63))
+    name: Mapped[str] = mapped_column(String(256))
+    data: Mapped[dict[str, Any]] = mapped_column()
+    received_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    #: Runs it resumed when it arrived.
+    delivered: Mapped[int] = mapped_column(Integer, default=0)
+
+    __table_args__ = (Index("ix_events_name", "namespace", "name", "received_at"),)
