@@ -399,7 +399,7 @@ async def test_runs_pagination(client: Listeners, sessions: Sessions) -> None:
     assert set(first) == {
         "id", "namespace", "name", "task", "queue", "phase", "attempt", "maxAttempts", "tags", "concurrencyKey",
         "idempotencyKey", "priority", "createdAt", "startedAt", "finishedAt", "error", "reason", "message",
-        "originalRunId",
+        "originalRunId", "parentRunId", "resumes",
     }  # fmt: skip
     page = await (await client.get("/api/v1/runs", params={"namespace": ns})).json()
     assert len(page["items"]) == 30 and page["nextCursor"] is None  # default limit 50

@@ -247,6 +247,7 @@ class LocalTransport:
 
     def __init__(self) -> None:
         self.entries: dict[str, JournalEntry] = {}
+        self._due: dict[str, datetime] = {}
 
     def journal(self) -> list[JournalEntry]:
         return list(self.entries.values())
@@ -268,7 +269,10 @@ class LocalTransport:
                 f"ctx.{'wait_for_event' if body.kind == 'event' else body.kind} needs a cluster: "
                 "TaskContext.local() runs steps and sleeps only"
             )
-        due = body.until or datetime.now(UTC) + timedelta(seconds=body.seconds or 0)
+        # Registered once per key, like the runner API: asking again never moves the end.
+        due = self._due.setdefault(
+            body.key, body.until or datetime.now(UTC) + timedelta(seconds=body.seconds or 0)
+        )
         if due <= datetime.now(UTC):
             return WaitResponse(status="satisfied")
         return WaitResponse(status="waiting", due_at=due)
