@@ -207,7 +207,7 @@ build_app() { # name ref containerfile
   image_exists "$BASE_IMAGE" || cmd_base
   [[ -f $CONTEXT/pyproject.toml && -d $CONTEXT/operator/kubetask ]] ||
     die "$CONTEXT is not a kubetask source tree (pyproject.toml, operator/kubetask)"
-  local archive="$IMG_CACHE/$name-$PROJECT_VERSION.oci.tar"
+  local archive="$IMG_CACHE/$name-$IMAGE_TAG.oci.tar"
   local stamp="$archive.inputs"
   local hash
   hash="$(app_inputs_hash "$cf")"
@@ -271,7 +271,7 @@ cmd_import() {
     runner) ref="$RUNNER_IMAGE" ;;
     operator) ref="$OPERATOR_IMAGE" ;;
     esac
-    archive="$IMG_CACHE/$name-$PROJECT_VERSION.oci.tar"
+    archive="$IMG_CACHE/$name-$IMAGE_TAG.oci.tar"
     [[ -s $archive ]] || die "import: $archive missing: run 'hack/images.sh $name' first"
     want="$(archive_digest "$archive")"
     have="$(ctr --address "$CONTAINERD_SOCK" -n k8s.io images ls "name==$ref" | awk 'NR == 2 {print $3}')"

@@ -17,8 +17,11 @@ die() { printf '\033[1;31m[kubetask] error:\033[0m %s\n' "$*" >&2; exit 1; }
 # ---- the contract between the hack/ scripts (keep in sync with docs/local-cluster.md) ----
 PROJECT_VERSION="$(sed -n 's/^version = "\(.*\)"/\1/p' "$REPO_ROOT/pyproject.toml" | head -1)"
 IMAGE_PREFIX="localhost/kubetask"
-RUNNER_IMAGE="$IMAGE_PREFIX/runner:$PROJECT_VERSION"
-OPERATOR_IMAGE="$IMAGE_PREFIX/operator:$PROJECT_VERSION"
+# KUBETASK_IMAGE_TAG: another tag for the runner and operator images, so two checkouts
+# on one machine (a worktree, say) can test their own code side by side.
+IMAGE_TAG="${KUBETASK_IMAGE_TAG:-$PROJECT_VERSION}"
+RUNNER_IMAGE="$IMAGE_PREFIX/runner:$IMAGE_TAG"
+OPERATOR_IMAGE="$IMAGE_PREFIX/operator:$IMAGE_TAG"
 PAUSE_IMAGE="$IMAGE_PREFIX/pause:$PAUSE_VERSION"
 COREDNS_IMAGE="$IMAGE_PREFIX/coredns:$COREDNS_VERSION"
 BASE_IMAGE="$IMAGE_PREFIX/debian-base:$DEBIAN_SUITE"

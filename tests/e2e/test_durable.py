@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import collections
 import json
+import os
+import subprocess
+import sys
 import textwrap
 import threading
 import time
@@ -19,8 +22,9 @@ from typing import Any
 
 import pytest
 
+from kubetask import Client
 from tests.e2e.conftest import wait_for
-from tests.e2e.harness import GROUP, VERSION, Operator, PodWatcher, Stack, service_account_token
+from tests.e2e.harness import GROUP, REPO, VERSION, Operator, PodWatcher, Stack, service_account_token
 
 pytestmark = pytest.mark.e2e
 
@@ -352,3 +356,50 @@ def test_canceling_a_waiting_parent_ends_it_at_once_and_cancels_its_children(
         wait_for(lambda: not watcher.alive, 60, "every pod gone")
     assert child_st["phase"] == "Canceled", child_st
     assert "parent run" in child_st["message"]
+
+
+def test_the_approval_example_both_ways(stack: Stack, ns: str, operator: Operator, sender: str) -> None:
+    """examples/approval as its README walks through it: apply, create, wait, answer with
+    the CLI (approve) and the Python client (reject)."""
+    stack.kubectl(ns, "apply", "-f", str(REPO / "examples/approval/task.yaml"))
+    names = []
+    for _ in range(2):
+        created = stack.kubectl(ns, "create", "-f", str(REPO / "examples/approval/run.yaml"), "-o", "name")
+        names.append(created.stdout.strip().split("/")[-1])
+    requests = {}
+    for name in names:
+        st = stack.wait_run(ns, name, {"Waiting"}, timeout=120)["status"]
+        detail = operator.get(f"/api/v1/runs/{st['runId']}")
+        [created] = [c for c in detail["checkpoints"] if c["name"] == "create approval request"]
+        requests[name] = created["result"]["requestId"]
+        assert requests[name] in detail["waitingFor"]
+    env = {**os.environ, "KUBETASK_API_URL": operator.api, "KUBETASK_TOKEN": sender}
+    data = json.dumps({"requestId": requests[names[0]], "approved": True, "by": "ana"})
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kubetask.cli",
+            "events",
+            "send",
+            "approval.received",
+            "-n",
+            ns,
+            "--data",
+            data,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert cli.returncode == 0 and "resumed 1 waiting run" in cli.stdout, cli.stdout + cli.stderr
+    with Client(operator.api, sender, namespace=ns) as client:
+        answer = client.events.send("approval.received", {"requestId": requests[names[1]], "approved": False})
+        assert answer.resumed == 1
+    done = stack.wait_all(ns, names, timeout=180)
+    approved, rejected = (done[n]["status"] for n in names)
+    assert approved["phase"] == rejected["phase"] == "Succeeded", (approved, rejected)
+    assert approved["output"]["action"] == "shipped" and approved["output"]["by"] == "ana"
+    assert rejected["output"]["action"] == "refunded"
+    assert approved["attempt"] == 1 and approved["resumes"] == 1

@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 from sqlalchemy import select
 
-from kubetask.api.auth import authorize
+from kubetask.api.auth import authenticate, authorize
 from kubetask.api.errors import ApiError, read_json, read_model
 from kubetask.api.runs import reply
 from kubetask.api.state import SESSIONS
@@ -33,6 +33,7 @@ MAX_TOKEN_ID_CHARS = 200
 
 async def send_event(request: web.Request) -> web.Response:
     """``POST /api/v1/events``."""
+    await authenticate(request)  # 401 before anything is read
     body = await read_model(request, EventRequest, MAX_EVENT_BYTES + 4096)
     await authorize(request, "patch", "runs", body.namespace)
     async with request.app[SESSIONS]() as s, s.begin():

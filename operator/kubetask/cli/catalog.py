@@ -40,8 +40,8 @@ app.add_typer(queues_app, name="queues")
 # ---- trigger ------------------------------------------------------------------------------
 
 
-def _payload(value: str | None) -> dict[str, Any]:
-    """``--payload``: JSON, ``@FILE`` or ``-`` (standard input)."""
+def _payload(value: str | None, option: str = "--payload") -> dict[str, Any]:
+    """``--payload`` (or ``option``): JSON, ``@FILE`` or ``-`` (standard input)."""
     if value is None:
         return {}
     if value == "-":
@@ -50,15 +50,15 @@ def _payload(value: str | None) -> dict[str, Any]:
         try:
             text = Path(value[1:]).read_text()
         except OSError as e:
-            fail(f"cannot read the payload file {value[1:]}: {e.strerror}")
+            fail(f"cannot read the {option} file {value[1:]}: {e.strerror}")
     else:
         text = value
     try:
         payload = json.loads(text)
     except ValueError as e:
-        fail(f'--payload is not valid JSON ({e}); e.g. --payload \'{{"name": "world"}}\'')
+        fail(f'{option} is not valid JSON ({e}); e.g. {option} \'{{"name": "world"}}\'')
     if not isinstance(payload, dict):
-        fail('--payload must be a JSON object, e.g. --payload \'{"name": "world"}\'')
+        fail(f'{option} must be a JSON object, e.g. {option} \'{{"name": "world"}}\'')
     return payload
 
 
@@ -293,3 +293,36 @@ def queues_set_limit(
     client = connect(api_url, namespace)
     with api_errors():
         _show_queue(client.queues.set_limit(name, **kwargs), as_json)
+
+
+# ---- events -------------------------------------------------------------------------------
+
+events_app = typer.Typer(
+    help="Events: resume the runs waiting for them (ctx.wait_for_event).", no_args_is_help=True
+)
+app.add_typer(events_app, name="events")
+
+
+@events_app.command("send")
+def events_send(
+    name: Annotated[str, typer.Argument(help="The event's name, e.g. approval.received.")],
+    data: Annotated[
+        str | None, typer.Option("--data", "-d", help="The event's data: JSON, @FILE or - (standard input).")
+    ] = None,
+    namespace: Namespace = None,
+    as_json: JsonFlag = False,
+    api_url: ApiUrl = None,
+) -> None:
+    """Send an event to the runs of a namespace waiting for it; it is stored first, and
+    kept for a while so a wait registered shortly after still gets it."""
+    body = _payload(data, "--data")
+    client = connect(api_url, namespace)
+    with api_errors():
+        answer = client.events.send(name, body)
+    if as_json:
+        print_json(dump(answer))
+        return
+    console().print(
+        f"event {answer.id} {answer.name!r} stored in {answer.namespace}; "
+        f"resumed {answer.resumed} waiting run{'s' if answer.resumed != 1 else ''}"
+    )

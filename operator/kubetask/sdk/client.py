@@ -30,6 +30,8 @@ from kubetask.apimodels import (
     BulkRequest,
     BulkSummary,
     CancelResponse,
+    EventRequest,
+    EventResponse,
     LogLine,
     LogPage,
     LogStreamEnd,
@@ -305,6 +307,7 @@ class Client:
         self.tasks = Tasks(self)
         self.runs = Runs(self)
         self.queues = Queues(self)
+        self.events = Events(self)
 
     @property
     def api_url(self) -> str:
@@ -590,6 +593,20 @@ class Queues:
         return self._patch(name, namespace, body)
 
 
+class Events:
+    """``client.events``: send events to runs waiting for them (``ctx.wait_for_event``)."""
+
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+    def send(
+        self, name: str, data: dict[str, Any] | None = None, *, namespace: str | None = None
+    ) -> EventResponse:
+        """Store the event and resume the runs of ``namespace`` waiting for it."""
+        body = EventRequest(name=name, namespace=namespace or self._c.namespace, data=data or {})
+        return self._c._model(EventResponse, _Call("POST", "/api/v1/events", body=body))
+
+
 # ---- the async client --------------------------------------------------------------------
 
 
@@ -615,6 +632,7 @@ class AsyncClient:
         self.tasks = AsyncTasks(self)
         self.runs = AsyncRuns(self)
         self.queues = AsyncQueues(self)
+        self.events = AsyncEvents(self)
 
     @property
     def api_url(self) -> str:
@@ -854,6 +872,19 @@ class AsyncRuns:
         body = _bulk_body(task, status, since, until, tags, namespace, limit)
         async for line in self._c._lines(_Call("POST", "/api/v1/runs/replay", body=body)):
             yield _bulk_line(line)
+
+
+class AsyncEvents:
+    """``client.events`` of the async client."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._c = client
+
+    async def send(
+        self, name: str, data: dict[str, Any] | None = None, *, namespace: str | None = None
+    ) -> EventResponse:
+        body = EventRequest(name=name, namespace=namespace or self._c.namespace, data=data or {})
+        return await self._c._model(EventResponse, _Call("POST", "/api/v1/events", body=body))
 
 
 class AsyncQueues:
