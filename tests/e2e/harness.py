@@ -233,6 +233,8 @@ class Operator:
             "KUBETASK_RUNNER_API_PORT": str(self.runner_port),
             # Runner pods reach the runner listener only.
             "KUBETASK_API_URL": f"http://{stack.host_ip}:{self.runner_port}",
+            # Token completion URLs (ctx.create_token) point at this process's public API.
+            "KUBETASK_PUBLIC_URL": f"http://127.0.0.1:{self.port}",
             "KUBETASK_RUNNER_IMAGE": stack.runner_image,
             "KUBETASK_NAMESPACES": json.dumps(namespaces),
             "KUBETASK_TASK_GRACE_SECONDS": "5",

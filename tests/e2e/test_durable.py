@@ -28,7 +28,7 @@ from tests.e2e.harness import GROUP, REPO, VERSION, Operator, PodWatcher, Stack,
 
 pytestmark = pytest.mark.e2e
 
-FAST_RETRY = {"maxAttempts": 3, "minTimeoutInMs": 200, "maxTimeoutInMs": 500, "randomize": False}
+FAST_RETRY = {"maxAttempts": 3, "minTimeoutMs": 200, "maxTimeoutMs": 500, "randomize": False}
 
 
 class Counter:
@@ -149,7 +149,6 @@ def test_steps_done_before_a_pod_is_killed_are_not_run_again(
 def test_wait_for_event_holds_no_pod_and_no_slot_and_resumes_on_the_matching_event(
     stack: Stack, ns: str, operator: Operator, counter: Counter, sender: str
 ) -> None:
-    stack.apply_queue(ns, "one-at-a-time", {"concurrencyLimit": 1})
     apply(
         stack,
         ns,
@@ -160,7 +159,7 @@ def test_wait_for_event_holds_no_pod_and_no_slot_and_resumes_on_the_matching_eve
         await ctx.step("act", count, {counter.url!r}, "act-" + str(data["approved"]))
         return data
         """,
-        queue="one-at-a-time",
+        queue={"name": "one-at-a-time", "concurrencyLimit": 1},
     )
     with PodWatcher(stack, ns) as watcher:
         stack.create_run(ns, "durable", name="approve", payload={"id": "r-1"})
