@@ -491,6 +491,7 @@ class BulkRequest(_Request):
         None, description="Created at or after: ISO-8601, or a duration before now like 24h, 7d."
     )
     until: str | None = Field(None, description="Created before: ISO-8601, or a duration before now.")
+    parent: str | None = Field(None, max_length=40, description="Children of this run (ctx.trigger).")
     limit: int = Field(
         BULK_MAX_RUNS, ge=1, le=BULK_MAX_RUNS, description="Most runs to act on, newest first."
     )
@@ -514,7 +515,9 @@ class BulkRequest(_Request):
 
     @model_validator(mode="after")
     def _some_filter(self) -> BulkRequest:
-        if not (self.task or self.phase or self.tag or self.namespace or self.since or self.until):
+        if not (
+            self.task or self.phase or self.tag or self.namespace or self.since or self.until or self.parent
+        ):
             raise ValueError(
                 "a bulk action needs at least one filter (task, phase, tag, namespace, since, until)"
             )

@@ -392,7 +392,8 @@ def test_the_approval_example_both_ways(stack: Stack, ns: str, operator: Operato
         text=True,
         timeout=60,
     )
-    assert cli.returncode == 0 and "resumed 1 waiting run" in cli.stdout, cli.stdout + cli.stderr
+    said = " ".join(cli.stdout.split())  # rich wraps lines at the terminal's width
+    assert cli.returncode == 0 and "resumed 1 waiting run" in said, cli.stdout + cli.stderr
     with Client(operator.api, sender, namespace=ns) as client:
         answer = client.events.send("approval.received", {"requestId": requests[names[1]], "approved": False})
         assert answer.resumed == 1

@@ -395,6 +395,7 @@ async def _bulk(
         tags=body.tag,
         since=parse_time_field("since", body.since, now),
         until=parse_time_field("until", body.until, now),
+        parent=body.parent,
     )
     allowed = await scope(request, verb, body.namespace)
     conditions = RunFilter(

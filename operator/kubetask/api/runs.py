@@ -159,6 +159,8 @@ class RunFilter:
     namespaces: Sequence[str] = ()
     since: datetime | None = None
     until: datetime | None = None
+    #: Children of this run (ctx.trigger).
+    parent: str | None = None
 
     def conditions(self) -> list[ColumnElement[bool]]:
         out: list[ColumnElement[bool]] = []
@@ -174,6 +176,8 @@ class RunFilter:
             out.append(Run.created_at >= self.since)
         if self.until is not None:
             out.append(Run.created_at < self.until)
+        if self.parent is not None:
+            out.append(Run.parent_run_id == self.parent)
         return out
 
 
@@ -283,7 +287,9 @@ def reply(model: BaseModel, status: int = 200) -> web.Response:
 
 async def list_runs(request: web.Request) -> web.Response:
     """``GET /api/v1/runs``: runs, newest first, one keyset page at a time (``list runs``)."""
-    _check_params(request, ("task", "phase", "tag", "namespace", "since", "until", "limit", "cursor"))
+    _check_params(
+        request, ("task", "phase", "tag", "namespace", "since", "until", "parent", "limit", "cursor")
+    )
     now = datetime.now(UTC)
     filters = RunFilter(
         tasks=_values(request, "task"),
@@ -291,6 +297,7 @@ async def list_runs(request: web.Request) -> web.Response:
         tags=[t for t in request.query.getall("tag", []) if t],
         since=_time_param(request, "since", now),
         until=_time_param(request, "until", now),
+        parent=_one(request, "parent"),
     )
     limit = _int_param(request, "limit", default=RUNS_LIMIT_DEFAULT, low=1, high=RUNS_LIMIT_MAX)
     assert limit is not None

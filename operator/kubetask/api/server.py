@@ -109,6 +109,7 @@ _FILTERS = (
     Param("namespace", "query", {"type": "string"}, "Namespace (any); default: every readable one.", True),
     Param("since", "query", {"type": "string"}, "Created at or after: ISO-8601, or a duration like 24h."),
     Param("until", "query", {"type": "string"}, "Created before: ISO-8601, or a duration like 24h."),
+    Param("parent", "query", {"type": "string", "maxLength": 40}, "Children of this run (ctx.trigger)."),
 )
 _NDJSON = "application/x-ndjson"
 

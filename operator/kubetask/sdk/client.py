@@ -129,6 +129,7 @@ def _filters(
     until: Since | None,
     tags: str | Iterable[str] | None,
     namespace: str | Iterable[str] | None,
+    parent: str | None = None,
 ) -> list[tuple[str, str]]:
     params = [("task", t) for t in _many(task)]
     params += [("phase", p) for p in _many(status)]
@@ -137,6 +138,8 @@ def _filters(
     for name, value in (("since", _time(since)), ("until", _time(until))):
         if value is not None:
             params.append((name, value))
+    if parent is not None:
+        params.append(("parent", parent))
     return params
 
 
@@ -441,12 +444,14 @@ class Runs:
         until: Since | None = None,
         tags: str | Iterable[str] | None = None,
         namespace: str | Iterable[str] | None = None,
+        parent: str | None = None,
         limit: int | None = None,
     ) -> Iterator[RunSummary]:
         """Runs, newest first, every page fetched as needed; at most ``limit`` runs.
         ``status``: phases (any, case-insensitive); ``tags``: all must be present;
-        ``namespace``: default every namespace you may list runs in."""
-        params = _filters(task, status, since, until, tags, namespace)
+        ``namespace``: default every namespace you may list runs in; ``parent``: the
+        children of that run (``ctx.trigger``)."""
+        params = _filters(task, status, since, until, tags, namespace, parent)
         cursor: str | None = None
         count = 0
         while True:
@@ -766,9 +771,10 @@ class AsyncRuns:
         until: Since | None = None,
         tags: str | Iterable[str] | None = None,
         namespace: str | Iterable[str] | None = None,
+        parent: str | None = None,
         limit: int | None = None,
     ) -> AsyncIterator[RunSummary]:
-        params = _filters(task, status, since, until, tags, namespace)
+        params = _filters(task, status, since, until, tags, namespace, parent)
         cursor: str | None = None
         count = 0
         while True:
