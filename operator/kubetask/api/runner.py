@@ -66,6 +66,8 @@ class _Caller:
     run_id: str
     attempt: int
     reported: bool
+    #: The row of the authenticating query, with the ``extra`` columns asked for.
+    row: Any = None
 
 
 def _bearer(request: web.Request) -> str:
@@ -84,9 +86,12 @@ def _bearer(request: web.Request) -> str:
     return token
 
 
-async def _authenticate(session: AsyncSession, token: str, *, lock: bool = False) -> _Caller:
+async def _authenticate(
+    session: AsyncSession, token: str, *, lock: bool = False, extra: tuple[Any, ...] = ()
+) -> _Caller:
     """The attempt the token belongs to, if it may still talk to the API (else 401).
-    ``lock`` takes the run's row (FOR NO KEY UPDATE) for the rest of the transaction."""
+    ``lock`` takes the run's row (FOR NO KEY UPDATE) for the rest of the transaction;
+    ``extra`` columns are read by the same query (``caller.row``), saving one."""
     digest = hash_token(token)
     stmt = (
         select(
@@ -97,6 +102,7 @@ async def _authenticate(session: AsyncSession, token: str, *, lock: bool = False
             Attempt.token_hash,
             Attempt.finished_at,
             Attempt.report,
+            *extra,
         )
         .join(Attempt, Attempt.run_id == Run.id)
         .where(Attempt.token_hash == digest)
@@ -118,29 +124,28 @@ async def _authenticate(session: AsyncSession, token: str, *, lock: bool = False
             "run_not_running",
             f"run {row.id} is {row.phase}, not Running; the token of attempt {row.number} is no longer valid",
         )
-    return _Caller(run_id=row.id, attempt=row.number, reported=row.report is not None)
+    return _Caller(run_id=row.id, attempt=row.number, reported=row.report is not None, row=row)
 
 
 async def get_attempt(request: web.Request) -> web.Response:
     """``GET /runner/v1/attempt``: what to run; records the attempt's start (once)."""
     token = _bearer(request)
     async with request.app[SESSIONS]() as session, session.begin():
-        caller = await _authenticate(session, token)
-        run = (
-            await session.execute(
-                select(
-                    Run.id,
-                    Run.name,
-                    Run.namespace,
-                    Run.tags,
-                    Run.task,
-                    Run.max_attempts,
-                    Run.payload,
-                    Run.infra_failures,
-                    Run.resumes,
-                ).where(Run.id == caller.run_id)
-            )
-        ).one()
+        caller = await _authenticate(
+            session,
+            token,
+            extra=(
+                Run.name,
+                Run.namespace,
+                Run.tags,
+                Run.task,
+                Run.max_attempts,
+                Run.payload,
+                Run.infra_failures,
+                Run.resumes,
+            ),
+        )
+        run = caller.row
         await session.execute(
             update(Attempt)
             .where(
@@ -305,18 +310,22 @@ async def post_complete(request: web.Request) -> web.Response:
                 f"attempt {caller.attempt} of run {caller.run_id} already reported its result; "
                 "an attempt reports once",
             )
-        await session.execute(
+        report = (
             update(Attempt)
             .where(Attempt.run_id == caller.run_id, Attempt.number == caller.attempt)
             .values(report=_report(result))
             .execution_options(synchronize_session=False)
         )
         if isinstance(result, Succeeded):
+            # One statement: the report and the output (a data-modifying CTE).
+            reported = report.returning(Attempt.run_id).cte("reported")
             await session.execute(
                 update(Run)
-                .where(Run.id == caller.run_id)
+                .where(Run.id.in_(select(reported.c.run_id)))
                 .values(output=result.output, has_output=True, output_bytes=result.output_bytes)
                 .execution_options(synchronize_session=False)
             )
+        else:
+            await session.execute(report)
     RESULTS.labels(result.status).inc()
     return web.Response(status=204)
