@@ -328,7 +328,9 @@ class RunSummary(_Response):
     """``namespace/queue``."""
     phase: RunPhase
     attempt: int
-    """The current (or last) attempt's number; 0 before the first one."""
+    """The current (or last) attempt's number as the task counts it (``ctx.attempt.number``):
+    pods that never ran the task and resumes after a wait are not attempts; 0 before the
+    first one. ``attempts[]`` of a run's detail lists every pod."""
     max_attempts: int
     tags: list[str] = Field(default_factory=list)
     concurrency_key: str | None = None

@@ -190,7 +190,8 @@ def test_wait_for_event_holds_no_pod_and_no_slot_and_resumes_on_the_matching_eve
     st = run["status"]
     assert st["phase"] == "Succeeded", st
     assert st["output"] == {"requestId": "r-1", "approved": True}
-    assert st["attempt"] == 2 and st["resumes"] == 1 and [a["number"] for a in st["attempts"]] == [1, 2]
+    assert st["attempt"] == 1 and st["resumes"] == 1 and st["pods"] == 2  # a resume is not an attempt
+    assert [(a["number"], a["resume"]) for a in st["attempts"]] == [(1, False), (2, True)]
     assert counter.calls["create"] == 2 and counter.calls["act-True"] == 1  # one per run: r-1, r-2
     assert phase(stack, ns, "second") == "Waiting"
     # Without a token, or without the right, no event is accepted.

@@ -31,7 +31,7 @@ from kubetask.api.state import SESSIONS
 from kubetask.apimodels import TERMINAL_PHASES, LogLine, LogPage, LogStreamEnd, RunDetail, RunList, storable
 from kubetask.engine.machine import Phase
 from kubetask.spec import DNS1123_LABEL
-from kubetask.store.runs import attempt_view, checkpoint_view, iso
+from kubetask.store.runs import attempt_view, checkpoint_view, counted_attempt, iso
 from kubetask.store.tables import Attempt, Checkpoint, Run
 from kubetask.store.tables import LogLine as LogLineRow
 
@@ -248,7 +248,7 @@ async def scope(request: web.Request, verb: str, asked: Sequence[str]) -> Scope:
 _SUMMARY = (
     Run.id, Run.namespace, Run.name, Run.task, Run.queue, Run.phase, Run.attempt, Run.max_attempts, Run.tags,
     Run.concurrency_key, Run.idempotency_key, Run.priority, Run.created_at, Run.started_at, Run.finished_at,
-    Run.error, Run.reason, Run.message, Run.original_run_id, Run.parent_run_id, Run.resumes,
+    Run.error, Run.reason, Run.message, Run.original_run_id, Run.parent_run_id, Run.resumes, Run.infra_failures,
 )  # fmt: skip
 
 
@@ -262,7 +262,7 @@ def run_summary(run: Any) -> dict[str, Any]:
         "task": run.task,
         "queue": run.queue,
         "phase": run.phase,
-        "attempt": run.attempt,
+        "attempt": counted_attempt(run),
         "maxAttempts": run.max_attempts,
         "tags": run.tags or [],
         "concurrencyKey": run.concurrency_key,

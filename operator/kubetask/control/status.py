@@ -23,7 +23,7 @@ from kubetask.engine import machine as m
 from kubetask.kube import Kube
 from kubetask.spec import MAX_STATUS_OUTPUT_BYTES
 from kubetask.store import tables as t
-from kubetask.store.runs import NOT_ACCEPTED, attempt_view, condition_statuses, iso
+from kubetask.store.runs import NOT_ACCEPTED, attempt_view, condition_statuses, counted_attempt, iso
 
 log = logging.getLogger("kubetask.status")
 
@@ -135,7 +135,8 @@ def project(row: t.Run, attempts: list[t.Attempt], q: t.Queue | None) -> dict[st
     out: dict[str, Any] = {
         "runId": row.id,
         "phase": row.phase,
-        "attempt": row.attempt,
+        "attempt": counted_attempt(row),
+        "pods": row.attempt,
         "maxAttempts": row.max_attempts,
         "infraFailures": row.infra_failures,
         "queue": row.queue.split("/", 1)[1],

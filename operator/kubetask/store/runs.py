@@ -27,6 +27,13 @@ def load_state(row: t.Run) -> RunState:
     )
 
 
+def counted_attempt(row: Any) -> int:
+    """The run's attempt as its task counts it (``ctx.attempt.number``): pods that never
+    ran the task and pods that resumed an attempt after a wait are not attempts.
+    ``row.attempt`` is the number of the run's last pod."""
+    return max(0, int(row.attempt) - int(row.infra_failures or 0) - int(row.resumes or 0))
+
+
 def iso(ts: datetime | None) -> str | None:
     """:func:`kubetask.protocol.iso` (the one format), passing None through."""
     return None if ts is None else protocol.iso(ts)
