@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any, Final, Literal, get_args
 
 from pydantic import (
@@ -104,6 +106,7 @@ IDEMPOTENCY_KEY_TTL_MAX_SECONDS: Final = 31_536_000
 
 RunPhase = Literal[
     "Pending",
+    "Delayed",
     "Queued",
     "Running",
     "Retrying",
@@ -113,6 +116,7 @@ RunPhase = Literal[
     "Canceled",
     "TimedOut",
     "Deduplicated",
+    "Expired",
 ]
 """A run's phase (the engine's ``Phase``; a unit test keeps the two equal)."""
 PHASES: Final[tuple[str, ...]] = get_args(RunPhase)
@@ -225,6 +229,9 @@ class TriggerRequest(_Request):
     tags: list[str] = _rule(RunSpec, "tags")
     max_attempts: int | None = _rule(RunSpec, "max_attempts")
     ttl_seconds_after_finished: int | None = _rule(RunSpec, "ttl_seconds_after_finished")
+    delay_seconds: int | None = _rule(RunSpec, "delay_seconds")
+    not_before: datetime | None = _rule(RunSpec, "not_before")
+    ttl_seconds: int | None = _rule(RunSpec, "ttl_seconds")
 
     @field_validator("payload", "concurrency_key", "idempotency_key", "tags")
     @classmethod
@@ -256,6 +263,10 @@ class TriggerRequest(_Request):
     def _ttl_with_key(self) -> TriggerRequest:
         if self.idempotency_key_ttl_seconds is not None and self.idempotency_key is None:
             raise ValueError("idempotencyKeyTTLSeconds needs an idempotencyKey")
+        if self.delay_seconds is not None and self.not_before is not None:
+            raise ValueError("give delaySeconds or notBefore, not both")
+        if self.not_before is not None and self.not_before.tzinfo is None:
+            raise ValueError("notBefore needs a time zone, e.g. 2026-12-01T09:00:00Z")
         return self
 
     def run_spec(self, task: str) -> RunSpec:
@@ -263,6 +274,22 @@ class TriggerRequest(_Request):
         return RunSpec.model_validate(
             {"task": task, **self.model_dump(exclude={"idempotency_key_ttl_seconds"}, exclude_none=True)}
         )
+
+
+def duration_seconds(value: str | int | float | timedelta, what: str) -> int:
+    """A duration for the client and the CLI: seconds, a ``timedelta``, or ``"20s"``,
+    ``"5m"``, ``"2h"``, ``"1d"``, ``"1h30m"`` (resources take integer seconds)."""
+    if isinstance(value, timedelta):
+        return int(value.total_seconds())
+    if isinstance(value, bool):
+        raise TypeError(f"{what} must be seconds, a timedelta or a string like 20s, not a boolean")
+    if isinstance(value, int | float):
+        return int(value)
+    parts = re.fullmatch(r"\s*(?:(\d+)d)?\s*(?:(\d+)h)?\s*(?:(\d+)m)?\s*(?:(\d+)s?)?\s*", value)
+    if not value.strip() or parts is None:
+        raise ValueError(f"{what}={value!r} is not a duration; use seconds or 20s, 5m, 2h, 1d, 1h30m")
+    d, h, m, s = (int(p or 0) for p in parts.groups())
+    return ((d * 24 + h) * 60 + m) * 60 + s
 
 
 class TriggerResponse(_Response):

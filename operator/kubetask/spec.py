@@ -9,7 +9,8 @@ snake_case attributes.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from datetime import datetime
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
@@ -25,6 +26,8 @@ ENTRYPOINT = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za
 #: (condition ``PayloadTooLarge``). etcd would take up to ~1.5 MiB, but a Run is
 #: watched and cached by every client; large inputs belong in object storage.
 MAX_PAYLOAD_BYTES = 256 * 1024
+#: Longest delay or TTL of a run (a year).
+MAX_DELAY_SECONDS = 31_536_000
 #: Outputs up to this size are copied into ``status.output``; larger ones stay in PostgreSQL.
 MAX_STATUS_OUTPUT_BYTES = 4 * 1024
 
@@ -161,6 +164,42 @@ class RunSpec(_Model):
         description="Delete this Run resource this long after it ends (its record stays in "
         "PostgreSQL); default: the Task's, else the operator's.",
     )
+    delay_seconds: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_DELAY_SECONDS,
+        description="Start no sooner than this many seconds after the Run's creation (phase "
+        "Delayed meanwhile, holding nothing).",
+    )
+    not_before: datetime | None = Field(
+        None, description="Start no sooner than this time (RFC 3339); instead of delaySeconds."
+    )
+    ttl_seconds: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_DELAY_SECONDS,
+        description="A run not started this many seconds after it may start (its creation, or "
+        "the end of its delay) ends Expired.",
+    )
+
+    @model_validator(mode="after")
+    def _one_delay(self) -> Self:
+        if self.delay_seconds is not None and self.not_before is not None:
+            raise ValueError("give delaySeconds or notBefore, not both")
+        if self.not_before is not None and self.not_before.tzinfo is None:
+            raise ValueError("notBefore needs a time zone, e.g. 2026-12-01T09:00:00Z")
+        return self
+
+
+class RateLimit(_Model):
+    """At most ``limit`` pod starts per ``periodSeconds``, as a token bucket (GCRA): a burst
+    of ``limit``, then one start every ``periodSeconds / limit``."""
+
+    limit: int = Field(..., ge=1, le=100_000, description="Pod starts per period (and the burst).")
+    period_seconds: int = Field(..., ge=1, le=86_400, description="The period, in seconds.")
+    per_key: bool = Field(
+        False, description="Each concurrencyKey gets its own bucket (instead of one for the queue)."
+    )
 
 
 class QueueSpec(_Model):
@@ -171,6 +210,7 @@ class QueueSpec(_Model):
         None, ge=1, le=100_000, description="Most live pods at once per concurrencyKey."
     )
     paused: bool = Field(False, description="Paused queues admit nothing; running pods continue.")
+    rate_limit: RateLimit | None = Field(None, description="Pod starts per period (a token bucket).")
 
 
 HTTP_HEADER = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"

@@ -142,7 +142,7 @@ def test_max_attempts_comes_from_the_resolved_task() -> None:
 
 
 def test_terminal_phases() -> None:
-    assert {P.SUCCEEDED, P.FAILED, P.CANCELED, P.TIMED_OUT, P.DEDUPLICATED} == m.TERMINAL
+    assert {P.SUCCEEDED, P.FAILED, P.CANCELED, P.TIMED_OUT, P.DEDUPLICATED, P.EXPIRED} == m.TERMINAL
 
 
 def step(state: m.RunState, event: m.Event, limit: int = 10) -> m.Transition:

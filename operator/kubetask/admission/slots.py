@@ -26,11 +26,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import case, delete, func, insert, select, update
+from sqlalchemy import and_, case, delete, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from kubetask import pods
+from kubetask.admission.ratelimit import Bucket
 from kubetask.engine.machine import Phase, RunState, SlotGranted, step
 from kubetask.protocol import hash_token
 from kubetask.spec import RetrySpec
@@ -44,6 +45,17 @@ class QueueLimits:
     per_key_limit: int | None = None
     paused: bool = False
     source: str = "default"
+    #: spec.rateLimit: pod starts per period (None: no rate limit).
+    rate_limit: int | None = None
+    rate_period: float | None = None
+    rate_per_key: bool = False
+
+
+def bucket(q: t.Queue) -> Bucket | None:
+    """The queue's rate limit, if it has one."""
+    if q.rate_limit is None or not q.rate_period:
+        return None
+    return Bucket(q.rate_limit, q.rate_period)
 
 
 @dataclass(frozen=True)
@@ -70,6 +82,9 @@ class Admission:
         self._start_deadline = start_deadline
         #: Statements issued by admit(); read by the benchmark.
         self.statements = 0
+        #: Queue -> when its rate limit allows the next start, for queues whose last
+        #: admission cycle stopped at the limit (the controller sets a timer for it).
+        self.rate_waits: dict[str, datetime] = {}
 
     # ---- queue configuration ----------------------------------------------------------
 
@@ -77,34 +92,32 @@ class Admission:
         """Create or update a queue's limits. Takes effect at once; lowering a limit
         never touches running pods, it only stops new grants until ``running`` drops."""
         async with self._sessions.begin() as s:
-            stmt = pg_insert(t.Queue).values(
-                name=queue,
-                concurrency_limit=limits.concurrency_limit,
-                per_key_limit=limits.per_key_limit,
-                paused=limits.paused,
-                source=limits.source,
-                running=0,
-                queued=0,
-                grants=0,
-            )
-            await s.execute(
-                stmt.on_conflict_do_update(
-                    index_elements=[t.Queue.name],
-                    set_={
-                        "concurrency_limit": limits.concurrency_limit,
-                        "per_key_limit": limits.per_key_limit,
-                        "paused": limits.paused,
-                        "source": limits.source,
-                    },
-                )
-            )
+            settings = {
+                "concurrency_limit": limits.concurrency_limit,
+                "per_key_limit": limits.per_key_limit,
+                "paused": limits.paused,
+                "source": limits.source,
+                "rate_limit": limits.rate_limit,
+                "rate_period": limits.rate_period,
+                "rate_per_key": limits.rate_per_key,
+            }
+            stmt = pg_insert(t.Queue).values(name=queue, running=0, queued=0, grants=0, **settings)
+            await s.execute(stmt.on_conflict_do_update(index_elements=[t.Queue.name], set_=settings))
 
     async def limits(self, queue: str) -> QueueLimits | None:
         async with self._sessions() as s:
             q = await s.get(t.Queue, queue)
             if q is None:
                 return None
-            return QueueLimits(q.concurrency_limit, q.per_key_limit, q.paused, q.source)
+            return QueueLimits(
+                q.concurrency_limit,
+                q.per_key_limit,
+                q.paused,
+                q.source,
+                q.rate_limit,
+                q.rate_period,
+                bool(q.rate_per_key),
+            )
 
     @asynccontextmanager
     async def locked_queue(self, session: AsyncSession, queue: str) -> AsyncIterator[t.Queue]:
@@ -189,8 +202,33 @@ class Admission:
         )
         return True
 
+    async def _key_rate_wait(self, s: AsyncSession, q: t.Queue, rate: Bucket, now: datetime) -> None:
+        """Every key with queued runs may be waiting for its bucket: when is the first one
+        allowed again (the admission cycle's timer)?"""
+        earliest = (
+            await s.execute(
+                select(func.min(t.QueueKey.rate_tat)).where(
+                    t.QueueKey.queue == q.name,
+                    t.QueueKey.queued > 0,
+                    t.QueueKey.rate_tat > now + rate.tolerance,
+                    *([t.QueueKey.running < q.per_key_limit] if q.per_key_limit is not None else []),
+                )
+            )
+        ).scalar_one_or_none()
+        self.statements += 1
+        if earliest is not None:
+            self.rate_waits[q.name] = rate.allowed_at(earliest, now)
+
     async def _after_dequeue(
-        self, s: AsyncSession, queue: str, key: str, *, running_delta: int, served: int | None = None
+        self,
+        s: AsyncSession,
+        queue: str,
+        key: str,
+        *,
+        running_delta: int,
+        served: int | None = None,
+        rate: Bucket | None = None,
+        now: datetime | None = None,
     ) -> None:
         # The key's new head priority is read in the same statement (the entry that left is
         # already deleted in this transaction); a key with nothing queued keeps its old one.
@@ -206,6 +244,8 @@ class Admission:
         }
         if served is not None:
             values["last_served"] = served
+        if rate is not None and now is not None:  # a start from the key's own bucket
+            values["rate_tat"] = func.greatest(func.coalesce(t.QueueKey.rate_tat, now), now) + rate.interval
         await s.execute(
             update(t.QueueKey).where(t.QueueKey.queue == queue, t.QueueKey.key == key).values(**values)
         )
@@ -222,18 +262,40 @@ class Admission:
             return None
         if q.concurrency_limit is not None and q.running >= q.concurrency_limit:
             return None
+        rate, now = bucket(q), datetime.now(UTC)
+        queue_tat = None
+        if rate is not None and not q.rate_per_key:
+            queue_tat = rate.take(q.rate_tat, now)
+            if queue_tat is None:
+                return None  # the queue's bucket is empty: the admission cycle waits for it
         served = q.grants + 1
+        values: dict[str, object] = {"running": t.QueueKey.running + 1, "last_served": served}
+        conds = [t.QueueKey.running < q.per_key_limit] if q.per_key_limit is not None else []
+        first_tat = None
+        if rate is not None and q.rate_per_key:
+            # The key's bucket, in the same statement: its TAT moves only if a start is allowed.
+            values["rate_tat"] = func.greatest(func.coalesce(t.QueueKey.rate_tat, now), now) + rate.interval
+            conds.append((t.QueueKey.rate_tat.is_(None)) | (t.QueueKey.rate_tat <= now + rate.tolerance))
+            first_tat = now + rate.interval
         upsert = pg_insert(t.QueueKey).values(
-            queue=q.name, key=key, running=1, queued=0, last_served=served, head_priority=run.priority
+            queue=q.name,
+            key=key,
+            running=1,
+            queued=0,
+            last_served=served,
+            head_priority=run.priority,
+            rate_tat=first_tat,
         )
         stmt = upsert.on_conflict_do_update(
             index_elements=[t.QueueKey.queue, t.QueueKey.key],
-            set_={"running": t.QueueKey.running + 1, "last_served": served},
-            where=(t.QueueKey.running < q.per_key_limit) if q.per_key_limit is not None else None,
+            set_=values,
+            where=and_(*conds) if conds else None,
         ).returning(t.QueueKey.running)
         if (await s.execute(stmt)).scalar_one_or_none() is None:
-            return None  # the key is at its limit
+            return None  # the key is at its limit (concurrency or rate)
         self.statements += 1
+        if queue_tat is not None:
+            q.rate_tat = queue_tat
         q.grants = served
         return await self._grant_locked(s, q, run=run, key=key, retry_for=retry_for)
 
@@ -253,13 +315,25 @@ class Admission:
                 return grants
             # The queue row's counters change on every grant; flush them once, at commit,
             # not before each SELECT of the loop (autoflush would write the row twice a grant).
+            rate, now = bucket(q), datetime.now(UTC)
+            self.rate_waits.pop(queue, None)
             with s.no_autoflush:
                 while len(grants) < max_grants and q.queued > 0:
                     if q.concurrency_limit is not None and q.running >= q.concurrency_limit:
                         break
+                    tat = None
+                    if rate is not None and not q.rate_per_key:
+                        tat = rate.take(q.rate_tat, now)
+                        if tat is None:  # the queue's bucket is empty until then
+                            self.rate_waits[queue] = rate.allowed_at(q.rate_tat, now)
+                            break
                     pick = select(t.QueueKey.key).where(t.QueueKey.queue == queue, t.QueueKey.queued > 0)
                     if q.per_key_limit is not None:
                         pick = pick.where(t.QueueKey.running < q.per_key_limit)
+                    if rate is not None and q.rate_per_key:
+                        pick = pick.where(
+                            (t.QueueKey.rate_tat.is_(None)) | (t.QueueKey.rate_tat <= now + rate.tolerance)
+                        )
                     key = (
                         await s.execute(
                             pick.order_by(t.QueueKey.head_priority.desc(), t.QueueKey.last_served).limit(1)
@@ -267,7 +341,11 @@ class Admission:
                     ).scalar_one_or_none()
                     self.statements += 1
                     if key is None:
-                        break  # every key with queued runs is at its per-key limit
+                        if rate is not None and q.rate_per_key:
+                            await self._key_rate_wait(s, q, rate, now)
+                        break  # every key with queued runs is at its per-key limit (or rate)
+                    if tat is not None:
+                        q.rate_tat = tat  # the queue's bucket gives this start
                     run_id = (
                         await s.execute(
                             delete(t.QueueEntry)
@@ -289,7 +367,15 @@ class Admission:
                     self.statements += 1
                     q.queued -= 1
                     q.grants += 1
-                    await self._after_dequeue(s, queue, key, running_delta=1, served=q.grants)
+                    await self._after_dequeue(
+                        s,
+                        queue,
+                        key,
+                        running_delta=1,
+                        served=q.grants,
+                        rate=rate if q.rate_per_key else None,
+                        now=now,
+                    )
                     grant = await self._grant(s, q, run_id=run_id, key=key, retry_for=retry_for)
                     if grant is not None:
                         grants.append(grant)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -80,6 +81,13 @@ def trigger(
     priority: Annotated[int | None, typer.Option(help="-1000..1000; higher is admitted first.")] = None,
     tag: Annotated[list[str] | None, typer.Option("--tag", help="A tag (repeatable).")] = None,
     max_attempts: Annotated[int | None, typer.Option(help="Attempts at most (default: the Task's).")] = None,
+    delay: Annotated[
+        str | None,
+        typer.Option(help="Start no sooner than this: a duration (90, 20s, 5m, 1h30m) or an RFC 3339 time."),
+    ] = None,
+    ttl: Annotated[
+        str | None, typer.Option(help="End Expired if not started this long after it may (20s, 1h, ...).")
+    ] = None,
     wait: Annotated[
         bool, typer.Option("--wait", "-w", help="Wait for the run to end; show its result.")
     ] = False,
@@ -92,6 +100,12 @@ def trigger(
 ) -> None:
     """Trigger a run of TASK. With --wait, exit 1 unless it Succeeded."""
     body = _payload(payload)
+    when: str | datetime | None = delay
+    if delay is not None and ("T" in delay or "-" in delay.strip()[1:]):
+        try:
+            when = datetime.fromisoformat(delay.replace("Z", "+00:00"))
+        except ValueError:
+            fail(f"--delay {delay!r} is neither a duration (20s, 5m, 1h30m) nor an RFC 3339 time")
     client = connect(api_url, namespace)
     with api_errors():
         answer = client.tasks.trigger(
@@ -103,6 +117,8 @@ def trigger(
             priority=priority,
             tags=tag,
             max_attempts=max_attempts,
+            delay=when,
+            ttl=ttl,
         )
     if not wait:
         if as_json:

@@ -204,8 +204,15 @@ class Catalogue:
             and (i.spec.queue.concurrency_limit or i.spec.queue.per_key_concurrency_limit)
         ]
         if qspec is not None:
+            rate = qspec.rate_limit
             return QueueLimits(
-                qspec.concurrency_limit, qspec.per_key_concurrency_limit, qspec.paused, "queue"
+                qspec.concurrency_limit,
+                qspec.per_key_concurrency_limit,
+                qspec.paused,
+                "queue",
+                rate.limit if rate else None,
+                float(rate.period_seconds) if rate else None,
+                bool(rate and rate.per_key),
             )
         if inline and inline[-1] is not None:
             return QueueLimits(

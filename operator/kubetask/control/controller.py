@@ -33,7 +33,7 @@ from kubetask.control.intake import Intake
 from kubetask.control.podindex import PodIndex
 from kubetask.control.resync import TERMINAL_NAMES, Resync
 from kubetask.control.status import StatusSync
-from kubetask.control.timers import RUN, TimerLoop, set_run_timer, utcnow
+from kubetask.control.timers import QUEUE, RUN, TimerLoop, clear_timer, set_run_timer, set_timer, utcnow
 from kubetask.control.transitions import Applied, Transitions
 from kubetask.control.workqueue import WorkQueue
 from kubetask.engine import machine as m
@@ -102,6 +102,8 @@ class Controller:
         self._bodies: dict[str, tuple[str, dict[str, Any]]] = {}
         #: Runs whose timer fired and whose reconcile has not run yet.
         self._fired: set[str] = set()
+        #: Queues whose rate-limit timer fired (admission clears or moves it).
+        self._fired_queues: set[str] = set()
         self.ready = asyncio.Event()
 
     # ---- small helpers -------------------------------------------------------------------
@@ -130,6 +132,9 @@ class Controller:
         if kind == RUN:
             self._fired.add(key)
             self.runs.add(key)
+        elif kind == QUEUE:  # a rate-limited queue may start a run again
+            self._fired_queues.add(key)
+            self.queues.add(key)
 
     def _committed(self, applied: Applied) -> None:
         tr = applied.transition
@@ -281,6 +286,18 @@ class Controller:
                 self.runs.add(grant.run_id)
             if len(grants) < 64:
                 break
+        # A rate limit stopped the cycle: a timer in PostgreSQL brings it back when the
+        # bucket allows the next start (set only then, cleared only after it fired).
+        fired = queue in self._fired_queues
+        self._fired_queues.discard(queue)
+        due = self.admission.rate_waits.get(queue)
+        if due is not None:
+            async with self.sessions.begin() as s:
+                await set_timer(s, kind=QUEUE, key=queue, due_at=due)
+            self.timers.wake(due)
+        elif fired:
+            async with self.sessions.begin() as s:
+                await clear_timer(s, kind=QUEUE, key=queue)
         self.status.touch_queue(queue)
 
     async def reconcile(self, run_id: str) -> None:
@@ -321,12 +338,18 @@ class Controller:
         if phase is m.Phase.PENDING:
             await self.intake.resolve(row)
         elif phase is m.Phase.QUEUED:
-            self.queues.add(row.queue)
-            if fired:
+            if row.expires_at is not None and row.attempt == 0:
+                if utcnow() >= row.expires_at:
+                    await self.transitions.apply(run_id, m.TtlExpired())
+                    return
+                if fired:
+                    await self._set_timer(run_id, row.expires_at)
+            elif fired:
                 await self._set_timer(run_id, None)
+            self.queues.add(row.queue)
         elif phase is m.Phase.WAITING:
             await self.transitions.apply(run_id, _wait_over)
-        elif phase is m.Phase.RETRYING:
+        elif phase in (m.Phase.RETRYING, m.Phase.DELAYED):
             if row.next_attempt_at is None or row.next_attempt_at <= utcnow():
                 await self.transitions.apply(run_id, m.BackoffElapsed())
             elif fired:

@@ -41,6 +41,18 @@ Apply = Callable[[str, m.Event | EventSource], Awaitable[Applied | None]]
 REJECTED_AT_INTAKE = frozenset({"InvalidSpec", "PayloadTooLarge"})
 
 
+def start_window(spec: RunSpec, created: datetime) -> tuple[datetime | None, datetime | None]:
+    """When the run may start (spec.delaySeconds from its creation, or spec.notBefore) and
+    when it expires if it has not started (spec.ttlSeconds from the moment it may start)."""
+    not_before = spec.not_before
+    if spec.delay_seconds:
+        not_before = created + timedelta(seconds=spec.delay_seconds)
+    expires_at = None
+    if spec.ttl_seconds is not None:
+        expires_at = max(not_before or created, created) + timedelta(seconds=spec.ttl_seconds)
+    return not_before, expires_at
+
+
 def _parent(meta: dict[str, Any]) -> str | None:
     """The parent run of a child run (its label, set by the runner API), if any."""
     value = (meta.get("labels") or {}).get(LABEL_PARENT_RUN)
@@ -99,6 +111,8 @@ class Intake:
             )
         info = self.catalogue.tasks.get((ns, spec.task))
         now = utcnow()
+        created = created_at(meta, now)
+        not_before, expires_at = start_window(spec, created)
         async with self.sessions.begin() as s:
             run_id = (
                 await s.execute(
@@ -123,8 +137,10 @@ class Intake:
                         ttl_seconds=spec.ttl_seconds_after_finished,
                         reason=reason,
                         message=message,
-                        created_at=created_at(meta, now),
+                        created_at=created,
                         parent_run_id=_parent(meta),
+                        not_before=not_before,
+                        expires_at=expires_at,
                     )
                     .on_conflict_do_nothing(index_elements=[t.Run.uid])
                     .returning(t.Run.id)
@@ -157,7 +173,12 @@ class Intake:
             await self.catalogue.configure_queue(row.namespace, info.queue)
             # max_attempts 0 means "from the Task", which may have been unknown at intake.
             await self.apply(
-                row.id, m.TaskResolved(max_attempts=row.max_attempts or info.spec.retry.max_attempts)
+                row.id,
+                m.TaskResolved(
+                    max_attempts=row.max_attempts or info.spec.retry.max_attempts,
+                    not_before=row.not_before,
+                    expires_at=row.expires_at,
+                ),
             )
             return
         grace = self.settings.task_grace_seconds

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes_asyncio.client.rest import ApiException
@@ -18,6 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from kubetask.admission import Admission
+from kubetask.admission.slots import bucket
 from kubetask.control.workqueue import WorkQueue
 from kubetask.engine import machine as m
 from kubetask.kube import Kube
@@ -81,7 +83,10 @@ class StatusSync:
             row = rows[0][0]
             attempts = [a for _, a in rows if a is not None]
             q = await s.get(t.Queue, row.queue) if row.phase == m.Phase.QUEUED else None
-            status = project(row, attempts, q)
+            qkey = None
+            if q is not None and q.rate_per_key and q.rate_limit:
+                qkey = await s.get(t.QueueKey, (row.queue, row.concurrency_key or ""))
+            status = project(row, attempts, q, qkey)
         if await self.kube.patch_status("runs", row.namespace, row.name, status):
             self.written[row.uid] = row.phase
 
@@ -115,14 +120,16 @@ class StatusSync:
             await asyncio.sleep(0.3)
 
 
-def project(row: t.Run, attempts: list[t.Attempt], q: t.Queue | None) -> dict[str, Any]:
+def project(
+    row: t.Run, attempts: list[t.Attempt], q: t.Queue | None, qkey: t.QueueKey | None = None
+) -> dict[str, Any]:
     """The Run's status from its row. Conditions' lastTransitionTime come from the row
     (kept by each transition), so they survive restarts."""
     phase = m.Phase(row.phase)
     times = row.condition_times or {}
     conds: list[dict[str, Any]] = []
     for ctype, status in condition_statuses(phase, row.reason, row.attempt).items():
-        reason, message = _explain(ctype, status, row, phase, q)
+        reason, message = _explain(ctype, status, row, phase, q, qkey)
         conds.append(
             {
                 "type": ctype,
@@ -167,14 +174,18 @@ def project(row: t.Run, attempts: list[t.Attempt], q: t.Queue | None) -> dict[st
     return out
 
 
-def _explain(ctype: str, status: bool, row: t.Run, phase: m.Phase, q: t.Queue | None) -> tuple[str, str]:
+def _explain(
+    ctype: str, status: bool, row: t.Run, phase: m.Phase, q: t.Queue | None, qkey: t.QueueKey | None
+) -> tuple[str, str]:
     if ctype == "Accepted":
         if not status and row.reason in NOT_ACCEPTED:
             return row.reason, row.message
         return "TaskResolved", "the task exists and the run is valid"
     if ctype == "Admitted":
         if phase is m.Phase.QUEUED:
-            return _wait_reason(row, q)
+            return _wait_reason(row, q, qkey)
+        if phase is m.Phase.DELAYED:
+            return "Delayed", row.message
         if phase is m.Phase.RETRYING:
             return "BackingOff", row.message
         if phase is m.Phase.WAITING:
@@ -185,12 +196,23 @@ def _explain(ctype: str, status: bool, row: t.Run, phase: m.Phase, q: t.Queue | 
     return "NotFinished", "the run has not finished"
 
 
-def _wait_reason(row: t.Run, q: t.Queue | None) -> tuple[str, str]:
+def _wait_reason(row: t.Run, q: t.Queue | None, qkey: t.QueueKey | None) -> tuple[str, str]:
     if q is None:
         return "WaitingForSlot", "waiting for a slot"
     name = row.queue.split("/", 1)[1]
     if q.paused:
         return "QueuePaused", f"queue {name!r} is paused"
+    rate = bucket(q)
+    if rate is not None:
+        tat = qkey.rate_tat if q.rate_per_key and qkey is not None else None if q.rate_per_key else q.rate_tat
+        now = datetime.now(UTC)
+        allowed = rate.allowed_at(tat, now)
+        if allowed > now:
+            per = f" for concurrencyKey {row.concurrency_key!r}" if q.rate_per_key else ""
+            return "RateLimited", (
+                f"queue {name!r} allows {q.rate_limit} pod starts per {q.rate_period:g}s{per}; "
+                f"the next one at {allowed.isoformat(timespec='seconds')}"
+            )
     if q.concurrency_limit is not None and q.running >= q.concurrency_limit:
         return "QueueAtLimit", f"queue {name!r} has {q.running} of {q.concurrency_limit} slots in use"
     if q.per_key_limit is not None and row.concurrency_key:

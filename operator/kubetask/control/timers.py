@@ -32,6 +32,8 @@ log = logging.getLogger("kubetask.timers")
 
 #: The kind under which due runs are handed to ``fire``.
 RUN = "run"
+#: Timers of queues waiting for their rate limit (key: the queue's name).
+QUEUE = "queue"
 
 
 def utcnow() -> datetime:

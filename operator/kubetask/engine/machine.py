@@ -21,6 +21,8 @@ from kubetask.spec import RetrySpec
 
 class Phase(enum.StrEnum):
     PENDING = "Pending"
+    #: Resolved, but not to start before its delay (spec.delaySeconds, spec.notBefore).
+    DELAYED = "Delayed"
     QUEUED = "Queued"
     RUNNING = "Running"
     RETRYING = "Retrying"
@@ -32,9 +34,13 @@ class Phase(enum.StrEnum):
     TIMED_OUT = "TimedOut"
     #: Another run with the same idempotencyKey executes instead; this one never does.
     DEDUPLICATED = "Deduplicated"
+    #: Not started before its TTL (spec.ttlSeconds) ran out; it never ran.
+    EXPIRED = "Expired"
 
 
-TERMINAL = frozenset({Phase.SUCCEEDED, Phase.FAILED, Phase.CANCELED, Phase.TIMED_OUT, Phase.DEDUPLICATED})
+TERMINAL = frozenset(
+    {Phase.SUCCEEDED, Phase.FAILED, Phase.CANCELED, Phase.TIMED_OUT, Phase.DEDUPLICATED, Phase.EXPIRED}
+)
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,8 @@ class RunState:
     #: resume pod never starts).
     resuming: bool = False
     next_attempt_at: datetime | None = None
+    #: A run not started by then ends Expired (spec.ttlSeconds).
+    expires_at: datetime | None = None
     error: RunError | None = None
     #: Machine-readable reason of the last transition (becomes a condition reason).
     reason: str = "Created"
@@ -80,9 +88,17 @@ class RunState:
 
 @dataclass(frozen=True)
 class TaskResolved:
-    """The Task exists and the Run is valid: the run may queue for a slot."""
+    """The Task exists and the Run is valid: the run may queue for a slot (or wait for its
+    delay first). ``expires_at``: when it ends Expired if it has not started."""
 
     max_attempts: int
+    not_before: datetime | None = None
+    expires_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class TtlExpired:
+    """The run's TTL is over: if it never started, it ends Expired."""
 
 
 @dataclass(frozen=True)
@@ -167,6 +183,7 @@ Event = (
     | BackoffElapsed
     | CancelRequested
     | WaitSatisfied
+    | TtlExpired
 )
 
 
@@ -233,18 +250,46 @@ def step(
     how many attempts may end before the task ran (Outcome.INFRA) without failing the run."""
     unchanged = Transition(state)
     match event:
-        case TaskResolved(max_attempts=max_attempts):
+        case TaskResolved(max_attempts=max_attempts, not_before=not_before, expires_at=expires_at):
             if state.phase is not Phase.PENDING:
                 return unchanged
+            if not_before is not None and now < not_before:
+                return Transition(
+                    _to(
+                        state,
+                        phase=Phase.DELAYED,
+                        max_attempts=max_attempts,
+                        next_attempt_at=not_before,
+                        expires_at=expires_at,
+                        reason="Delayed",
+                        message=f"delayed until {not_before.isoformat()}",
+                    ),
+                    (WakeAt(not_before),),
+                )
             return Transition(
                 _to(
                     state,
                     phase=Phase.QUEUED,
                     max_attempts=max_attempts,
+                    expires_at=expires_at,
                     reason="WaitingForSlot",
                     message="waiting for a slot in the queue",
                 ),
-                (Enqueue(),),
+                (Enqueue(), WakeAt(expires_at)) if expires_at is not None else (Enqueue(),),
+            )
+        case TtlExpired():
+            if state.phase is not Phase.QUEUED or state.attempt > 0 or state.expires_at is None:
+                return unchanged
+            if now < state.expires_at:
+                return Transition(state, (WakeAt(state.expires_at),))
+            return Transition(
+                _to(
+                    state,
+                    phase=Phase.EXPIRED,
+                    reason="Expired",
+                    message=f"not started before its TTL ran out at {state.expires_at.isoformat()}",
+                ),
+                (Dequeue(),),
             )
         case TaskMissing(until=until, message=message):
             if state.phase is not Phase.PENDING:
@@ -423,6 +468,20 @@ def step(
                 (release, WakeAt(at)),
             )
         case BackoffElapsed():
+            if state.phase is Phase.DELAYED:
+                if state.next_attempt_at is not None and now < state.next_attempt_at:
+                    return Transition(state, (WakeAt(state.next_attempt_at),))
+                expires = state.expires_at
+                return Transition(
+                    _to(
+                        state,
+                        phase=Phase.QUEUED,
+                        next_attempt_at=None,
+                        reason="WaitingForSlot",
+                        message="its delay is over: waiting for a slot in the queue",
+                    ),
+                    (Enqueue(), WakeAt(expires)) if expires is not None else (Enqueue(),),
+                )
             if state.phase is not Phase.RETRYING:
                 return unchanged
             if state.next_attempt_at is not None and now < state.next_attempt_at:
@@ -456,7 +515,7 @@ def step(
             if state.phase is Phase.RUNNING:
                 # The slot is released when the pod's end is observed (AttemptEnded above).
                 actions.append(DeletePod(state.attempt))
-            elif state.phase in (Phase.QUEUED, Phase.PENDING):
+            elif state.phase in (Phase.QUEUED, Phase.PENDING, Phase.DELAYED):
                 actions.append(Dequeue())
             return Transition(
                 _to(state, phase=Phase.CANCELED, next_attempt_at=None, reason=reason, message=message),

@@ -46,6 +46,7 @@ from kubetask.apimodels import (
     TaskList,
     TriggerRequest,
     TriggerResponse,
+    duration_seconds,
     request_problem,
 )
 from kubetask.sdk.credentials import Connection, CredentialsError, StaticToken, discover
@@ -54,6 +55,8 @@ __all__ = ["ApiError", "AsyncClient", "Client", "Since"]
 
 M = TypeVar("M", bound=BaseModel)
 Since = str | datetime | timedelta
+#: A duration: seconds, a timedelta, or "20s", "5m", "2h", "1d", "1h30m".
+Duration = str | int | float | timedelta
 """A time filter: ISO-8601, a duration before now (``"24h"``, ``"7d"``, ``"1h30m"``), a
 :class:`datetime` (naive means UTC) or a :class:`timedelta` before now."""
 
@@ -153,8 +156,10 @@ def _trigger_body(
     tags: Sequence[str] | None,
     max_attempts: int | None,
     ttl_seconds_after_finished: int | None,
+    delay: Duration | datetime | None = None,
+    ttl: Duration | None = None,
 ) -> TriggerRequest:
-    fields = {
+    fields: dict[str, Any] = {
         "payload": dict(payload) if payload is not None else None,
         "idempotency_key": idempotency_key,
         "idempotency_key_ttl_seconds": idempotency_key_ttl_seconds,
@@ -164,6 +169,12 @@ def _trigger_body(
         "max_attempts": max_attempts,
         "ttl_seconds_after_finished": ttl_seconds_after_finished,
     }
+    if isinstance(delay, datetime):
+        fields["not_before"] = delay if delay.tzinfo is not None else delay.replace(tzinfo=UTC)
+    elif delay is not None:
+        fields["delay_seconds"] = duration_seconds(delay, "delay")
+    if ttl is not None:
+        fields["ttl_seconds"] = duration_seconds(ttl, "ttl")
     return _request(TriggerRequest, {k: v for k, v in fields.items() if v is not None})
 
 
@@ -390,9 +401,14 @@ class Tasks:
         tags: Sequence[str] | None = None,
         max_attempts: int | None = None,
         ttl_seconds_after_finished: int | None = None,
+        delay: Duration | datetime | None = None,
+        ttl: Duration | None = None,
     ) -> TriggerResponse:
         """Trigger one run of ``task``: a Run resource, created at once. With an
-        ``idempotency_key`` still held by a run, that run is returned (``is_cached``)."""
+        ``idempotency_key`` still held by a run, that run is returned (``is_cached``).
+        ``delay``: seconds, a timedelta, ``"20s"``-style, or a datetime to start at (the run
+        is ``Delayed`` until then); ``ttl``: if it has not started that long after it may,
+        it ends ``Expired``."""
         body = _trigger_body(
             payload,
             idempotency_key=idempotency_key,
@@ -402,6 +418,8 @@ class Tasks:
             tags=tags,
             max_attempts=max_attempts,
             ttl_seconds_after_finished=ttl_seconds_after_finished,
+            delay=delay,
+            ttl=ttl,
         )
         ns = namespace or self._c.namespace
         return self._c._model(
@@ -725,6 +743,8 @@ class AsyncTasks:
         tags: Sequence[str] | None = None,
         max_attempts: int | None = None,
         ttl_seconds_after_finished: int | None = None,
+        delay: Duration | datetime | None = None,
+        ttl: Duration | None = None,
     ) -> TriggerResponse:
         body = _trigger_body(
             payload,
@@ -735,6 +755,8 @@ class AsyncTasks:
             tags=tags,
             max_attempts=max_attempts,
             ttl_seconds_after_finished=ttl_seconds_after_finished,
+            delay=delay,
+            ttl=ttl,
         )
         ns = namespace or self._c.namespace
         return await self._c._model(

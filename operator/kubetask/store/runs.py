@@ -21,6 +21,7 @@ def load_state(row: t.Run) -> RunState:
         resumes=row.resumes or 0,
         resuming=bool(row.resuming),
         next_attempt_at=row.next_attempt_at,
+        expires_at=row.expires_at,
         error=err,
         reason=row.reason,
         message=row.message,
@@ -88,7 +89,7 @@ def condition_statuses(phase: Phase, reason: str, attempt: int) -> dict[str, boo
         out["Accepted"] = False
     elif phase is not Phase.PENDING:
         out["Accepted"] = True
-    if phase in (Phase.QUEUED, Phase.RETRYING, Phase.WAITING):
+    if phase in (Phase.QUEUED, Phase.RETRYING, Phase.WAITING, Phase.DELAYED):
         out["Admitted"] = False
     elif phase is Phase.RUNNING or (phase in TERMINAL and attempt > 0):
         out["Admitted"] = True
@@ -114,6 +115,7 @@ def save_state(row: t.Run, state: RunState, *, now: datetime) -> None:
             times[ctype] = {"status": value, "time": iso(now)}
     row.condition_times = times
     row.next_attempt_at = state.next_attempt_at
+    row.expires_at = state.expires_at
     row.error = {"type": state.error.type, "message": state.error.message} if state.error else None
     row.reason = state.reason
     row.message = state.message[:4000]

@@ -14,6 +14,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Identity,
     Index,
@@ -81,6 +82,10 @@ class Run(Base):
     wait_key: Mapped[str | None] = mapped_column(String(300))
     resource_deleted: Mapped[bool] = mapped_column(Boolean, default=False)
     next_attempt_at: Mapped[datetime | None] = mapped_column()
+    #: spec.delaySeconds / spec.notBefore: not to start before this.
+    not_before: Mapped[datetime | None] = mapped_column()
+    #: spec.ttlSeconds: a run not started by then ends Expired.
+    expires_at: Mapped[datetime | None] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     started_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
@@ -165,6 +170,12 @@ class Queue(Base):
     queued: Mapped[int] = mapped_column(Integer, default=0)
     #: Monotonic counter of grants; a key's ``last_served`` is the value at its last grant.
     grants: Mapped[int] = mapped_column(BigInteger, default=0)
+    #: spec.rateLimit: pod starts per period (GCRA), per queue or per key (``rate_per_key``).
+    rate_limit: Mapped[int | None] = mapped_column(Integer)
+    rate_period: Mapped[float | None] = mapped_column(Float)
+    rate_per_key: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
+    #: The bucket's theoretical arrival time (GCRA) when the bucket is the queue's.
+    rate_tat: Mapped[datetime | None] = mapped_column()
 
 
 class QueueKey(Base):
@@ -179,6 +190,8 @@ class QueueKey(Base):
     last_served: Mapped[int] = mapped_column(BigInteger, default=0)
     #: Highest priority among this key's queued runs (meaningful when queued > 0).
     head_priority: Mapped[int] = mapped_column(Integer, default=0)
+    #: The key's bucket's theoretical arrival time (GCRA) when the rate limit is per key.
+    rate_tat: Mapped[datetime | None] = mapped_column()
 
     __table_args__ = (
         Index(
