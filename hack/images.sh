@@ -14,6 +14,8 @@
 #   runner, operator: pyproject.toml, README.md, the operator/ tree, the Containerfile,
 #                     the base image id
 # KUBETASK_BUILD_CONTEXT overrides the build context (default: the repository root).
+# KUBETASK_IMAGE_TAG tags the runner and operator images (default: the project version),
+# e.g. so that a git worktree builds and imports its own without replacing the shared ones.
 # KUBETASK_REBUILD=1 ignores the caches; KUBETASK_VERBOSE=1 shows the whole build output
 # (otherwise it is in $KUBETASK_CACHE/images/<name>.build.log). DEBIAN_MIRROR overrides the Debian mirror
 # (default: the first one apt on this host uses for $DEBIAN_SUITE).

@@ -2,7 +2,7 @@
 
 Task authors need only this package's top level::
 
-    from kubetask import task, Retry, Queue, AbortRun, TaskContext, logger
+    from kubetask import task, Retry, Queue, AbortRun, RetryDecision, TaskContext, logger
 
 Applications trigger and query runs with the API's clients::
 
@@ -20,9 +20,11 @@ from kubetask.sdk import (
     AsyncClient,
     ChildRunFailed,
     Client,
+    OutOfMemory,
     Queue,
     ReplayMismatch,
     Retry,
+    RetryDecision,
     TaskContext,
     Token,
     WaitTimeout,
@@ -41,9 +43,11 @@ __all__ = [
     "AsyncClient",
     "ChildRunFailed",
     "Client",
+    "OutOfMemory",
     "Queue",
     "ReplayMismatch",
     "Retry",
+    "RetryDecision",
     "TaskContext",
     "Token",
     "WaitTimeout",

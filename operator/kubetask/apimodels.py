@@ -52,6 +52,7 @@ __all__ = [
     "MAX_TRIGGER_BODY_BYTES",
     "PHASES",
     "TERMINAL_PHASES",
+    "AttemptError",
     "AttemptInfo",
     "BatchTriggerRequest",
     "BatchTriggerResponse",
@@ -378,6 +379,18 @@ class RunSummary(_Response):
     """Pods that continued an attempt after a durable wait (they are not attempts)."""
 
 
+class AttemptError(RunError):
+    """Why an attempt failed, as far as is known."""
+
+    stack: str | None = None
+    """The traceback the runner reported (without its own frames); null when the attempt
+    ended without a report (OOM-killed, deleted, timed out...)."""
+    types: list[str] = Field(default_factory=list)
+    """The raised exception's class and its bases, most derived first, as
+    ``module.QualifiedName``: what a Task's ``retry.nonRetryableErrors`` is matched
+    against. Empty when the runner reported none."""
+
+
 class AttemptInfo(_Response):
     """One attempt of a run (one pod)."""
 
@@ -389,7 +402,7 @@ class AttemptInfo(_Response):
     finished_at: str | None = None
     exit_code: int | None = None
     reason: str | None = None
-    error: RunError | None = None
+    error: AttemptError | None = None
     resume: bool = False
     """This pod resumed the attempt after a durable wait."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from typing import Any
 
@@ -18,6 +19,9 @@ LABEL_ATTEMPT = "kubetask.dev/attempt"
 LABEL_PARENT_RUN = "kubetask.dev/parent-run"
 LABEL_MANAGED = "app.kubernetes.io/managed-by"
 MANAGED_BY = "kubetask"
+#: On a pod whose resources come from the Task's retry.outOfMemory (an earlier attempt
+#: was OOM-killed).
+ANNOTATION_RESOURCES = "kubetask.dev/resources"
 #: The server-side label selector the operator's pod watch (and Secret sweep) uses.
 POD_SELECTOR = f"{LABEL_MANAGED}={MANAGED_BY},{LABEL_RUN_ID}"
 
@@ -113,6 +117,24 @@ def token_secret(*, run: dict[str, Any], run_id: str, attempt: int, token: str) 
     }
 
 
+def attempt_resources(task: TaskSpec, *, after_oom: bool) -> dict[str, Any] | None:
+    """The task container's resources: ``podTemplate.resources``, and once an attempt of
+    the run was OOM-killed (``after_oom``), ``retry.outOfMemory.resources`` merged over
+    them key by key inside ``limits`` and ``requests`` (a CPU limit of the template stays
+    when only the memory is raised)."""
+    tpl = task.pod_template
+    base: dict[str, Any] = copy.deepcopy(tpl.resources) if tpl is not None and tpl.resources else {}
+    oom = task.retry.out_of_memory
+    if not after_oom or oom is None:
+        return base or None
+    for key, value in oom.resources.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = {**base[key], **copy.deepcopy(value)}
+        else:
+            base[key] = copy.deepcopy(value)
+    return base or None
+
+
 def attempt_pod(
     *,
     run: dict[str, Any],
@@ -126,7 +148,10 @@ def attempt_pod(
     api_url: str,
     default_image: str,
     image_pull_policy: str,
+    after_oom: bool = False,
 ) -> dict[str, Any]:
+    """The attempt's pod. ``after_oom``: an earlier attempt of the run was OOM-killed, so
+    the Task's ``retry.outOfMemory`` resources apply (:func:`attempt_resources`)."""
     meta = run["metadata"]
     name = pod_name(meta["name"], meta["uid"], attempt)
     env: list[dict[str, Any]] = [
@@ -177,8 +202,9 @@ def attempt_pod(
         },
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
-    if tpl is not None and tpl.resources:
-        container["resources"] = tpl.resources
+    resources = attempt_resources(task, after_oom=after_oom)
+    if resources is not None:
+        container["resources"] = resources
     if tpl is not None and tpl.env_from:
         container["envFrom"] = tpl.env_from
     spec: dict[str, Any] = {
@@ -202,22 +228,20 @@ def attempt_pod(
         spec["nodeSelector"] = tpl.node_selector
     if tpl is not None and tpl.tolerations:
         spec["tolerations"] = tpl.tolerations
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": name,
-            "namespace": meta["namespace"],
-            "labels": {
-                LABEL_MANAGED: MANAGED_BY,
-                LABEL_RUN: label_value(meta["name"]),
-                LABEL_RUN_ID: run_id,
-                LABEL_RUN_UID: meta["uid"],
-                LABEL_TASK: label_value(task_name),
-                LABEL_QUEUE: label_value(queue),
-                LABEL_ATTEMPT: str(attempt),
-            },
-            "ownerReferences": [owner_ref(run)],
+    pod_meta: dict[str, Any] = {
+        "name": name,
+        "namespace": meta["namespace"],
+        "labels": {
+            LABEL_MANAGED: MANAGED_BY,
+            LABEL_RUN: label_value(meta["name"]),
+            LABEL_RUN_ID: run_id,
+            LABEL_RUN_UID: meta["uid"],
+            LABEL_TASK: label_value(task_name),
+            LABEL_QUEUE: label_value(queue),
+            LABEL_ATTEMPT: str(attempt),
         },
-        "spec": spec,
+        "ownerReferences": [owner_ref(run)],
     }
+    if after_oom and task.retry.out_of_memory is not None:
+        pod_meta["annotations"] = {ANNOTATION_RESOURCES: "retry.outOfMemory"}
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": pod_meta, "spec": spec}

@@ -94,6 +94,10 @@ MAX_JOURNAL_NAME_CHARS: Final = 200
 """Longest name of a step or wait (its key adds ``#n`` for repeats)."""
 MAX_WAIT_SECONDS: Final = 366 * 24 * 3600
 """Longest timeout or sleep of one durable wait (a year and a day)."""
+MAX_ERROR_TYPES: Final = 32
+"""A failed attempt's ``error.types`` keeps this many classes, the most derived first."""
+MAX_ERROR_TYPE_NAME_CHARS: Final = 256
+"""Each of ``error.types`` is cut to this many characters."""
 
 TRUNCATED: Final = "… [truncated]"
 """The end of a text the API cut to its limit."""
@@ -125,6 +129,15 @@ def iso(ts: datetime) -> str:
     if ts.tzinfo is None:
         ts = ts.replace(tzinfo=UTC)
     return ts.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def exception_types(exc: BaseException) -> list[str]:
+    """The class hierarchy of ``exc`` as ``error.types`` reports it: ``module.QualifiedName``
+    of each class of its MRO, the most derived first, without ``object`` (at most
+    :data:`MAX_ERROR_TYPES`). The operator matches a Task's ``retry.nonRetryableErrors``
+    against these names, by the last part (the class's own name) or in full."""
+    names = [f"{cls.__module__}.{cls.__qualname__}" for cls in type(exc).__mro__ if cls is not object]
+    return names[:MAX_ERROR_TYPES]
 
 
 # ---- problems ---------------------------------------------------------------------------
@@ -331,6 +344,11 @@ class ErrorInfo(_Wire):
     message: str
     stack: str | None = None
     """The traceback without the runner's own frames."""
+    types: list[str] = Field(default_factory=list)
+    """The exception's class and its bases, the most derived first, each as
+    ``module.QualifiedName`` (:func:`exception_types`); empty for errors that are no
+    exception of the task (``TaskLoadError``, ...). At most :data:`MAX_ERROR_TYPES`
+    entries of at most :data:`MAX_ERROR_TYPE_NAME_CHARS` characters are kept."""
 
     @model_validator(mode="before")
     @classmethod
@@ -340,6 +358,11 @@ class ErrorInfo(_Wire):
                 value = data.get(key)
                 if not isinstance(value, str) and (key != "stack" or value is not None):
                     raise _invalid("invalid_result", f"error.{key} must be a string")
+            types = data.get("types")
+            if types is not None and (
+                not isinstance(types, list) or not all(isinstance(t, str) for t in types)
+            ):
+                raise _invalid("invalid_result", "error.types must be a list of strings (class names)")
         return data
 
     @field_validator("type")
@@ -356,6 +379,16 @@ class ErrorInfo(_Wire):
     @classmethod
     def _stack(cls, value: str | None) -> str | None:
         return None if value is None else clean_text(value, MAX_ERROR_STACK_BYTES)
+
+    @field_validator("types", mode="before")
+    @classmethod
+    def _types(cls, value: Any) -> Any:
+        if value is None:  # as if absent
+            return []
+        return [
+            clean_text(name[:MAX_ERROR_TYPE_NAME_CHARS], 4 * MAX_ERROR_TYPE_NAME_CHARS)
+            for name in value[:MAX_ERROR_TYPES]
+        ]
 
 
 class Succeeded(_Wire):
@@ -428,11 +461,22 @@ def _has_nul(value: Any) -> bool:
 
 
 class Failed(_Wire):
-    """The task failed; ``retryable`` (default true) says whether another attempt may help."""
+    """The task failed; ``retryable`` (default true) says whether another attempt may help.
+
+    The task's ``catch_error`` may have decided more (docs/retries.md): ``skipped`` (the
+    run fails now; ``retryable`` is false then) or ``retryAt`` (the next attempt not
+    before that time instead of the retry policy's back-off; ``retryable`` is true then).
+    """
 
     status: Literal["failed"] = "failed"
     error: ErrorInfo
     retryable: bool = True
+    retry_at: datetime | None = Field(None, alias="retryAt")
+    """The next attempt not before this time (RFC 3339 with an offset on the wire; sent as
+    UTC with a ``Z``). The operator never starts it earlier than the attempt's end, and
+    the Task's ``maxAttempts`` still bounds the attempts."""
+    skipped: bool = False
+    """``catch_error`` returned ``RetryDecision.skip()``: not retried."""
 
     @model_validator(mode="before")
     @classmethod
@@ -444,7 +488,45 @@ class Failed(_Wire):
                 )
             if not isinstance(data.get("retryable", True), bool):
                 raise _invalid("invalid_result", '"retryable" must be true or false')
+            if not isinstance(data.get("skipped", False), bool):
+                raise _invalid("invalid_result", '"skipped" must be true or false')
         return data
+
+    @field_validator("retry_at", mode="before")
+    @classmethod
+    def _rfc3339(cls, value: Any) -> datetime | None:
+        if value is None or isinstance(value, datetime):
+            if isinstance(value, datetime) and value.tzinfo is None:
+                raise _invalid(
+                    "invalid_result", "retryAt must have a time zone (a naive datetime is ambiguous)"
+                )
+            return value
+        if isinstance(value, str):
+            try:
+                dt = datetime.fromisoformat(value)
+            except ValueError:
+                dt = None
+            if dt is not None and dt.tzinfo is not None:
+                return dt
+        raise _invalid(
+            "invalid_result",
+            f"retryAt={value!r} is not an RFC 3339 time with an offset, such as 2024-05-01T12:00:00Z",
+        )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Failed:
+        if self.skipped and self.retryable:
+            raise _invalid("invalid_result", '"skipped": true needs "retryable": false')
+        if self.retry_at is not None and not self.retryable:
+            raise _invalid(
+                "invalid_result",
+                '"retryAt" needs "retryable": true (a run that is not retried has no next attempt)',
+            )
+        return self
+
+    @field_serializer("retry_at")
+    def _iso(self, ts: datetime | None) -> str | None:
+        return None if ts is None else iso(ts)
 
 
 class Completion(RootModel[Annotated[Succeeded | Failed, Field(discriminator="status")]]):

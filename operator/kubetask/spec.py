@@ -10,9 +10,9 @@ snake_case attributes.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "kubetask.dev"
@@ -21,6 +21,11 @@ API_VERSION = f"{GROUP}/{VERSION}"
 
 DNS1123_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 ENTRYPOINT = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
+#: An exception class: its name (``ValueError``) or ``module.QualifiedName``.
+ERROR_TYPE = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
+#: Most entries of ``retry.nonRetryableErrors``, and the longest one.
+MAX_NON_RETRYABLE_ERRORS = 64
+MAX_ERROR_TYPE_NAME = 256
 
 #: Payloads larger than this (serialised JSON, bytes) end the Run ``Failed``
 #: (condition ``PayloadTooLarge``). etcd would take up to ~1.5 MiB, but a Run is
@@ -36,6 +41,16 @@ class _Model(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
 
 
+class OutOfMemorySpec(_Model):
+    """What changes for the attempts of a run after one of its attempts was OOM-killed."""
+
+    resources: dict[str, Any] = Field(
+        ...,
+        description="Container resources (limits, requests) merged over podTemplate.resources, key by key, "
+        "for every attempt after an OOM-killed one, e.g. {limits: {memory: 1Gi}}.",
+    )
+
+
 class RetrySpec(_Model):
     """How failed attempts are retried. Delay before attempt n+1 is
     min(maxTimeoutMs, minTimeoutMs * factor**(n-1)), times a random factor in [1, 2)
@@ -46,6 +61,18 @@ class RetrySpec(_Model):
     min_timeout_ms: int = Field(1000, ge=0, le=86_400_000, description="Delay before the second attempt.")
     max_timeout_ms: int = Field(60000, ge=0, le=86_400_000, description="Upper bound of any delay.")
     randomize: bool = Field(True, description="Multiply each delay by a random factor in [1, 2).")
+    non_retryable_errors: list[
+        Annotated[str, StringConstraints(min_length=1, max_length=MAX_ERROR_TYPE_NAME, pattern=ERROR_TYPE)]
+    ] = Field(
+        default_factory=list,
+        max_length=MAX_NON_RETRYABLE_ERRORS,
+        description="Exception classes that fail the run at once, without another attempt: a class name "
+        "(ValueError) or module.QualifiedName, matched against the raised exception's class and its bases.",
+    )
+    out_of_memory: OutOfMemorySpec | None = Field(
+        None,
+        description="Resources for the attempts that follow an attempt killed for using too much memory.",
+    )
 
     model_config = ConfigDict(
         json_schema_extra={

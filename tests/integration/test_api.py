@@ -305,7 +305,9 @@ async def test_complete_failure_and_falsy_outputs(client: Listeners, sessions: S
     assert attempt.report == {
         "succeeded": False,
         "retryable": False,
-        "error": {"type": "ValueError", "message": "bad input", "stack": "Traceback ..."},
+        "error": {"type": "ValueError", "message": "bad input", "stack": "Traceback ...", "types": []},
+        "retryAt": None,
+        "skipped": False,
     }
     assert not stored.has_output
 
@@ -323,6 +325,53 @@ async def test_complete_failure_and_falsy_outputs(client: Listeners, sessions: S
     assert "succeeded" in err["message"]
     resp = await client.post("/runner/v1/complete", headers=auth(token3), json={"status": "failed"})
     assert "error" in (await error_of(resp, 400))["message"]
+
+
+async def test_a_failure_keeps_its_hierarchy_stack_and_retry_time_for_the_run_detail(
+    client: Listeners, sessions: Sessions
+) -> None:
+    run, token = await running(sessions)
+    types = ["billing.Declined", "billing.PaymentError", "builtins.Exception", "builtins.BaseException"]
+    body = {
+        "status": "failed",
+        "error": {
+            "type": "Declined",
+            "message": "card declined",
+            "stack": "Traceback: line 3",
+            "types": types,
+        },
+        "retryAt": "2030-01-01T01:00:00+01:00",
+    }
+    assert (await client.post("/runner/v1/complete", headers=auth(token), json=body)).status == 204
+    async with sessions() as s, s.begin():
+        attempt = await s.get(Attempt, (run.id, 1))
+        assert attempt is not None
+        assert attempt.report == {
+            "succeeded": False,
+            "retryable": True,
+            "error": {**body["error"]},
+            "retryAt": "2030-01-01T00:00:00.000000Z",
+            "skipped": False,
+        }
+        # What the operator records when the pod's end is seen (control/attempts.py).
+        attempt.error, attempt.reason = {"type": "Declined", "message": "card declined"}, "TaskFailed"
+    detail = await (await client.get(f"/api/v1/runs/{run.id}")).json()
+    assert detail["attempts"][0]["error"] == {
+        "type": "Declined",
+        "message": "card declined",
+        "stack": "Traceback: line 3",
+        "types": types,
+    }
+
+    _, token2 = await running(sessions)
+    contradiction = {**body, "retryable": False}
+    err = await error_of(
+        await client.post("/runner/v1/complete", headers=auth(token2), json=contradiction), 400
+    )
+    assert err["code"] == "invalid_result" and '"retryAt" needs "retryable": true' in err["message"]
+    naive = {**body, "retryAt": "2030-01-01T00:00:00"}
+    err = await error_of(await client.post("/runner/v1/complete", headers=auth(token2), json=naive), 400)
+    assert "retryAt='2030-01-01T00:00:00' is not an RFC 3339 time with an offset" in err["message"]
 
 
 async def test_output_over_10_mib_is_refused(client: Listeners, sessions: Sessions) -> None:

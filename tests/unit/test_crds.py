@@ -56,6 +56,39 @@ def test_cel_rules_are_in_the_schema() -> None:
     assert "self.maxTimeoutMs >= self.minTimeoutMs" in retry_rules
 
 
+def test_failure_handling_fields_are_in_the_schema_with_their_rules() -> None:
+    retry = _spec_schema("tasks")["properties"]["retry"]["properties"]
+    names = retry["nonRetryableErrors"]
+    assert names["type"] == "array" and names["maxItems"] == 64
+    assert names["items"] == {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": 256,
+        "pattern": r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$",
+    }
+    oom = retry["outOfMemory"]
+    assert oom["required"] == ["resources"]
+    assert oom["properties"]["resources"] == {
+        "description": oom["properties"]["resources"]["description"],
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": True,
+    }
+    spec = TaskSpec.model_validate(
+        {
+            "source": "x",
+            "retry": {
+                "nonRetryableErrors": ["ValueError", "billing.errors.Declined"],
+                "outOfMemory": {"resources": {"limits": {"memory": "1Gi"}}},
+            },
+        }
+    )
+    assert spec.retry.non_retryable_errors == ["ValueError", "billing.errors.Declined"]
+    with pytest.raises(ValidationError):
+        RetrySpec.model_validate({"nonRetryableErrors": ["not a class"]})
+    with pytest.raises(ValidationError):
+        RetrySpec.model_validate({"outOfMemory": {}})
+
+
 def test_models_reject_what_the_schema_rejects() -> None:
     with pytest.raises(ValidationError):
         RetrySpec(max_attempts=0)

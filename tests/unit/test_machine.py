@@ -180,3 +180,99 @@ def test_infrastructure_failures_have_their_own_limit() -> None:
     tr = step(state, ended(3, m.Outcome.INFRA, "QuotaExceeded"), limit=2)
     assert (tr.state.phase, tr.state.reason) == (P.FAILED, "InfrastructureFailures")
     assert any(isinstance(a, m.ReleaseSlot) for a in tr.actions)
+
+
+# ---- failure handling by error type (docs/retries.md) -------------------------------------
+
+#: What the runner reports for ``class Declined(billing.errors.PaymentError)``.
+DECLINED = (
+    "billing.errors.Declined",
+    "billing.errors.PaymentError",
+    "builtins.Exception",
+    "builtins.BaseException",
+)
+
+
+def raised(
+    attempt: int, types: tuple[str, ...] = DECLINED, retry_at: datetime | None = None
+) -> m.AttemptEnded:
+    err = m.RunError(types[0].rsplit(".", 1)[-1], "card declined")
+    return m.AttemptEnded(attempt, m.Outcome.FAILED, "TaskFailed", err, error_types=types, retry_at=retry_at)
+
+
+def with_non_retryable(*names: str) -> RetrySpec:
+    return RETRY.model_copy(update={"non_retryable_errors": list(names)})
+
+
+@pytest.mark.parametrize(
+    "entry",
+    ["Declined", "billing.errors.Declined", "errors.Declined", "PaymentError", "billing.errors.PaymentError"],
+)
+def test_an_error_named_in_non_retryable_errors_fails_the_run_after_one_attempt(entry: str) -> None:
+    tr = m.step(
+        S(P.RUNNING, 1), raised(1), now=NOW, retry=with_non_retryable("KeyError", entry), rand=lambda: 0.0
+    )
+    assert (tr.state.phase, tr.state.reason) == (P.FAILED, "NonRetryableError")
+    assert tr.actions == (m.ReleaseSlot(1),)
+    assert tr.state.error == m.RunError("Declined", "card declined")
+    assert repr(entry) in tr.state.message and "card declined" in tr.state.message
+
+
+@pytest.mark.parametrize("entry", ["Decline", "rors.Declined", "other.errors.Declined", "ValueError"])
+def test_names_that_do_not_name_the_class_or_a_base_leave_the_run_retrying(entry: str) -> None:
+    tr = m.step(S(P.RUNNING, 1), raised(1), now=NOW, retry=with_non_retryable(entry), rand=lambda: 0.0)
+    assert tr.state.phase is P.RETRYING
+
+
+def test_non_retryable_errors_only_judge_reported_exceptions_not_pod_endings() -> None:
+    oom = m.AttemptEnded(1, m.Outcome.FAILED, "OOMKilled", m.RunError("OOMKilled", "killed"))
+    tr = m.step(S(P.RUNNING, 1), oom, now=NOW, retry=with_non_retryable("OOMKilled"), rand=lambda: 0.0)
+    assert tr.state.phase is P.RETRYING
+
+
+def test_retry_at_replaces_the_backoff_delay() -> None:
+    at = NOW + timedelta(seconds=42)
+    tr = m.step(S(P.RUNNING, 1), raised(1, retry_at=at), now=NOW, retry=RETRY, rand=lambda: 0.0)
+    assert tr.state.phase is P.RETRYING
+    assert tr.state.next_attempt_at == at  # not NOW + minTimeoutMs (1 s)
+    assert m.WakeAt(at) in tr.actions
+    assert "catch_error" in tr.state.message and "42.000s" in tr.state.message
+    # The back-off wake-up before that time waits on; at that time the run queues again.
+    early = m.step(
+        tr.state, m.BackoffElapsed(), now=NOW + timedelta(seconds=41), retry=RETRY, rand=lambda: 0.0
+    )
+    assert early.state.phase is P.RETRYING and early.actions == (m.WakeAt(at),)
+    due = m.step(tr.state, m.BackoffElapsed(), now=at, retry=RETRY, rand=lambda: 0.0)
+    assert due.state.phase is P.QUEUED
+
+
+def test_retry_at_shorter_than_the_backoff_is_honoured_too() -> None:
+    slow = RETRY.model_copy(update={"min_timeout_ms": 3_600_000, "max_timeout_ms": 3_600_000})
+    at = NOW + timedelta(seconds=1)
+    tr = m.step(S(P.RUNNING, 1), raised(1, retry_at=at), now=NOW, retry=slow, rand=lambda: 0.0)
+    assert tr.state.next_attempt_at == at
+
+
+def test_retry_at_in_the_past_is_clamped_to_now() -> None:
+    tr = m.step(
+        S(P.RUNNING, 1), raised(1, retry_at=NOW - timedelta(hours=1)), now=NOW, retry=RETRY, rand=lambda: 0.0
+    )
+    assert tr.state.next_attempt_at == NOW
+    assert m.WakeAt(NOW) in tr.actions
+
+
+def test_retry_at_does_not_add_attempts_beyond_max_attempts() -> None:
+    tr = m.step(
+        S(P.RUNNING, 3),
+        raised(3, retry_at=NOW + timedelta(seconds=5)),
+        now=NOW,
+        retry=RETRY,
+        rand=lambda: 0.0,
+    )
+    assert (tr.state.phase, tr.state.reason) == (P.FAILED, "RetriesExhausted")
+
+
+def test_non_retryable_errors_win_over_a_retry_time_from_catch_error() -> None:
+    ev = raised(1, retry_at=NOW + timedelta(seconds=5))
+    tr = m.step(S(P.RUNNING, 1), ev, now=NOW, retry=with_non_retryable("PaymentError"), rand=lambda: 0.0)
+    assert (tr.state.phase, tr.state.reason) == (P.FAILED, "NonRetryableError")

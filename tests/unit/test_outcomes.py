@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from kubetask.api.runner import _report as api_report
+from kubetask.control.attempts import _report as read_report
 from kubetask.engine.machine import Outcome
 from kubetask.engine.outcomes import Report, StartLimits, classify, pod_end, start_problem
+from kubetask.protocol import Completion
 
 
 def pod(
@@ -83,6 +87,39 @@ def test_report_not_retryable_is_aborted_with_the_error() -> None:
     assert ev.error is not None and ev.error.message == "no"
 
 
+def test_report_of_a_raised_error_carries_its_hierarchy_and_retry_time() -> None:
+    end = pod_end(pod("Failed", exit_code=1))
+    assert end is not None
+    at = datetime(2026, 1, 1, 12, tzinfo=UTC)
+    types = ("app.Declined", "app.PaymentError", "builtins.Exception", "builtins.BaseException")
+    report = Report(
+        succeeded=False, error_type="Declined", error_message="no", error_types=types, retry_at=at
+    )
+    ev = classify(attempt=2, end=end, report=report)
+    assert (ev.outcome, ev.reason, ev.error_types, ev.retry_at) == (Outcome.FAILED, "TaskFailed", types, at)
+
+
+def test_report_without_a_hierarchy_names_the_class_alone() -> None:
+    # An older runner reports error.type only: nonRetryableErrors can still match the name.
+    end = pod_end(pod("Failed", exit_code=1))
+    assert end is not None
+    ev = classify(
+        attempt=1, end=end, report=Report(succeeded=False, error_type="KeyError", error_message="k")
+    )
+    assert ev.error_types == ("KeyError",) and ev.retry_at is None
+
+
+def test_catch_error_skip_is_not_retried_and_says_so() -> None:
+    end = pod_end(pod("Failed", exit_code=10))
+    assert end is not None
+    report = Report(
+        succeeded=False, retryable=False, error_type="ValueError", error_message="bad", skipped=True
+    )
+    ev = classify(attempt=1, end=end, report=report)
+    assert (ev.outcome, ev.reason) == (Outcome.ABORTED, "RetrySkipped")
+    assert ev.error is not None and (ev.error.type, ev.error.message) == ("ValueError", "bad")
+
+
 def test_exit_zero_without_report_is_a_failure() -> None:
     end = pod_end(pod("Succeeded", exit_code=0, container_reason="Completed"))
     assert end is not None
@@ -146,3 +183,35 @@ def test_pod_stuck_terminating_on_a_lost_node_ends_after_the_terminating_timeout
     # It ran: the node's loss counts as a failed attempt (the task may have done work).
     assert end is not None and end.reason == "NodeLost" and not end.infra
     assert classify(attempt=1, end=end, report=None).outcome is Outcome.FAILED
+
+
+def test_a_failure_report_survives_the_api_and_the_database_into_the_engine() -> None:
+    # The runner's body -> attempts.report (api/runner.py) -> jsonb -> Report (control/attempts.py).
+    body = {
+        "status": "failed",
+        "error": {"type": "Declined", "message": "no", "stack": "Traceback", "types": ["app.Declined"]},
+        "retryAt": "2026-01-01T12:00:00+02:00",
+    }
+    stored = json.loads(json.dumps(api_report(Completion.model_validate(body).root)))
+    assert stored["retryAt"] == "2026-01-01T10:00:00.000000Z"
+    report = read_report(stored)
+    assert report == Report(
+        succeeded=False,
+        retryable=True,
+        error_type="Declined",
+        error_message="no",
+        error_types=("app.Declined",),
+        retry_at=datetime(2026, 1, 1, 10, tzinfo=UTC),
+    )
+    skipped = {**body, "retryable": False, "skipped": True, "retryAt": None}
+    assert read_report(json.loads(json.dumps(api_report(Completion.model_validate(skipped).root)))) == Report(
+        succeeded=False,
+        retryable=False,
+        error_type="Declined",
+        error_message="no",
+        error_types=("app.Declined",),
+        skipped=True,
+    )
+    # A report stored before these fields existed still reads.
+    old = {"succeeded": False, "retryable": True, "error": {"type": "E", "message": "m", "stack": None}}
+    assert read_report(old) == Report(succeeded=False, error_type="E", error_message="m")

@@ -11,7 +11,7 @@ RUN: dict[str, Any] = {
 UID = RUN["metadata"]["uid"]
 
 
-def build(task: TaskSpec, attempt: int = 2) -> dict[str, Any]:
+def build(task: TaskSpec, attempt: int = 2, *, after_oom: bool = False) -> dict[str, Any]:
     return pods.attempt_pod(
         run=RUN,
         run_id="run_1",
@@ -24,6 +24,7 @@ def build(task: TaskSpec, attempt: int = 2) -> dict[str, Any]:
         api_url="http://api:8080",
         default_image="runner:1",
         image_pull_policy="IfNotPresent",
+        after_oom=after_oom,
     )
 
 
@@ -104,3 +105,49 @@ def test_pod_template_is_applied() -> None:
     assert c["resources"] == {"limits": {"memory": "64Mi"}}
     assert {"name": "X", "value": "1"} in c["env"]
     assert pod["spec"]["nodeSelector"] == {"a": "b"}
+
+
+OOM_TASK = TaskSpec.model_validate(
+    {
+        "source": "x",
+        "podTemplate": {
+            "resources": {"limits": {"memory": "64Mi", "cpu": "1"}, "requests": {"memory": "64Mi"}}
+        },
+        "retry": {
+            "outOfMemory": {"resources": {"limits": {"memory": "512Mi"}, "requests": {"memory": "256Mi"}}}
+        },
+    }
+)
+
+
+def test_after_an_oom_kill_the_out_of_memory_resources_are_merged_over_the_template() -> None:
+    pod = build(OOM_TASK, after_oom=True)
+    assert pod["spec"]["containers"][0]["resources"] == {
+        "limits": {"memory": "512Mi", "cpu": "1"},  # the CPU limit of the template stays
+        "requests": {"memory": "256Mi"},
+    }
+    assert pod["metadata"]["annotations"] == {pods.ANNOTATION_RESOURCES: "retry.outOfMemory"}
+    # The Task itself is not changed by it.
+    assert OOM_TASK.pod_template is not None and OOM_TASK.pod_template.resources is not None
+    assert OOM_TASK.pod_template.resources["limits"] == {"memory": "64Mi", "cpu": "1"}
+
+
+def test_without_an_oom_kill_the_template_resources_apply() -> None:
+    pod = build(OOM_TASK, after_oom=False)
+    assert pod["spec"]["containers"][0]["resources"]["limits"]["memory"] == "64Mi"
+    assert "annotations" not in pod["metadata"]
+
+
+def test_out_of_memory_resources_apply_without_a_pod_template_too() -> None:
+    task = TaskSpec.model_validate(
+        {"source": "x", "retry": {"outOfMemory": {"resources": {"limits": {"memory": "1Gi"}}}}}
+    )
+    assert "resources" not in build(task)["spec"]["containers"][0]
+    assert build(task, after_oom=True)["spec"]["containers"][0]["resources"] == {"limits": {"memory": "1Gi"}}
+
+
+def test_a_task_without_out_of_memory_gets_the_same_pod_after_an_oom_kill() -> None:
+    task = TaskSpec.model_validate(
+        {"source": "x", "podTemplate": {"resources": {"limits": {"memory": "64Mi"}}}}
+    )
+    assert build(task, after_oom=True) == build(task)

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -381,6 +382,164 @@ def test_output_that_is_not_json_is_reported_and_exits_13(tmp_path: Path, api: F
     assert completion["retryable"] is False
     assert completion["error"]["type"] == "OutputNotSerializable"
     assert "not JSON-serialisable" in completion["error"]["message"]
+
+
+# --------------------------------------------------------------------------- catch_error
+
+
+def test_the_reported_error_carries_the_class_hierarchy(tmp_path: Path, api: FakeApi) -> None:
+    source = """
+        from kubetask import task
+
+        class PaymentError(Exception):
+            pass
+
+        class Declined(PaymentError):
+            pass
+
+        @task
+        def hello(payload, ctx):
+            raise Declined("card declined")
+    """
+    result = run_runner(tmp_path, api.url, source=source)
+
+    assert result.code == EXIT_TASK_ERROR, result.stderr
+    error = api.completion["error"]
+    assert error["type"] == "Declined"
+    assert error["types"] == [
+        "kubetask_inline_task.Declined",
+        "kubetask_inline_task.PaymentError",
+        "builtins.Exception",
+        "builtins.BaseException",
+    ]
+    assert api.completion["retryable"] is True and api.completion["retryAt"] is None
+
+
+CATCHING = """
+    import asyncio
+    from datetime import UTC, datetime, timedelta
+    from kubetask import task, RetryDecision, AbortRun
+
+    seen = []
+
+    {hook}
+
+    @task(catch_error=decide)
+    def hello(payload, ctx):
+        raise {raised}
+"""
+
+
+def catching(hook: str, raised: str = "ValueError('bad ' + str(payload['a']))") -> str:
+    return CATCHING.format(hook=textwrap.indent(textwrap.dedent(hook), "    ").strip(), raised=raised)
+
+
+def test_catch_error_skip_reports_not_retryable_and_exits_10(tmp_path: Path, api: FakeApi) -> None:
+    hook = """
+        def decide(error, ctx):
+            assert isinstance(error, ValueError) and ctx.attempt.number == 2
+            return RetryDecision.skip()
+    """
+    result = run_runner(tmp_path, api.url, source=catching(hook))
+
+    assert result.code == EXIT_ABORTED == 10, result.stderr
+    completion = api.completion
+    assert (completion["retryable"], completion["skipped"], completion["retryAt"]) == (False, True, None)
+    # The original error stays the attempt's error.
+    assert completion["error"]["type"] == "ValueError" and completion["error"]["message"] == "bad 2"
+    assert "Traceback" in completion["error"]["stack"]
+    assert "catch_error skipped" in summary_line(result)
+
+
+def test_catch_error_retry_after_reports_the_time_from_now(tmp_path: Path, api: FakeApi) -> None:
+    hook = """
+        def decide(error, ctx):
+            return RetryDecision.retry_after(timedelta(minutes=5) if ctx.attempt.number == 2 else 1)
+    """
+    before = datetime.now(UTC)
+    result = run_runner(tmp_path, api.url, source=catching(hook))
+    after = datetime.now(UTC)
+
+    assert result.code == EXIT_TASK_ERROR, result.stderr
+    completion = api.completion
+    assert completion["retryable"] is True and completion["skipped"] is False
+    at = datetime.fromisoformat(completion["retryAt"])
+    assert before + timedelta(minutes=5) <= at <= after + timedelta(minutes=5)
+    assert completion["retryAt"].endswith("Z")
+    assert "retry not before" in summary_line(result)
+
+
+def test_async_catch_error_retry_at_reports_that_time(tmp_path: Path, api: FakeApi) -> None:
+    hook = """
+        async def decide(error, ctx):
+            await asyncio.sleep(0)
+            return RetryDecision.retry_at(datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC))
+    """
+    result = run_runner(tmp_path, api.url, source=catching(hook))
+
+    assert result.code == EXIT_TASK_ERROR, result.stderr
+    assert api.completion["retryAt"] == "2030-01-02T03:04:05.000000Z"
+    assert any("catch_error decided: retry" in line["message"] for line in api.log_lines)
+
+
+@pytest.mark.parametrize(
+    ("hook", "logged"),
+    [
+        ("def decide(error, ctx):\n    return None\n", None),
+        (
+            "def decide(error, ctx):\n    raise RuntimeError('hook broke')\n",
+            "catch_error raised RuntimeError: hook broke",
+        ),
+        ("def decide(error, ctx):\n    return 42\n", "catch_error returned 42"),
+        (
+            "def decide(error, ctx):\n    return RetryDecision.retry_at(datetime(2030, 1, 1))\n",
+            "aware datetime",
+        ),
+    ],
+    ids=["none", "raises", "wrong-type", "naive-time"],
+)
+def test_catch_error_returning_none_or_failing_leaves_the_default(
+    tmp_path: Path, api: FakeApi, hook: str, logged: str | None
+) -> None:
+    result = run_runner(tmp_path, api.url, source=catching(hook))
+
+    assert result.code == EXIT_TASK_ERROR, result.stderr
+    completion = api.completion
+    assert (completion["retryable"], completion["skipped"], completion["retryAt"]) == (True, False, None)
+    assert completion["error"]["type"] == "ValueError"  # the task's error, not the hook's
+    if logged is not None:
+        assert any(logged in line["message"] and line["level"] == "ERROR" for line in api.log_lines), (
+            api.log_lines
+        )
+    assert "failed (ValueError: bad 2)" in summary_line(result)
+
+
+def test_catch_error_is_not_asked_about_abort_run(tmp_path: Path, api: FakeApi) -> None:
+    hook = """
+        def decide(error, ctx):
+            raise AssertionError("catch_error must not run for AbortRun")
+    """
+    result = run_runner(tmp_path, api.url, source=catching(hook, raised="AbortRun('stop')"))
+
+    assert result.code == EXIT_ABORTED, result.stderr
+    assert api.completion["retryable"] is False and api.completion["skipped"] is False
+    assert not any("catch_error" in line["message"] for line in api.log_lines)
+
+
+def test_catch_error_is_not_asked_when_the_task_succeeds(tmp_path: Path, api: FakeApi) -> None:
+    source = """
+        from kubetask import task
+
+        def decide(error, ctx):
+            raise AssertionError("not called")
+
+        @task(catch_error=decide)
+        def hello(payload, ctx):
+            return "fine"
+    """
+    result = run_runner(tmp_path, api.url, source=source)
+    assert result.code == EXIT_OK, result.stderr
+    assert api.completion == {"status": "succeeded", "output": "fine"}
 
 
 # --------------------------------------------------------------------------- load errors

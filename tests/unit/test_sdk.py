@@ -8,14 +8,16 @@ import logging
 import subprocess
 import sys
 import threading
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pydantic
 import pytest
 
 import kubetask
-from kubetask import AbortRun, Queue, Retry, TaskContext, logger, task
+from kubetask import AbortRun, OutOfMemory, Queue, Retry, RetryDecision, TaskContext, logger, task
 from kubetask.sdk import TaskDefinition, validate_task_id
+from kubetask.spec import RetrySpec
 
 
 def ctx() -> TaskContext:
@@ -231,7 +233,7 @@ def test_hints_are_frozen_and_documented() -> None:
     queue = Queue(name="q")
     with pytest.raises(pydantic.ValidationError):
         queue.name = "other"
-    for model in (Retry, Queue):
+    for model in (Retry, Queue, OutOfMemory):
         for name, field in model.model_fields.items():
             assert field.description, f"{model.__name__}.{name} has no docstring"
     assert "authoritative" in (Retry.__doc__ or "") or "wins" in (Retry.__doc__ or "")
@@ -248,6 +250,93 @@ def test_queue_rejects_invalid_values(kwargs: dict[str, Any]) -> None:
 
 def test_queue_fields_are_optional() -> None:
     assert Queue() == Queue(name=None, concurrency_limit=None, per_key_concurrency_limit=None)
+
+
+def test_retry_hint_knows_the_failure_handling_fields_of_the_task_spec() -> None:
+    retry = Retry(
+        non_retryable_errors=("ValueError", "billing.errors.Declined"),
+        out_of_memory=OutOfMemory(resources={"limits": {"memory": "1Gi"}}),
+    )
+    # The hint says what a Task's spec.retry would: same fields, same rules.
+    spec = RetrySpec.model_validate(retry.model_dump())
+    assert spec.non_retryable_errors == ["ValueError", "billing.errors.Declined"]
+    assert spec.out_of_memory is not None and spec.out_of_memory.resources == {"limits": {"memory": "1Gi"}}
+    assert set(Retry.model_fields) == set(RetrySpec.model_fields)
+    assert Retry().non_retryable_errors == () and Retry().out_of_memory is None
+
+
+@pytest.mark.parametrize("name", ["", "Not A Class", "1Error", "a..b", ".Error", "x" * 257])
+def test_non_retryable_error_names_must_be_class_names(name: str) -> None:
+    with pytest.raises(pydantic.ValidationError):
+        Retry(non_retryable_errors=(name,))
+    with pytest.raises(pydantic.ValidationError):
+        RetrySpec(non_retryable_errors=[name])
+
+
+# --------------------------------------------------------------------------- catch_error
+
+
+def test_retry_decisions() -> None:
+    assert RetryDecision.skip() == RetryDecision("skip")
+    before = datetime.now(UTC)
+    later = RetryDecision.retry_after(90)
+    assert later.kind == "retry" and later.at is not None
+    assert before + timedelta(seconds=90) <= later.at <= datetime.now(UTC) + timedelta(seconds=90)
+    assert RetryDecision.retry_after(timedelta(0)).at is not None
+    at = datetime(2030, 1, 1, 1, tzinfo=timezone(timedelta(hours=1)))
+    assert RetryDecision.retry_at(at) == RetryDecision("retry", datetime(2030, 1, 1, tzinfo=UTC))
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "says"),
+    [
+        (lambda: RetryDecision.retry_after(-1), ValueError, "0 or more seconds"),
+        (lambda: RetryDecision.retry_after(float("inf")), ValueError, "0 or more seconds"),
+        (lambda: RetryDecision.retry_after(True), TypeError, "seconds or a timedelta"),
+        (lambda: RetryDecision.retry_after("5"), TypeError, "seconds or a timedelta"),
+        (lambda: RetryDecision.retry_after(1e300), ValueError, "too far"),
+        (lambda: RetryDecision.retry_at(datetime(2030, 1, 1)), ValueError, "aware datetime"),
+        (lambda: RetryDecision.retry_at("2030-01-01"), TypeError, "takes a datetime"),
+        (lambda: RetryDecision("retry"), ValueError, "retry_after"),
+        (lambda: RetryDecision("later"), ValueError, "'skip' or 'retry'"),
+    ],
+)
+def test_bad_retry_decisions_say_what_to_pass(make: Any, error: type[Exception], says: str) -> None:
+    with pytest.raises(error, match=says):
+        make()
+
+
+def test_decide_calls_sync_and_async_hooks_with_the_error_and_the_context() -> None:
+    seen: list[tuple[BaseException, TaskContext, bool]] = []
+
+    def sync_hook(error: BaseException, c: TaskContext) -> RetryDecision | None:
+        seen.append((error, c, threading.current_thread() is threading.main_thread()))
+        return RetryDecision.skip()
+
+    async def async_hook(error: BaseException, c: TaskContext) -> RetryDecision | None:
+        seen.append((error, c, True))
+        return None
+
+    def f(payload: dict[str, Any], c: TaskContext) -> None:
+        return None
+
+    boom, c = ValueError("boom"), ctx()
+    assert asyncio.run(task(catch_error=sync_hook)(f).decide(boom, c)) == RetryDecision.skip()
+    assert asyncio.run(task(catch_error=async_hook)(f).decide(boom, c)) is None
+    assert asyncio.run(task(f).decide(boom, c)) is None  # no hook: the policy decides
+    assert [(e, x) for e, x, _ in seen] == [(boom, c), (boom, c)]
+    assert seen[0][2] is False  # a sync hook runs in a thread, like a sync task
+
+
+def test_a_hook_that_returns_something_else_is_an_error_that_says_what_to_return() -> None:
+    def f(payload: dict[str, Any], c: TaskContext) -> None:
+        return None
+
+    definition = task(catch_error=lambda e, c: "skip")(f)  # type: ignore[arg-type,return-value]
+    with pytest.raises(TypeError, match=r"returned 'skip'; return RetryDecision.skip\(\)"):
+        asyncio.run(definition.decide(ValueError(), ctx()))
+    with pytest.raises(TypeError, match="catch_error must be a function"):
+        task(catch_error="skip")(f)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- context and logger
@@ -275,10 +364,13 @@ def test_top_level_package_exports_the_sdk_and_a_version() -> None:
         "Retry",
         "Queue",
         "AbortRun",
+        "RetryDecision",
+        "OutOfMemory",
         "TaskContext",
         "logger",
         "__version__",
     }
+    assert kubetask.RetryDecision is kubetask.sdk.RetryDecision
     assert kubetask.task is task
     assert isinstance(kubetask.__version__, str) and kubetask.__version__
 

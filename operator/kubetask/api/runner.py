@@ -44,6 +44,7 @@ from kubetask.protocol import (
     Succeeded,
     TaskRef,
     hash_token,
+    iso,
 )
 from kubetask.store.tables import Attempt, LogLine, Run
 
@@ -281,10 +282,18 @@ async def post_logs(request: web.Request) -> web.Response:
 
 
 def _report(result: Succeeded | Failed) -> dict[str, Any]:
-    """What ``attempts.report`` holds (engine/outcomes.py reads it)."""
+    """What ``attempts.report`` holds (control/attempts.py reads it into an
+    engine/outcomes.py ``Report``): the error with its stack and class hierarchy, and what
+    the task's ``catch_error`` decided (``retryAt``, ``skipped``)."""
     if isinstance(result, Succeeded):
         return {"succeeded": True, "retryable": False, "error": None}
-    return {"succeeded": False, "retryable": result.retryable, "error": result.error.model_dump()}
+    return {
+        "succeeded": False,
+        "retryable": result.retryable,
+        "error": result.error.model_dump(),
+        "retryAt": None if result.retry_at is None else iso(result.retry_at),
+        "skipped": result.skipped,
+    }
 
 
 async def post_complete(request: web.Request) -> web.Response:

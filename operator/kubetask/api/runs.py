@@ -351,7 +351,7 @@ async def get_run(request: web.Request) -> web.Response:
         body["hasOutput"] = run.has_output
         body["outputBytes"] = run.output_bytes
         body["output"] = run.output if run.has_output else None
-        body["attempts"] = [attempt_view(a, pod_key="podName") for a in attempts]
+        body["attempts"] = [attempt_view(a, pod_key="podName", detail=True) for a in attempts]
         checkpoints = (
             await session.execute(
                 select(Checkpoint)

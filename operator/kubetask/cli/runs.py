@@ -186,7 +186,7 @@ def runs_get(run_id: RunId, as_json: JsonFlag = False, api_url: ApiUrl = None) -
                 duration(a.started_at, a.finished_at),
                 "-" if a.exit_code is None else str(a.exit_code),
                 a.reason or "-",
-                a.error.message if a.error else "",
+                f"{a.error.type}: {a.error.message}" if a.error else "",
             )
         out.print()
         out.print(table)

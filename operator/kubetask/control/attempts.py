@@ -29,7 +29,7 @@ from kubetask.control.podindex import PodIndex
 from kubetask.control.timers import set_run_timer, utcnow
 from kubetask.control.transitions import Applied, EventSource
 from kubetask.engine import machine as m
-from kubetask.engine.outcomes import PodEnd, Report, StartLimits, classify, pod_end, start_problem
+from kubetask.engine.outcomes import OOM_KILLED, PodEnd, Report, StartLimits, classify, pod_end, start_problem
 from kubetask.kube import Kube
 from kubetask.protocol import hash_token
 from kubetask.settings import Settings
@@ -170,6 +170,16 @@ class Attempts:
                     )
                 )
                 self._configmaps.add((row.namespace, cm))
+        after_oom = (
+            await self._oom_killed_before(row.id, att.number) if info.spec.retry.out_of_memory else False
+        )
+        if after_oom:
+            log.info(
+                "run %s/%s: an earlier attempt was OOM-killed; attempt %d gets retry.outOfMemory's resources",
+                row.namespace,
+                row.name,
+                att.number,
+            )
         manifest = pods.attempt_pod(
             run=run_body,
             run_id=row.id,
@@ -182,6 +192,7 @@ class Attempts:
             api_url=self.settings.api_url,
             default_image=self.settings.runner_image,
             image_pull_policy=self.settings.image_pull_policy,
+            after_oom=after_oom,
         )
         try:
             created = await self.kube.create(manifest)
@@ -206,6 +217,21 @@ class Attempts:
                 raise RuntimeError(f"pod {row.namespace}/{att.pod_name} belongs to another Run")
         self.index.put(created)
         await self._record_pod(row.id, att.number, created)
+
+    async def _oom_killed_before(self, run_id: str, attempt: int) -> bool:
+        """Whether an earlier attempt of the run was OOM-killed. Any earlier one, not only
+        the last: once the task needed more memory, an attempt that failed otherwise (or a
+        bigger pod that could not be scheduled) must not send the next one back to the
+        small limit. Only asked for Tasks with ``retry.outOfMemory``."""
+        if attempt <= 1:
+            return False
+        async with self.sessions() as s:
+            found = await s.scalar(
+                select(t.Attempt.number)
+                .where(t.Attempt.run_id == run_id, t.Attempt.number < attempt, t.Attempt.reason == OOM_KILLED)
+                .limit(1)
+            )
+        return found is not None
 
     async def _record_pod(self, run_id: str, attempt: int, pod: dict[str, Any]) -> None:
         async with self.sessions.begin() as s:
@@ -286,15 +312,22 @@ async def _suspension(s: AsyncSession, run: t.Run, ev: m.AttemptEnded) -> m.Atte
 
 
 def _report(raw: dict[str, Any] | None) -> Report | None:
+    """``attempts.report`` (api/runner.py ``_report`` wrote it) as the engine reads it."""
     if not raw:
         return None
     err = raw.get("error") or {}
+    retry_at = raw.get("retryAt")
     return Report(
         succeeded=bool(raw.get("succeeded")),
         retryable=bool(raw.get("retryable", True)),
         suspended=bool(raw.get("suspended")),
         error_type=err.get("type"),
         error_message=err.get("message"),
+        error_types=tuple(str(name) for name in err.get("types") or ()),
+        retry_at=datetime.fromisoformat(retry_at.replace("Z", "+00:00"))
+        if isinstance(retry_at, str)
+        else None,
+        skipped=bool(raw.get("skipped")),
     )
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from kubetask.engine.backoff import delay_ms
+from kubetask.engine.errortypes import non_retryable_match
 from kubetask.spec import RetrySpec
 
 
@@ -153,6 +154,12 @@ class AttemptEnded:
     resume_now: bool = False
     wake_at: datetime | None = None
     waiting_for: str = ""
+    #: The raised exception's class hierarchy (``module.QualifiedName``, most derived
+    #: first) as the runner reported it; matched against ``retry.nonRetryableErrors``.
+    error_types: tuple[str, ...] = ()
+    #: The task's ``catch_error`` asked for the next attempt not before this time: it
+    #: replaces the back-off delay (never earlier than now; maxAttempts still applies).
+    retry_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -342,6 +349,8 @@ def step(
             resume_now=resume_now,
             wake_at=wake_at,
             waiting_for=waiting_for,
+            error_types=types,
+            retry_at=retry_at,
         ):
             if state.phase is Phase.CANCELED and attempt == state.attempt and attempt > 0:
                 # The canceled run's pod is gone now: only then is its slot free, so a
@@ -441,6 +450,20 @@ def step(
                     ),
                     (release,),
                 )
+            matched = non_retryable_match(retry.non_retryable_errors, types)
+            if matched is not None:
+                pattern, name = matched
+                return Transition(
+                    _to(
+                        state,
+                        phase=Phase.FAILED,
+                        error=err,
+                        reason="NonRetryableError",
+                        message=f"attempt {attempt} failed and is not retried: {name} matches "
+                        f"retry.nonRetryableErrors entry {pattern!r}: {err.message}",
+                    ),
+                    (release,),
+                )
             if state.counted_attempts >= state.max_attempts:
                 return Transition(
                     _to(
@@ -453,8 +476,14 @@ def step(
                     (release,),
                 )
             counted = state.counted_attempts
-            wait = timedelta(milliseconds=delay_ms(retry, failed_attempt=counted, rand=rand))
-            at = now + wait
+            if retry_at is not None:
+                # The task's own choice wins over the back-off, but never points back in time.
+                at, source = max(retry_at, now), " (the time catch_error chose)"
+            else:
+                at, source = (
+                    now + timedelta(milliseconds=delay_ms(retry, failed_attempt=counted, rand=rand)),
+                    "",
+                )
             return Transition(
                 _to(
                     state,
@@ -463,7 +492,7 @@ def step(
                     next_attempt_at=at,
                     reason=reason,
                     message=f"attempt {counted} failed ({err.message}); attempt {counted + 1} "
-                    f"after {wait.total_seconds():.3f}s",
+                    f"after {(at - now).total_seconds():.3f}s{source}",
                 ),
                 (release, WakeAt(at)),
             )

@@ -5,8 +5,11 @@ Which endings count as an attempt (all of them do; each consumes one of maxAttem
 - the runner reported success (exit 0)                       -> Succeeded
 - the task raised (exit 1) or the runner could not reach the API (exit 12)
                                                              -> Failed, retried
-- ``AbortRun`` (10), unloadable task (11), unserialisable output (13)
-                                                             -> Failed, not retried
+- ``AbortRun`` or ``catch_error`` skipped (10), unloadable task (11), unserialisable
+  output (13)                                                -> Failed, not retried
+- the task raised an exception named by the Task's ``retry.nonRetryableErrors``
+                                                             -> Failed, not retried (the
+  state machine matches the reported class hierarchy)
 - the pod ran past ``activeDeadlineSeconds`` (maxDurationSeconds) -> TimedOut, not retried
 - OOMKilled, Evicted, the pod deleted by someone else, the node lost, any other exit
                                                              -> Failed, retried
@@ -36,6 +39,10 @@ from kubetask.protocol import (
     EXIT_OUTPUT_NOT_SERIALIZABLE,
 )
 
+#: The container's termination reason when the kernel killed it for exceeding its memory
+#: limit (a Task's ``retry.outOfMemory`` then applies to the next attempts).
+OOM_KILLED = "OOMKilled"
+
 NOT_RETRYABLE_EXITS = {
     EXIT_ABORTED: "AbortRun",
     EXIT_LOAD_ERROR: "TaskLoadError",
@@ -53,6 +60,12 @@ class Report:
     suspended: bool = False
     error_type: str | None = None
     error_message: str | None = None
+    #: The exception's class hierarchy (``error.types``), most derived first.
+    error_types: tuple[str, ...] = ()
+    #: ``catch_error`` asked for the next attempt not before this time.
+    retry_at: datetime | None = None
+    #: ``catch_error`` asked for no further attempt.
+    skipped: bool = False
 
 
 @dataclass(frozen=True)
@@ -227,8 +240,12 @@ def classify(*, attempt: int, end: PodEnd, report: Report | None) -> AttemptEnde
     if report is not None:
         err = RunError(report.error_type or "Error", report.error_message or "the task failed")
         if not report.retryable:
-            return AttemptEnded(attempt, Outcome.ABORTED, err.type, err)
-        return AttemptEnded(attempt, Outcome.FAILED, "TaskFailed", err)
+            return AttemptEnded(attempt, Outcome.ABORTED, "RetrySkipped" if report.skipped else err.type, err)
+        # A runner that reports no hierarchy (an older one) still names the class.
+        types = report.error_types or (err.type,)
+        return AttemptEnded(
+            attempt, Outcome.FAILED, "TaskFailed", err, error_types=types, retry_at=report.retry_at
+        )
     if end.exit_code in NOT_RETRYABLE_EXITS:
         kind = NOT_RETRYABLE_EXITS[end.exit_code]
         return AttemptEnded(attempt, Outcome.ABORTED, kind, RunError(kind, end.message))

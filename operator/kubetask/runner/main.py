@@ -6,7 +6,8 @@ One process runs one attempt of one run:
 2. start shipping logs (:mod:`.logship`);
 3. load the task, ``KUBETASK_ENTRYPOINT`` or the inline source file (:mod:`.loader`);
 4. fetch the attempt (payload, run, attempt number) from the operator's API (:mod:`.client`);
-5. call ``fn(payload, ctx)`` (async functions on an event loop, sync ones in a thread);
+5. call ``fn(payload, ctx)`` (async functions on an event loop, sync ones in a thread); if
+   it raises, ask the task's ``catch_error`` hook, if any, whether and when to retry;
 6. flush the logs, report the outcome, print a one-line summary to stderr and exit with a
    code that says what happened (the ``EXIT_*`` codes of :mod:`kubetask.protocol`).
 
@@ -42,6 +43,8 @@ from kubetask.protocol import (
     ErrorInfo,
     Failed,
     Succeeded,
+    exception_types,
+    iso,
     problem,
 )
 from kubetask.runner.client import ApiClient, ApiError, short
@@ -52,6 +55,8 @@ from kubetask.runner.logship import LOG_RETRY_SECONDS, LogShipper, capture_outpu
 from kubetask.sdk.context import AttemptInfo, RunInfo, TaskContext, TaskInfo
 from kubetask.sdk.durable import Durable
 from kubetask.sdk.errors import AbortRun, ReplayMismatch, Suspended
+from kubetask.sdk.retry import RetryDecision
+from kubetask.sdk.task import TaskDefinition
 
 __all__ = ["main"]
 
@@ -81,9 +86,36 @@ def _failure(
             type=type_name or type(exc).__name__,
             message=message[:MAX_ERROR_MESSAGE_CHARS],
             stack=stack[-MAX_ERROR_STACK_CHARS:],
+            # The hierarchy of what the task raised, for the Task's nonRetryableErrors; an
+            # error the runner names itself (type_name) is no exception of the task's.
+            types=[] if type_name else exception_types(exc),
         ),
         retryable=retryable,
     )
+
+
+def _decide(definition: TaskDefinition, exc: BaseException, ctx: TaskContext) -> RetryDecision | None:
+    """What the task's ``catch_error`` decides about ``exc`` (None: the retry policy's
+    default). A hook that fails must not turn a retryable failure into something else, so
+    whatever it raises or returns wrongly is logged and the default applies."""
+    if definition.catch_error is None:
+        return None
+    try:
+        decision = asyncio.run(definition.decide(exc, ctx))
+    except KeyboardInterrupt:
+        raise
+    except BaseException as hook_exc:
+        _runner_log.error(
+            "catch_error raised %s; the retry policy decides instead",
+            _one_line(hook_exc),
+            exc_info=(type(hook_exc), hook_exc, user_traceback(hook_exc)),
+        )
+        return None
+    if decision is not None and decision.at is not None:
+        _runner_log.info("catch_error decided: retry, not before %s", iso(decision.at))
+    elif decision is not None:
+        _runner_log.info("catch_error decided: skip, the run fails now without another attempt")
+    return decision
 
 
 def _rejected(message: str) -> Failed:
@@ -157,6 +189,19 @@ def _run_attempt(
     except BaseException as exc:  # SystemExit from a task is a failure like any other
         _runner_log.error("task raised %s", _one_line(exc), exc_info=(type(exc), exc, user_traceback(exc)))
         completion = _failure(exc, retryable=True)
+        decision = _decide(definition, exc, ctx)
+        if decision is not None and decision.kind == "skip":
+            # Exit 10 like AbortRun: should the report be lost, the exit code alone still
+            # says "not retryable".
+            skipped = Failed(error=completion.error, retryable=False, skipped=True)
+            return _Outcome(
+                EXIT_ABORTED, skipped, f"failed, catch_error skipped the retries ({_one_line(exc)})"
+            ), ctx
+        if decision is not None:
+            completion = Failed(error=completion.error, retryable=True, retry_at=decision.at)
+            when = iso(decision.at) if decision.at is not None else "?"
+            summary = f"failed, retry not before {when} ({_one_line(exc)})"
+            return _Outcome(EXIT_TASK_ERROR, completion, summary), ctx
         return _Outcome(EXIT_TASK_ERROR, completion, f"failed ({_one_line(exc)})"), ctx
 
     try:

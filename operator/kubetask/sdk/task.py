@@ -11,8 +11,9 @@ return value (any JSON) becomes the run's output::
 
 The Task *resource* in the cluster is authoritative for retries, queues and deadlines;
 the values given to the decorator are hints that tooling (e.g. ``kubetask`` commands that
-generate a Task from code) may copy into it. The runner only uses the decorator's ``id``,
-to check it names the Task the pod was started for.
+generate a Task from code) may copy into it. The runner uses the decorator's ``id``, to
+check it names the Task the pod was started for, and its ``catch_error`` hook (code, not
+a hint: it runs in the pod when the task raises; :mod:`kubetask.sdk.retry`).
 """
 
 from __future__ import annotations
@@ -22,19 +23,30 @@ import functools
 import inspect
 import re
 from collections.abc import Callable
-from typing import Any, Self, overload
+from typing import Annotated, Any, Self, overload
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from kubetask.sdk.context import TaskContext
+from kubetask.sdk.retry import CatchError, RetryDecision
 
-__all__ = ["Queue", "Retry", "TaskDefinition", "TaskFunction", "task", "validate_task_id"]
+__all__ = [
+    "OutOfMemory",
+    "Queue",
+    "Retry",
+    "TaskDefinition",
+    "TaskFunction",
+    "task",
+    "validate_task_id",
+]
 
 #: What ``@task`` accepts: ``fn(payload, ctx)`` returning a JSON value or an awaitable of one.
 TaskFunction = Callable[[dict[str, Any], TaskContext], Any]
 
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _MAX_ID_LENGTH = 63
+# The same rules as kubetask.spec (which the SDK does not import: it needs no operator).
+_ERROR_TYPE = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
 
 
 def validate_task_id(value: str) -> str:
@@ -57,6 +69,14 @@ class _Hint(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
 
+class OutOfMemory(_Hint):
+    """What changes for the attempts after one that was OOM-killed (``Retry.out_of_memory``)."""
+
+    resources: dict[str, Any]
+    """Container resources merged over the pod template's, key by key, e.g.
+    ``{"limits": {"memory": "1Gi"}}``."""
+
+
 class Retry(_Hint):
     """How failed attempts should be retried (a hint; the Task resource's ``spec.retry`` wins).
 
@@ -75,6 +95,13 @@ class Retry(_Hint):
     """Upper bound of any delay, in milliseconds; at least ``min_timeout_ms``."""
     randomize: bool = True
     """Multiply each delay by a random factor in [1, 2) to spread retries out."""
+    non_retryable_errors: tuple[
+        Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=_ERROR_TYPE)], ...
+    ] = Field((), max_length=64)
+    """Exception classes that fail the run at once: a class name (``ValueError``) or
+    ``module.QualifiedName``, matched against the raised exception's class and its bases."""
+    out_of_memory: OutOfMemory | None = None
+    """Resources for the attempts after an OOM-killed one (the Task's ``retry.outOfMemory``)."""
 
     @model_validator(mode="after")
     def _max_not_below_min(self) -> Self:
@@ -117,6 +144,8 @@ class TaskDefinition:
     """Queue hint, if any."""
     max_duration_seconds: int | None
     """Wall-clock limit hint for one attempt, in seconds."""
+    catch_error: CatchError | None
+    """Called by the runner with ``(error, ctx)`` when the task raises (:meth:`decide`)."""
 
     def __init__(
         self,
@@ -126,6 +155,7 @@ class TaskDefinition:
         retry: Retry | None = None,
         queue: Queue | None = None,
         max_duration_seconds: int | None = None,
+        catch_error: CatchError | None = None,
     ) -> None:
         if not callable(fn):
             raise TypeError(f"@task needs a function, got {type(fn).__name__}")
@@ -135,6 +165,11 @@ class TaskDefinition:
             raise TypeError(f"retry must be a kubetask.Retry, not {type(retry).__name__}")
         if queue is not None and not isinstance(queue, Queue):
             raise TypeError(f"queue must be a kubetask.Queue, not {type(queue).__name__}")
+        if catch_error is not None and not callable(catch_error):
+            raise TypeError(
+                f"catch_error must be a function (error, ctx) -> RetryDecision | None, "
+                f"not {type(catch_error).__name__}"
+            )
         if max_duration_seconds is not None and (
             isinstance(max_duration_seconds, bool)
             or not isinstance(max_duration_seconds, int)
@@ -162,6 +197,7 @@ class TaskDefinition:
         self.retry = retry if retry is not None else Retry()
         self.queue = queue
         self.max_duration_seconds = max_duration_seconds
+        self.catch_error = catch_error
 
     def __call__(self, payload: dict[str, Any], ctx: TaskContext) -> Any:
         """Call the original function (for async functions this returns the coroutine)."""
@@ -181,6 +217,27 @@ class TaskDefinition:
             result = await result
         return result
 
+    async def decide(self, error: BaseException, ctx: TaskContext) -> RetryDecision | None:
+        """Ask ``catch_error`` what to do about ``error`` (None without one): await it if
+        async, else run it in a thread, like :meth:`execute`. Raises ``TypeError`` when it
+        returns something other than a :class:`RetryDecision` or None; anything it raises
+        propagates (the runner logs it and keeps the retry policy's default)."""
+        hook = self.catch_error
+        if hook is None:
+            return None
+        if inspect.iscoroutinefunction(hook):
+            decision = await hook(error, ctx)
+        else:
+            decision = await asyncio.to_thread(hook, error, ctx)
+            if inspect.isawaitable(decision):
+                decision = await decision
+        if decision is not None and not isinstance(decision, RetryDecision):
+            raise TypeError(
+                f"catch_error returned {decision!r}; return RetryDecision.skip(), "
+                "RetryDecision.retry_after(...), RetryDecision.retry_at(...) or None"
+            )
+        return decision
+
     def __repr__(self) -> str:
         return f"<TaskDefinition id={self.id!r} fn={getattr(self.fn, '__qualname__', self.fn)!r}>"
 
@@ -196,6 +253,7 @@ def task(
     retry: Retry | None = None,
     queue: Queue | None = None,
     max_duration_seconds: int | None = None,
+    catch_error: CatchError | None = None,
 ) -> Callable[[TaskFunction], TaskDefinition]: ...
 
 
@@ -207,6 +265,7 @@ def task(
     retry: Retry | None = None,
     queue: Queue | None = None,
     max_duration_seconds: int | None = None,
+    catch_error: CatchError | None = None,
 ) -> TaskDefinition | Callable[[TaskFunction], TaskDefinition]:
     """Register ``fn(payload, ctx)`` as a task; use as ``@task`` or ``@task(...)``.
 
@@ -215,12 +274,22 @@ def task(
     :param retry: retry hint (:class:`Retry`).
     :param queue: queue hint (:class:`Queue`).
     :param max_duration_seconds: hint for the wall-clock limit of one attempt (5..604800).
+    :param catch_error: ``fn(error, ctx)``, sync or async, called in the pod when the task
+        raises; it returns a :class:`~kubetask.sdk.retry.RetryDecision` (skip, retry
+        after/at) or None for the retry policy's default (docs/retries.md).
 
     Errors in the arguments (a bad id, a wrong type) raise at decoration time.
     """
 
     def decorate(f: TaskFunction) -> TaskDefinition:
-        return TaskDefinition(f, id=id, retry=retry, queue=queue, max_duration_seconds=max_duration_seconds)
+        return TaskDefinition(
+            f,
+            id=id,
+            retry=retry,
+            queue=queue,
+            max_duration_seconds=max_duration_seconds,
+            catch_error=catch_error,
+        )
 
     if isinstance(fn, str):
         raise TypeError(f"pass the id by keyword: @task(id={fn!r})")

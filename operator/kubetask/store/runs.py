@@ -40,9 +40,29 @@ def iso(ts: datetime | None) -> str | None:
     return None if ts is None else protocol.iso(ts)
 
 
-def attempt_view(a: t.Attempt, *, pod_key: str) -> dict[str, Any]:
-    """An attempt as JSON. The two contracts name the pod differently: the Run's
-    ``status.attempts[].pod``, the API's ``attempts[].podName``."""
+#: An attempt's error message in a Run's ``status`` is cut to this many UTF-8 bytes: the
+#: status lists every attempt (up to 100) and etcd stores objects of ~1.5 MiB at most.
+#: The API has the whole message, and the stack.
+STATUS_ERROR_MESSAGE_BYTES = 1024
+
+
+def attempt_view(a: t.Attempt, *, pod_key: str, detail: bool = False) -> dict[str, Any]:
+    """An attempt as JSON. The two contracts differ: the Run's ``status.attempts[]`` names
+    the pod ``pod`` and its error has ``type`` and ``message`` (cut to
+    :data:`STATUS_ERROR_MESSAGE_BYTES`); the API's (``detail``) names it ``podName`` and
+    its error also has the ``stack`` and the class hierarchy ``types`` the runner reported."""
+    error: dict[str, Any] | None = None
+    if a.error is not None:
+        error = {"type": a.error.get("type"), "message": a.error.get("message") or ""}
+        if detail:
+            reported = (a.report or {}).get("error") or {}
+            # Only when the attempt's error is the one reported (not, say, the deadline
+            # that ended the pod after the report).
+            mine = reported.get("type") == error["type"]
+            error["stack"] = reported.get("stack") if mine else None
+            error["types"] = list(reported.get("types") or []) if mine else []
+        else:
+            error["message"] = protocol.clean_text(error["message"], STATUS_ERROR_MESSAGE_BYTES)
     return {
         "number": a.number,
         pod_key: a.pod_name,
@@ -51,7 +71,7 @@ def attempt_view(a: t.Attempt, *, pod_key: str) -> dict[str, Any]:
         "finishedAt": iso(a.finished_at),
         "exitCode": a.exit_code,
         "reason": a.reason,
-        "error": a.error,
+        "error": error,
         "resume": a.resume,
     }
 
