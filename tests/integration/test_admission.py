@@ -10,7 +10,7 @@ import os
 import random
 import signal
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -354,3 +354,46 @@ async def test_the_fast_path_respects_the_queue_limit_and_a_pause(
     await admission.configure(paused, QueueLimits(concurrency_limit=5, paused=True))
     assert await _join(sessions, admission, paused, "p1", "") == "queued"
     assert await admission.counts(queue) == (1, 1) and await admission.counts(paused) == (0, 1)
+
+
+async def test_a_rate_limit_grants_a_burst_then_says_when_the_next_start_is_allowed(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    queue = "ns/rated"
+    admission = Admission(sessions, pod_name=pod_name)
+    await admission.configure(queue, QueueLimits(rate_limit=3, rate_period=60.0))
+    await add_runs(sessions, admission, queue, [(f"rl-{i}", "", 0) for i in range(5)])
+    before = datetime.now(UTC)
+    grants = await admission.admit(queue, retry_for=retry_for)
+    assert [g.run_id for g in grants] == ["rl-0", "rl-1", "rl-2"]  # the burst: the limit
+    due = admission.rate_waits[queue]
+    assert before + timedelta(seconds=19) <= due <= datetime.now(UTC) + timedelta(seconds=21)  # 60/3 s
+    assert await admission.admit(queue, retry_for=retry_for) == []  # still empty, however often asked
+    # Time passes (the bucket's TAT moved back by hand): one more start, one only.
+    async with sessions.begin() as s:
+        await s.execute(
+            update(t.Queue)
+            .where(t.Queue.name == queue)
+            .values(rate_tat=t.Queue.rate_tat - timedelta(seconds=20))
+        )
+    assert [g.run_id for g in await admission.admit(queue, retry_for=retry_for)] == ["rl-3"]
+    q = await queue_row(sessions, queue)
+    assert (q.running, q.queued) == (4, 1)
+
+
+async def test_a_per_key_rate_limit_gives_each_key_its_own_bucket(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    queue = "ns/rated-keys"
+    admission = Admission(sessions, pod_name=pod_name)
+    await admission.configure(queue, QueueLimits(rate_limit=2, rate_period=60.0, rate_per_key=True))
+    await add_runs(
+        sessions,
+        admission,
+        queue,
+        [(f"rk-a{i}", "a", 0) for i in range(4)] + [(f"rk-b{i}", "b", 0) for i in range(4)],
+    )
+    grants = await admission.admit(queue, retry_for=retry_for)
+    assert sorted(g.run_id for g in grants) == ["rk-a0", "rk-a1", "rk-b0", "rk-b1"]
+    assert queue in admission.rate_waits
+    assert await admission.admit(queue, retry_for=retry_for) == []

@@ -1,0 +1,89 @@
+"""Run options and rate limits on the real cluster: a delayed run holds nothing until its
+time, a run not started within its TTL expires without a pod, and a Queue's rate limit
+spaces pod starts as a token bucket. Pod creation times come from a watcher of every
+pod event of the namespace."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.e2e.conftest import wait_for
+from tests.e2e.harness import Operator, PodWatcher, Stack
+
+pytestmark = pytest.mark.e2e
+
+
+def source(body: str, task_id: str) -> str:
+    return f"from kubetask import task\nimport time\n\n@task(id={task_id!r})\n{body}\n"
+
+
+QUICK = {
+    "source": source("def f(payload, ctx):\n    return payload.get('n')", "quick"),
+    "retry": {"maxAttempts": 1},
+}
+
+
+def test_a_delayed_run_has_no_pod_until_its_delay_is_over(stack: Stack, ns: str, operator: Operator) -> None:
+    stack.apply_task(ns, "quick", QUICK)
+    with PodWatcher(stack, ns) as watcher:
+        created = time.time()
+        stack.create_run(ns, "quick", name="later", delaySeconds=8, payload={"n": 1})
+        run = stack.wait_run(ns, "later", {"Delayed"}, timeout=60)
+        assert run["status"]["nextAttemptAt"], run["status"]
+        admitted = {c["type"]: c for c in run["status"]["conditions"]}["Admitted"]
+        assert (admitted["status"], admitted["reason"]) == ("False", "Delayed")
+        st = stack.wait_run(ns, "later", timeout=120)["status"]
+        first = min(watcher.first_created().values())
+    assert st["phase"] == "Succeeded" and st["output"] == 1, st
+    # The pod came after the delay (the watcher's clock; 1 s for the Run's own creation).
+    assert first - created >= 8 - 1, first - created
+
+
+def test_a_run_not_started_within_its_ttl_expires_without_a_pod(
+    stack: Stack, ns: str, operator: Operator
+) -> None:
+    blocker = source("def f(payload, ctx):\n    time.sleep(payload['s'])\n    return 1", "blocker")
+    stack.apply_task(
+        ns,
+        "blocker",
+        {"source": blocker, "retry": {"maxAttempts": 1}, "queue": {"name": "one", "concurrencyLimit": 1}},
+    )
+    with PodWatcher(stack, ns) as watcher:
+        stack.create_run(ns, "blocker", name="holder", payload={"s": 40})
+        stack.wait_run(ns, "holder", {"Running"}, timeout=120)
+        stack.create_run(ns, "blocker", name="impatient", ttlSeconds=5, payload={"s": 1})
+        st = stack.wait_run(ns, "impatient", timeout=60)["status"]
+        assert st["phase"] == "Expired" and st["reason"] == "Expired", st
+        assert st["attempts"] == []
+        stack.patch_run(ns, "holder", {"cancel": True})
+        stack.wait_run(ns, "holder", timeout=60)
+    assert not [n for n in watcher.uids_by_name if n.startswith("impatient-")]
+
+
+def test_a_rate_limit_of_5_per_10s_over_30_runs(stack: Stack, ns: str, operator: Operator) -> None:
+    stack.apply_queue(ns, "rated", {"rateLimit": {"limit": 5, "periodSeconds": 10}})
+    stack.apply_task(ns, "quick", {**QUICK, "queue": {"name": "rated"}})
+    with PodWatcher(stack, ns) as watcher:
+        names = [stack.create_run(ns, "quick", payload={"n": i}) for i in range(30)]
+        wait_for(
+            lambda: any(
+                (c.get("reason") == "RateLimited")
+                for st in (stack.get_run(ns, n).get("status") or {} for n in names)
+                for c in st.get("conditions") or []
+            ),
+            60,
+            "a run to say it waits for the rate limit",
+        )
+        done = stack.wait_all(ns, names, timeout=240)
+        starts = sorted(watcher.first_created().values())
+    assert {r["status"]["phase"] for r in done.values()} == {"Succeeded"}
+    assert len(starts) == 30
+    # A token bucket: a burst of 5, then one start every 2 s. In any window of w seconds,
+    # at most 5 + w / 2 starts (0.5 s for the watcher's own delays).
+    for i, first in enumerate(starts):
+        for j in range(i, len(starts)):
+            assert j - i + 1 <= 5 + (starts[j] - first + 0.5) / 2, (i, j, starts[j] - first)
+    # And the limiter did hold them back: 25 starts after the burst need about 50 s.
+    assert starts[-1] - starts[0] >= 25 * 2 - 2
