@@ -24,7 +24,7 @@ from kubernetes.client.rest import ApiException
 
 REPO = Path(__file__).resolve().parents[2]
 GROUP, VERSION = "kubetask.dev", "v1alpha1"
-TERMINAL = {"Succeeded", "Failed", "Canceled", "TimedOut", "Deduplicated"}
+TERMINAL = {"Succeeded", "Failed", "Canceled", "TimedOut", "Deduplicated", "Expired"}
 
 
 def hack(*args: str) -> str:
