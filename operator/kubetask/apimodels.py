@@ -43,7 +43,7 @@ from pydantic_core import PydanticCustomError
 
 from kubetask.engine.machine import TERMINAL
 from kubetask.protocol import ErrorDetail, ErrorResponse, storable_size
-from kubetask.spec import MAX_PAYLOAD_BYTES, TAG_ITEM_SCHEMA, QueueSpec, RunSpec
+from kubetask.spec import MAX_PAYLOAD_BYTES, TAG_ITEM_SCHEMA, Debounce, QueueSpec, RunSpec
 
 __all__ = [
     "BULK_MAX_RUNS",
@@ -233,6 +233,7 @@ class TriggerRequest(_Request):
     delay_seconds: int | None = _rule(RunSpec, "delay_seconds")
     not_before: datetime | None = _rule(RunSpec, "not_before")
     ttl_seconds: int | None = _rule(RunSpec, "ttl_seconds")
+    debounce: Debounce | None = _rule(RunSpec, "debounce")
 
     @field_validator("payload", "concurrency_key", "idempotency_key", "tags")
     @classmethod

@@ -163,6 +163,28 @@ class TaskSpec(_Model):
         return (self.queue.name if self.queue and self.queue.name else None) or task_name
 
 
+class Debounce(_Model):
+    """Triggers with the same ``key`` (per Task and namespace) within ``delaySeconds`` of
+    each other are one run."""
+
+    key: str = Field(..., min_length=1, max_length=256, description="What makes triggers the same.")
+    delay_seconds: int = Field(
+        ..., ge=1, le=MAX_DELAY_SECONDS, description="The quiet time that ends a burst."
+    )
+    mode: Literal["leading", "trailing"] = Field(
+        "trailing",
+        description="trailing: one run after the burst, with the last trigger's payload; leading: "
+        "the first trigger runs at once, the rest of the burst is dropped.",
+    )
+    max_delay_seconds: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_DELAY_SECONDS,
+        description="A burst lasts at most this long from its first trigger (a stream of "
+        "triggers cannot postpone the run for ever).",
+    )
+
+
 class RunSpec(_Model):
     """One invocation of a Task."""
 
@@ -208,6 +230,7 @@ class RunSpec(_Model):
         description="A run not started this many seconds after it may start (its creation, or "
         "the end of its delay) ends Expired.",
     )
+    debounce: Debounce | None = Field(None, description="Collapse a burst of triggers into one run.")
 
     @model_validator(mode="after")
     def _one_delay(self) -> Self:

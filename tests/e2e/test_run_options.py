@@ -87,3 +87,51 @@ def test_a_rate_limit_of_5_per_10s_over_30_runs(stack: Stack, ns: str, operator:
             assert j - i + 1 <= 5 + (starts[j] - first + 0.5) / 2, (i, j, starts[j] - first)
     # And the limiter did hold them back: 25 starts after the burst need about 50 s.
     assert starts[-1] - starts[0] >= 25 * 2 - 2
+
+
+def test_debounce_leading_runs_the_first_trigger_and_drops_the_burst(
+    stack: Stack, ns: str, operator: Operator
+) -> None:
+    stack.apply_task(ns, "quick", QUICK)
+    debounce = {"key": "user-1", "delaySeconds": 20, "mode": "leading"}
+    with PodWatcher(stack, ns) as watcher:
+        names = [stack.create_run(ns, "quick", payload={"n": i}, debounce=debounce) for i in range(5)]
+        done = stack.wait_all(ns, names, timeout=120)
+    phases = {n: (r["status"]["phase"], r["status"]["reason"]) for n, r in done.items()}
+    ran = [n for n, (phase, _) in phases.items() if phase == "Succeeded"]
+    assert len(ran) == 1, phases
+    assert done[ran[0]]["status"]["output"] == 0  # the first trigger's payload
+    others = [done[n]["status"] for n in names if n != ran[0]]
+    assert {(o["phase"], o["reason"]) for o in others} == {("Deduplicated", "Debounced")}
+    assert {o["originalRun"] for o in others} == {done[ran[0]]["status"]["runId"]}
+    assert len(watcher.uids_by_name) == 1
+
+
+def test_debounce_trailing_runs_once_with_the_last_payload_and_max_delay_bounds_it(
+    stack: Stack, ns: str, operator: Operator
+) -> None:
+    stack.apply_task(ns, "quick", QUICK)
+    trailing = {"key": "doc-9", "delaySeconds": 4, "mode": "trailing"}
+    with PodWatcher(stack, ns) as watcher:
+        names = [stack.create_run(ns, "quick", payload={"n": i}, debounce=trailing) for i in range(4)]
+        last_trigger = time.time()
+        done = stack.wait_all(ns, names, timeout=120)
+        first_pod = min(watcher.first_created().values())
+    ran = [r["status"] for r in done.values() if r["status"]["phase"] == "Succeeded"]
+    assert len(ran) == 1 and ran[0]["output"] == 3, [r["status"] for r in done.values()]  # the last payload
+    assert sum(1 for r in done.values() if r["status"]["reason"] == "Debounced") == 3
+    assert first_pod - last_trigger >= 4 - 1  # after the quiet time (1 s for the watcher)
+    # A steady stream (every second, for 8 s) with maxDelaySeconds 5: the burst's run does
+    # not wait for the stream to end.
+    stream = {"key": "stream", "delaySeconds": 3, "mode": "trailing", "maxDelaySeconds": 5}
+    with PodWatcher(stack, ns) as watcher:
+        start = time.time()
+        names = []
+        for i in range(8):
+            names.append(stack.create_run(ns, "quick", payload={"n": 100 + i}, debounce=stream))
+            time.sleep(1)
+        done = stack.wait_all(ns, names, timeout=120)
+        pods = sorted(watcher.first_created().values())
+    ran = [r["status"] for r in done.values() if r["status"]["phase"] == "Succeeded"]
+    assert len(ran) >= 2, [(r["status"]["phase"], r["status"]["reason"]) for r in done.values()]
+    assert pods[0] - start <= 5 + 2  # the first burst's run started by its maxDelay (2 s slack)

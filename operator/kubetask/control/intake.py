@@ -31,14 +31,105 @@ from kubetask.control.transitions import Applied, EventSource
 from kubetask.engine import machine as m
 from kubetask.pods import LABEL_PARENT_RUN
 from kubetask.settings import Settings
-from kubetask.spec import MAX_PAYLOAD_BYTES, RunSpec
+from kubetask.spec import MAX_DELAY_SECONDS, MAX_PAYLOAD_BYTES, Debounce, RetrySpec, RunSpec
 from kubetask.store import tables as t
-from kubetask.store.runs import iso
+from kubetask.store.runs import iso, load_state, save_state
 
 Apply = Callable[[str, m.Event | EventSource], Awaitable[Applied | None]]
 
 #: Reasons recorded at intake for a spec that can never run.
 REJECTED_AT_INTAKE = frozenset({"InvalidSpec", "PayloadTooLarge"})
+
+
+def debouncer(spec: Debounce, resolved: m.TaskResolved) -> EventSource:
+    """A debounced run's resolution, in its transition's transaction (queue row, then run
+    row locked): it takes the key's open burst (its run's row locked after the key's), or
+    opens one.
+
+    - leading: the run that opened the burst runs at once; a trigger within ``delaySeconds``
+      of the previous one (and within ``maxDelaySeconds`` of the first) ends ``Deduplicated``
+      (reason ``Debounced``), pointing at it.
+    - trailing: the burst's run is ``Delayed`` until ``delaySeconds`` after the last trigger
+      (at most ``maxDelaySeconds`` after the first) and runs with the last trigger's payload;
+      the triggers it took end ``Deduplicated`` (reason ``Debounced``).
+    """
+
+    async def decide(s: AsyncSession, row: t.Run) -> m.Event | None:
+        if row.phase != m.Phase.PENDING:
+            return None
+        now = utcnow()
+        ident = {"namespace": row.namespace, "task": row.task, "key": spec.key}
+        await s.execute(
+            pg_insert(t.DebounceEntry)
+            .values(**ident, run_id=row.id, first_at=now, last_at=now, triggers=0)
+            .on_conflict_do_nothing()
+        )
+        entry = (
+            await s.execute(
+                select(t.DebounceEntry)
+                .where(*(getattr(t.DebounceEntry, k) == v for k, v in ident.items()))
+                .with_for_update()
+            )
+        ).scalar_one()
+        if entry.run_id != row.id:
+            taken = await _take(s, spec, entry, row, now)
+            if taken is not None:
+                return taken
+        # This run opens a burst.
+        entry.run_id, entry.first_at, entry.last_at, entry.triggers = row.id, now, now, 1
+        if spec.mode == "leading":
+            return resolved
+        until = now + timedelta(seconds=_cap(spec, spec.delay_seconds))
+        row.not_before = until
+        return m.TaskResolved(
+            max_attempts=resolved.max_attempts,
+            not_before=until,
+            expires_at=None if row.expires_at is None else max(row.expires_at, until),
+        )
+
+    return decide
+
+
+def _cap(spec: Debounce, seconds: float) -> float:
+    return seconds if spec.max_delay_seconds is None else min(seconds, spec.max_delay_seconds)
+
+
+async def _take(
+    s: AsyncSession, spec: Debounce, entry: t.DebounceEntry, row: t.Run, now: datetime
+) -> m.Event | None:
+    """The open burst takes this trigger (an event ending ``row``), or None: it is over."""
+    within_max = spec.max_delay_seconds is None or now < entry.first_at + timedelta(
+        seconds=spec.max_delay_seconds
+    )
+    owner = (
+        await s.execute(select(t.Run).where(t.Run.id == entry.run_id).with_for_update())
+    ).scalar_one_or_none()
+    if owner is None or not within_max:
+        return None
+    if spec.mode == "leading":
+        if now - entry.last_at >= timedelta(seconds=spec.delay_seconds):
+            return None
+    elif owner.phase != m.Phase.DELAYED:
+        return None  # the burst's run started: this trigger opens the next burst
+    else:
+        until = min(
+            now + timedelta(seconds=spec.delay_seconds),
+            entry.first_at + timedelta(seconds=spec.max_delay_seconds or MAX_DELAY_SECONDS),
+        )
+        message = f"delayed until {until.isoformat()}: debounced, {entry.triggers + 1} triggers so far"
+        moved = m.step(
+            load_state(owner), m.DelayMoved(until, message), now=now, retry=RetrySpec(), rand=lambda: 0.0
+        )
+        save_state(owner, moved.state, now=now)
+        owner.not_before, owner.wake_at, owner.payload = until, until, row.payload
+    entry.last_at = now
+    entry.triggers += 1
+    return m.Deduplicated(
+        owner.id,
+        f"debounced ({spec.mode}): run {owner.id} ({owner.name}) takes this trigger"
+        + ("; it runs with this payload unless a later trigger comes" if spec.mode == "trailing" else ""),
+        reason="Debounced",
+    )
 
 
 def start_window(spec: RunSpec, created: datetime) -> tuple[datetime | None, datetime | None]:
@@ -141,6 +232,7 @@ class Intake:
                         parent_run_id=_parent(meta),
                         not_before=not_before,
                         expires_at=expires_at,
+                        debounce=spec.debounce.model_dump(by_alias=True) if spec.debounce else None,
                     )
                     .on_conflict_do_nothing(index_elements=[t.Run.uid])
                     .returning(t.Run.id)
@@ -172,14 +264,15 @@ class Intake:
                     )
             await self.catalogue.configure_queue(row.namespace, info.queue)
             # max_attempts 0 means "from the Task", which may have been unknown at intake.
-            await self.apply(
-                row.id,
-                m.TaskResolved(
-                    max_attempts=row.max_attempts or info.spec.retry.max_attempts,
-                    not_before=row.not_before,
-                    expires_at=row.expires_at,
-                ),
+            resolved = m.TaskResolved(
+                max_attempts=row.max_attempts or info.spec.retry.max_attempts,
+                not_before=row.not_before,
+                expires_at=row.expires_at,
             )
+            if row.debounce:
+                await self.apply(row.id, debouncer(Debounce.model_validate(row.debounce), resolved))
+            else:
+                await self.apply(row.id, resolved)
             return
         grace = self.settings.task_grace_seconds
         deadline = row.created_at + timedelta(seconds=grace)

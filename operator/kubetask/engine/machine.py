@@ -120,9 +120,19 @@ class TaskMissing:
 
 @dataclass(frozen=True)
 class Deduplicated:
-    """Another run holds the same idempotencyKey: this one ends without executing."""
+    """Another run holds the same idempotencyKey (or took this trigger of a debounce
+    burst): this one ends without executing."""
 
     original_run_id: str
+    message: str
+    reason: str = "Deduplicated"
+
+
+@dataclass(frozen=True)
+class DelayMoved:
+    """A Delayed run's start moves (a trailing debounce took another trigger)."""
+
+    until: datetime
     message: str
 
 
@@ -191,6 +201,7 @@ Event = (
     | CancelRequested
     | WaitSatisfied
     | TtlExpired
+    | DelayMoved
 )
 
 
@@ -302,12 +313,16 @@ def step(
             if state.phase is not Phase.PENDING:
                 return unchanged
             return Transition(_to(state, reason="TaskNotFound", message=message), (WakeAt(until),))
-        case Deduplicated(message=message):
+        case Deduplicated(message=message, reason=reason):
             if state.phase is not Phase.PENDING:
                 return unchanged
             return Transition(
-                _to(state, phase=Phase.DEDUPLICATED, reason="Deduplicated", message=message), (Dequeue(),)
+                _to(state, phase=Phase.DEDUPLICATED, reason=reason, message=message), (Dequeue(),)
             )
+        case DelayMoved(until=until, message=message):
+            if state.phase is not Phase.DELAYED:
+                return unchanged
+            return Transition(_to(state, next_attempt_at=until, message=message), (WakeAt(until),))
         case Rejected(reason=reason, message=message):
             if state.phase is not Phase.PENDING:
                 return unchanged

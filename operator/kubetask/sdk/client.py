@@ -158,6 +158,7 @@ def _trigger_body(
     ttl_seconds_after_finished: int | None,
     delay: Duration | datetime | None = None,
     ttl: Duration | None = None,
+    debounce: Mapping[str, Any] | None = None,
 ) -> TriggerRequest:
     fields: dict[str, Any] = {
         "payload": dict(payload) if payload is not None else None,
@@ -175,6 +176,8 @@ def _trigger_body(
         fields["delay_seconds"] = duration_seconds(delay, "delay")
     if ttl is not None:
         fields["ttl_seconds"] = duration_seconds(ttl, "ttl")
+    if debounce is not None:
+        fields["debounce"] = dict(debounce)
     return _request(TriggerRequest, {k: v for k, v in fields.items() if v is not None})
 
 
@@ -403,12 +406,14 @@ class Tasks:
         ttl_seconds_after_finished: int | None = None,
         delay: Duration | datetime | None = None,
         ttl: Duration | None = None,
+        debounce: Mapping[str, Any] | None = None,
     ) -> TriggerResponse:
         """Trigger one run of ``task``: a Run resource, created at once. With an
         ``idempotency_key`` still held by a run, that run is returned (``is_cached``).
         ``delay``: seconds, a timedelta, ``"20s"``-style, or a datetime to start at (the run
         is ``Delayed`` until then); ``ttl``: if it has not started that long after it may,
-        it ends ``Expired``."""
+        it ends ``Expired``; ``debounce``: ``{"key", "delaySeconds", "mode", "maxDelaySeconds"}``
+        (triggers with the same key in a burst are one run)."""
         body = _trigger_body(
             payload,
             idempotency_key=idempotency_key,
@@ -420,6 +425,7 @@ class Tasks:
             ttl_seconds_after_finished=ttl_seconds_after_finished,
             delay=delay,
             ttl=ttl,
+            debounce=debounce,
         )
         ns = namespace or self._c.namespace
         return self._c._model(
@@ -745,6 +751,7 @@ class AsyncTasks:
         ttl_seconds_after_finished: int | None = None,
         delay: Duration | datetime | None = None,
         ttl: Duration | None = None,
+        debounce: Mapping[str, Any] | None = None,
     ) -> TriggerResponse:
         body = _trigger_body(
             payload,
@@ -757,6 +764,7 @@ class AsyncTasks:
             ttl_seconds_after_finished=ttl_seconds_after_finished,
             delay=delay,
             ttl=ttl,
+            debounce=debounce,
         )
         ns = namespace or self._c.namespace
         return await self._c._model(

@@ -86,6 +86,8 @@ class Run(Base):
     not_before: Mapped[datetime | None] = mapped_column()
     #: spec.ttlSeconds: a run not started by then ends Expired.
     expires_at: Mapped[datetime | None] = mapped_column()
+    #: spec.debounce (key, delaySeconds, mode, maxDelaySeconds), as the spec has it.
+    debounce: Mapped[dict[str, Any] | None] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     started_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
@@ -319,3 +321,18 @@ class Event(Base):
     delivered: Mapped[int] = mapped_column(Integer, default=0)
 
     __table_args__ = (Index("ix_events_name", "namespace", "name", "received_at"),)
+
+
+class DebounceEntry(Base):
+    """The open burst of a debounce key (spec.debounce): the run that takes its triggers."""
+
+    __tablename__ = "debounces"
+
+    namespace: Mapped[str] = mapped_column(String(63), primary_key=True)
+    task: Mapped[str] = mapped_column(String(63), primary_key=True)
+    key: Mapped[str] = mapped_column(String(256), primary_key=True)
+    run_id: Mapped[str] = mapped_column(String(40))
+    first_at: Mapped[datetime] = mapped_column()
+    last_at: Mapped[datetime] = mapped_column()
+    #: Triggers the run took (itself included).
+    triggers: Mapped[int] = mapped_column(Integer, default=1)
