@@ -124,6 +124,7 @@ async def _take(
         owner.not_before, owner.wake_at, owner.payload = until, until, row.payload
     entry.last_at = now
     entry.triggers += 1
+    row.original_run_id = owner.id
     return m.Deduplicated(
         owner.id,
         f"debounced ({spec.mode}): run {owner.id} ({owner.name}) takes this trigger"
