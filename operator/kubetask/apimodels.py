@@ -43,7 +43,7 @@ from pydantic_core import PydanticCustomError
 
 from kubetask.engine.machine import TERMINAL
 from kubetask.protocol import ErrorDetail, ErrorResponse, storable_size
-from kubetask.spec import MAX_PAYLOAD_BYTES, TAG_ITEM_SCHEMA, Debounce, QueueSpec, RunSpec
+from kubetask.spec import MAX_PAYLOAD_BYTES, TAG_ITEM_SCHEMA, Debounce, QueueSpec, RateLimit, RunSpec
 
 __all__ = [
     "BULK_MAX_RUNS",
@@ -654,6 +654,8 @@ class QueueItem(_Response):
     """Most runs with a live pod at once; null: unlimited."""
     per_key_concurrency_limit: int | None = None
     paused: bool = False
+    rate_limit: RateLimit | None = None
+    """Pod starts per period (a token bucket), if limited."""
     source: Literal["queue", "task", "default"] = "default"
     """Where the limits come from: a Queue resource, a Task's inline ``spec.queue``, or none."""
     has_resource: bool = False

@@ -81,6 +81,14 @@ def grant_times(database_url: str, ns: str) -> list[float]:
     return out
 
 
+def rate_limit_in_db(database_url: str, queue: str) -> int | None:
+    engine = create_engine(database_url, poolclass=NullPool)
+    with engine.connect() as c:
+        found = c.execute(text("SELECT rate_limit FROM queues WHERE name = :q"), {"q": queue}).scalar()
+    engine.dispose()
+    return None if found is None else int(found)
+
+
 def at_most(starts: list[float], limit: int, interval: float, slack: float) -> None:
     """A token bucket's promise: in any window of w seconds at most limit + w / interval
     starts (``slack``: seconds of measurement noise)."""
@@ -94,6 +102,9 @@ def test_a_rate_limit_of_5_per_10s_over_30_runs(
 ) -> None:
     stack.apply_queue(ns, "rated", {"rateLimit": {"limit": 5, "periodSeconds": 10}})
     stack.apply_task(ns, "quick", {**QUICK, "queue": {"name": "rated"}})
+    # The operator applies a Queue resource a moment after it exists; runs admitted before
+    # that would not be limited (as in a cluster): start once the limit is in PostgreSQL.
+    wait_for(lambda: rate_limit_in_db(e2e_database, f"{ns}/rated") == 5, 60, "the rate limit applied")
     with PodWatcher(stack, ns) as watcher:
         names = [stack.create_run(ns, "quick", payload={"n": i}) for i in range(30)]
         wait_for(

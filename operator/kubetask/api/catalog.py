@@ -24,7 +24,7 @@ from kubetask.api.state import SESSIONS
 from kubetask.apimodels import QueueItem, QueueList, QueueUpdate, RunCounts, TaskItem, TaskList
 from kubetask.control.catalogue import queue_key
 from kubetask.kube import PAGE
-from kubetask.spec import API_VERSION, GROUP, VERSION, QueueSpec, TaskSpec
+from kubetask.spec import API_VERSION, GROUP, VERSION, QueueSpec, RateLimit, TaskSpec
 from kubetask.store import tables as t
 
 
@@ -109,6 +109,10 @@ def _queue_item(ns: str, name: str, row: t.Queue | None, resource: dict[str, Any
         item.concurrency_limit, item.per_key_concurrency_limit = row.concurrency_limit, row.per_key_limit
         item.paused, item.source = row.paused, row.source  # type: ignore[assignment]
         item.running, item.queued = row.running, row.queued
+        if row.rate_limit is not None and row.rate_period:
+            item.rate_limit = RateLimit(
+                limit=row.rate_limit, period_seconds=int(row.rate_period), per_key=bool(row.rate_per_key)
+            )
     if resource is not None:
         # The resource is what the caller asked for; the row follows once the reconciler
         # applied it (a moment later).
@@ -121,6 +125,7 @@ def _queue_item(ns: str, name: str, row: t.Queue | None, resource: dict[str, Any
             spec.per_key_concurrency_limit,
         )
         item.paused, item.source = spec.paused, "queue"
+        item.rate_limit = spec.rate_limit
     return item
 
 
