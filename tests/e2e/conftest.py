@@ -16,6 +16,7 @@ from tests.e2e.harness import (
     READER_RULES,
     Operator,
     Stack,
+    ensure_crds,
     free_port,
     hack,
     hack_verbose,
@@ -90,6 +91,7 @@ def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def ns(stack: Stack, request: pytest.FixtureRequest) -> Iterator[str]:
     prefix = "e2e-" + request.node.name.replace("_", "-").lower()[5:24].strip("-")
+    ensure_crds(stack.kubeconfig)
     with namespace(stack, prefix) as name:
         yield name
 

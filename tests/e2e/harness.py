@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
 
@@ -168,6 +169,36 @@ def install_crds(kubeconfig: str) -> None:
         env=env,
         capture_output=True,
     )
+
+
+def ensure_crds(kubeconfig: str) -> bool:
+    """Install this tree's CRDs if the cluster serves other ones (another checkout's tests
+    on a shared cluster installed theirs: the API server would prune the fields it does
+    not know from this tree's resources). Returns whether they were installed."""
+    served = client.ApiextensionsV1Api()
+    for path in sorted((REPO / "crds").glob("*.yaml")):
+        want = yaml.safe_load(path.read_text())
+        try:
+            have = served.read_custom_resource_definition(want["metadata"]["name"]).to_dict()
+        except ApiException:
+            install_crds(kubeconfig)
+            return True
+        want_schema = want["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        have_schema = have["spec"]["versions"][0]["schema"]["open_apiv3_schema"] or {}
+        if _keys(want_schema) != _keys(have_schema):
+            install_crds(kubeconfig)
+            return True
+    return False
+
+
+def _keys(schema: Any, prefix: str = "") -> set[str]:
+    """The property paths of a CRD schema (as read from YAML, or from the client)."""
+    out: set[str] = set()
+    if isinstance(schema, dict):
+        for key, value in (schema.get("properties") or {}).items():
+            out.add(prefix + key)
+            out |= _keys(value, prefix + key + ".")
+    return out
 
 
 @contextlib.contextmanager
