@@ -222,6 +222,12 @@ class Controller:
         if item is None:
             return
         kind, body = item
+        known = self._uids.get(uid)
+        if kind != "DELETED" and known is not None and known[1] == body["metadata"].get("generation"):
+            # Handled since it was queued (the first resync records every Run it lists).
+            if self._bodies.get(uid) is item:
+                self._bodies.pop(uid, None)
+            return
         if kind == "DELETED":
             self._uids.pop(uid, None)
             run_id = await self.mark_deleted(uid)
@@ -314,6 +320,17 @@ class Controller:
                     .where(t.Run.id == run_id)
                 )
             ).one_or_none()
+            # A Waiting run's wait, read in the same transaction (no lock): most often the
+            # run still waits and there is nothing to do (see _still_waiting).
+            wait = None
+            if found is not None and found[0].phase == m.Phase.WAITING.value and not fired:
+                wait = (
+                    await s.execute(
+                        select(t.Checkpoint.status, t.Checkpoint.due_at).where(
+                            t.Checkpoint.run_id == run_id, t.Checkpoint.key == (found[0].wait_key or "")
+                        )
+                    )
+                ).one_or_none()
         row, att = found if found is not None else (None, None)
         if row is None or not self.mine(row.namespace):
             return
@@ -348,7 +365,8 @@ class Controller:
                 await self._set_timer(run_id, None)
             self.queues.add(row.queue)
         elif phase is m.Phase.WAITING:
-            await self.transitions.apply(run_id, _wait_over)
+            if fired or not _still_waiting(row, wait):
+                await self.transitions.apply(run_id, _wait_over)
         elif phase in (m.Phase.RETRYING, m.Phase.DELAYED):
             if row.next_attempt_at is None or row.next_attempt_at <= utcnow():
                 await self.transitions.apply(run_id, m.BackoffElapsed())
@@ -381,6 +399,20 @@ class Controller:
             await set_run_timer(s, run_id, due)
         if due is not None:
             self.timers.wake(due)
+
+
+def _still_waiting(row: t.Run, wait: Any) -> bool:
+    """Whether a Waiting run's wait (its checkpoint's status and due time) is open and not
+    due, with the run's timer at its deadline: then its reconcile has nothing to change,
+    and takes no lock. A transition locks the run's queue row, which serialises every
+    transition of the queue, and a new leader's first resync looks at every waiting run:
+    10,000 runs waiting in one queue held that lock, one run after the other, for minutes.
+    Whatever satisfies a wait also makes the run's timer due (store/journal.py), so the
+    run's next reconcile is a fired one, which never skips."""
+    if wait is None:
+        return False
+    status, due = wait
+    return bool(status == journal.WAITING and row.wake_at == due and (due is None or due > utcnow()))
 
 
 async def _wait_over(s: AsyncSession, row: t.Run) -> m.Event | None:

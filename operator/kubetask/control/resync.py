@@ -122,10 +122,14 @@ class Resync:
             uid = body["metadata"]["uid"]
             if uid not in known:
                 await c.on_run_event("ADDED", body)
-            elif (body.get("status") or {}).get("phase") != known[uid][1]:
+                continue
+            if (body.get("status") or {}).get("phase") != known[uid][1]:
                 # The status lags the row (a patch lost with the process that was to
                 # write it): status is a projection, so write it again.
                 c.status.touch(known[uid][0])
+            # Recorded, and its spec.cancel is handled below: the watch's event of this
+            # very generation needs no intake (a new leader gets one for every Run).
+            c.remember(uid, known[uid][0], body["metadata"].get("generation"))
         if cancel:
             async with c.sessions.begin() as s:
                 ids = (
