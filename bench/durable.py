@@ -67,6 +67,7 @@ from bench.common import (
     admin_database_url,
     bench_database,
     bench_namespace,
+    holds_lease,
     percentile,
     print_table,
     process_cpu_seconds,
@@ -413,7 +414,16 @@ def memory_part(st: Stack, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def brief(r: dict[str, Any]) -> str:
-    keys = ("rss_kib", "hwm_kib", "to_leading", "to_quiet", "idle_cpu_percent", "waiting_rows", "problems")
+    keys = (
+        "rss_kib",
+        "hwm_kib",
+        "to_leading",
+        "to_quiet",
+        "leader_terms",
+        "idle_cpu_percent",
+        "waiting_rows",
+        "problems",
+    )
     return ", ".join(f"{k} {r[k] if k != 'problems' else len(r[k])}" for k in keys)
 
 
@@ -425,7 +435,11 @@ def measure_start(st: Stack, url: str, ns: str, args: argparse.Namespace, name: 
     try:
         wait_for(lambda: bool(log_times(op, "leading:")), 600, "the log line leading:")
         t_leading = log_times(op, "leading:")[0]
-        t_quiet = wait_quiet(pid)
+        while True:  # quiet while leading (not in a gap between two terms)
+            t_quiet = wait_quiet(pid)
+            stopped = log_times(op, "stopped leading")
+            if holds_lease(st, ns, op) and (not stopped or log_times(op, "leading:")[-1] > stopped[-1]):
+                break
         time.sleep(args.settle)
         rss, hwm = status_kib(pid, "VmRSS"), status_kib(pid, "VmHWM")
         load = os.getloadavg()
@@ -436,6 +450,7 @@ def measure_start(st: Stack, url: str, ns: str, args: argparse.Namespace, name: 
             time.sleep(1)
         idle_cpu = (process_cpu_seconds(pid) - cpu0) / (time.monotonic() - m0)
         problems = log_problems(op)
+        terms = len(log_times(op, "became leader"))
     finally:
         op.stop()
     return {
@@ -445,6 +460,8 @@ def measure_start(st: Stack, url: str, ns: str, args: argparse.Namespace, name: 
         "idle_cpu_percent": round(100 * idle_cpu, 2),
         "to_leading": round(t_leading - t0, 3),
         "to_quiet": round(t_quiet - t0, 3),
+        # Terms of leadership: more than 1 means it lost the Lease during start-up.
+        "leader_terms": terms,
         "waiting_rows": waiting_rows(url),
         "loadavg": load,
         "problems": problems[:20],
@@ -592,6 +609,8 @@ def print_memory(res: dict[str, Any]) -> None:
     )
     print(f"  rows by phase after the measure: baseline {e['waiting_rows']}, loaded {w['waiting_rows']}")
     for label, r in (("baseline", e), ("loaded", w)):
+        if r.get("leader_terms", 1) > 1:
+            print(f"  {label}: lost the Lease during start-up ({r['leader_terms']} terms of leadership)")
         if r["problems"]:
             print(f"  {label}: {len(r['problems'])} WARNING/ERROR log lines, first: {r['problems'][0]}")
 
