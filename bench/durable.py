@@ -8,7 +8,8 @@
    resume back. Once every run is Waiting and every pod gone, the Task's pod template
    gets a nodeSelector no node matches (``--run-resumed``: not), so the resumed pods are
    created and stored but never scheduled: what is measured is the operator's work, not
-   the kubelet's on this same 2-core machine. One non-matching event warms the API's
+   the kubelet's on this same 2-core machine. After ``--calm`` seconds of rest (the
+   kubelet cleans up the exited pods), one non-matching event warms the API's
    token and access review caches; then the events are sent by a pool of ``--senders``
    threads, as fast as they answer (one POST /api/v1/events per run, a new connection
    each). Per run: the time just before the POST, the time its 202 was read, and the
@@ -35,7 +36,7 @@
 Ratios are against the baseline measured in the same run.
 
     python -m bench.durable [--parts resume,memory] [--runs 200] [--wave 50] [--senders 8]
-        [--run-resumed] [--waiting 10000] [--settle 5] [--idle 30]
+        [--run-resumed] [--calm 15] [--waiting 10000] [--settle 5] [--idle 30]
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ from bench.common import (
     DISTURBANCES,
     NOWHERE,
     AllPods,
+    CpuMeter,
     admin_database_url,
     bench_database,
     bench_namespace,
@@ -265,7 +267,7 @@ def resume_trial(
     if not args.run_resumed:
         st.apply_task(ns, WAITER, {"source": WAITER_SOURCE, "retry": RETRY, **pod_template(args)})
         wait_task_observed(st, ns, WAITER)
-    time.sleep(2)  # the last status patches, the Task's change everywhere
+    time.sleep(args.calm)  # the last status patches; the kubelet's clean-up of the exited pods
     first_pods = nth_pods(w, 1)
 
     status, answer = post_event(op.api, token, ns, {"i": -1})  # warms the auth caches
@@ -277,9 +279,11 @@ def resume_trial(
         return t_send, time.time(), code, int(body.get("resumed", -1))
 
     load = os.getloadavg()
+    cpu = CpuMeter().start()
     with ThreadPoolExecutor(args.senders) as pool:
         sent = list(pool.map(send, range(args.runs)))
     wait_for(lambda: len(nth_pods(w, 2)) >= args.runs, 300, "the resumed pods", every=0.2)
+    busy = cpu.stop()
     second = nth_pods(w, 2)
     bad = [
         (names[i], code, resumed)
@@ -309,8 +313,10 @@ def resume_trial(
             [second[n] - resumed_at[n] for n in names if n in resumed_at and n in second]
         ),
         "first_pods_before": len(first_pods),
-        # This host's load average (1, 5, 15 min) when the events were sent: other work on it.
+        # This host's load average (1, 5, 15 min) when the events were sent, and its CPU
+        # use (all processes, 100 = both cores) from the first event to the last pod.
         "loadavg": load,
+        "host_cpu_busy_percent": busy,
     }
     print(f"   events sent: {res['events_per_second']}/s, answer -> pod {res['answer_to_pod']}", flush=True)
     res["create"] = create_baseline(st, ns, w, args)
@@ -341,16 +347,19 @@ def transition_times(op: Operator, ns: str, needle: str) -> dict[str, float]:
 def create_baseline(st: Stack, ns: str, w: AllPods, args: argparse.Namespace) -> dict[str, Any]:
     """Runs of ``return 1`` created by the same pool: create answered -> first pod ADDED."""
     names = [f"c-{i:04d}" for i in range(args.runs)]
-    time.sleep(3)
+    time.sleep(args.calm)
 
     def create(name: str) -> tuple[float, float]:
         t_send = time.time()
         st.create_run(ns, NOOP, name=name)
         return t_send, time.time()
 
+    load = os.getloadavg()
+    cpu = CpuMeter().start()
     with ThreadPoolExecutor(args.senders) as pool:
         sent = list(pool.map(create, names))
     wait_for(lambda: all(n in nth_pods(w, 1) for n in names), 300, "the baseline's pods", every=0.2)
+    busy = cpu.stop()
     first = nth_pods(w, 1)
     t_first, t_last = min(s[0] for s in sent), max(s[1] for s in sent)
     return {
@@ -360,6 +369,8 @@ def create_baseline(st: Stack, ns: str, w: AllPods, args: argparse.Namespace) ->
         "post": summary([s[1] - s[0] for s in sent]),
         "answer_to_pod": summary([first[n] - s[1] for n, s in zip(names, sent, strict=True)]),
         "send_to_pod": summary([first[n] - s[0] for n, s in zip(names, sent, strict=True)]),
+        "loadavg": load,
+        "host_cpu_busy_percent": busy,
     }
 
 
@@ -388,6 +399,10 @@ def print_resume(res: dict[str, Any]) -> None:
         f"answers/s over the burst); pods {where}; one operator, Queue without limit",
         ["", "n", *QUANTILES, "per second"],
         rows,
+    )
+    print(
+        f"  host CPU busy (all processes, both cores) from the first request to the last pod: resume "
+        f"{res['host_cpu_busy_percent']} %, baseline {base['host_cpu_busy_percent']} %"
     )
     if res["not_202_or_not_1_resumed"]:
         print(f"  events not 202 or not resuming one run: {res['not_202_or_not_1_resumed'][:5]}")
@@ -626,6 +641,9 @@ def main() -> None:
     ap.add_argument("--senders", type=int, default=8, help="resume: threads sending the events")
     ap.add_argument(
         "--run-resumed", action="store_true", help="resume: let the resumed pods be scheduled and run"
+    )
+    ap.add_argument(
+        "--calm", type=float, default=15.0, help="resume: seconds of rest before the events and the baseline"
     )
     ap.add_argument("--waiting", type=int, default=10_000, help="memory: Waiting runs")
     ap.add_argument("--settle", type=float, default=5.0, help="memory: seconds after quiet before RSS")
