@@ -406,7 +406,7 @@ def _still_waiting(row: t.Run, wait: Any) -> bool:
     due, with the run's timer at its deadline: then its reconcile has nothing to change,
     and takes no lock. A transition locks the run's queue row, which serialises every
     transition of the queue, and a new leader's first resync looks at every waiting run:
-    10,000 runs waiting in one queue held that lock, one run after the other, for minutes.
+    with 10,000 waiting in one queue, that start-up took minutes (``bench.durable``).
     Whatever satisfies a wait also makes the run's timer due (store/journal.py), so the
     run's next reconcile is a fired one, which never skips."""
     if wait is None:
