@@ -189,17 +189,26 @@ class Admission:
         return True
 
     async def release(self, s: AsyncSession, q: t.Queue, *, run_id: str) -> bool:
-        key = (
-            await s.execute(delete(t.Slot).where(t.Slot.run_id == run_id).returning(t.Slot.key))
+        """Free the run's slot, if it holds one: the slot and its key's count in one
+        statement (a data-modifying CTE)."""
+        freed = (
+            delete(t.Slot)
+            .where(t.Slot.run_id == run_id, t.Slot.queue == q.name)
+            .returning(t.Slot.key)
+            .cte("freed")
+        )
+        released = (
+            await s.execute(
+                update(t.QueueKey)
+                .where(t.QueueKey.queue == q.name, t.QueueKey.key == freed.c.key)
+                .values(running=t.QueueKey.running - 1)
+                .returning(t.QueueKey.key)
+                .execution_options(synchronize_session=False)
+            )
         ).scalar_one_or_none()
-        if key is None:
+        if released is None:
             return False
         q.running -= 1
-        await s.execute(
-            update(t.QueueKey)
-            .where(t.QueueKey.queue == q.name, t.QueueKey.key == key)
-            .values(running=t.QueueKey.running - 1)
-        )
         return True
 
     async def _key_rate_wait(self, s: AsyncSession, q: t.Queue, rate: Bucket, now: datetime) -> None:

@@ -87,6 +87,18 @@ def _bearer(request: web.Request) -> str:
     return token
 
 
+#: What every authenticating query reads.
+_CALLER = (
+    Run.id,
+    Run.phase,
+    Run.attempt.label("current"),
+    Attempt.number,
+    Attempt.token_hash,
+    Attempt.finished_at,
+    Attempt.report,
+)
+
+
 async def _authenticate(
     session: AsyncSession, token: str, *, lock: bool = False, extra: tuple[Any, ...] = ()
 ) -> _Caller:
@@ -95,22 +107,15 @@ async def _authenticate(
     ``extra`` columns are read by the same query (``caller.row``), saving one."""
     digest = hash_token(token)
     stmt = (
-        select(
-            Run.id,
-            Run.phase,
-            Run.attempt.label("current"),
-            Attempt.number,
-            Attempt.token_hash,
-            Attempt.finished_at,
-            Attempt.report,
-            *extra,
-        )
-        .join(Attempt, Attempt.run_id == Run.id)
-        .where(Attempt.token_hash == digest)
+        select(*_CALLER, *extra).join(Attempt, Attempt.run_id == Run.id).where(Attempt.token_hash == digest)
     )
     if lock:
         stmt = stmt.with_for_update(of=Run.__table__, key_share=True)
-    row = (await session.execute(stmt)).one_or_none()
+    return _caller((await session.execute(stmt)).one_or_none(), digest)
+
+
+def _caller(row: Any, digest: str) -> _Caller:
+    """The checks of :func:`_authenticate` on its row (None: no attempt has the token)."""
     if row is None or not hmac.compare_digest(row.token_hash, digest):
         raise ApiError(401, "invalid_token", "the token is not valid (it belongs to no attempt)")
     if row.number != row.current or row.finished_at is not None:
@@ -132,31 +137,31 @@ async def get_attempt(request: web.Request) -> web.Response:
     """``GET /runner/v1/attempt``: what to run; records the attempt's start (once)."""
     token = _bearer(request)
     async with request.app[SESSIONS]() as session, session.begin():
-        caller = await _authenticate(
-            session,
-            token,
-            extra=(
-                Run.name,
-                Run.namespace,
-                Run.tags,
-                Run.task,
-                Run.max_attempts,
-                Run.payload,
-                Run.infra_failures,
-                Run.resumes,
-            ),
-        )
-        run = caller.row
-        await session.execute(
-            update(Attempt)
-            .where(
-                Attempt.run_id == caller.run_id,
-                Attempt.number == caller.attempt,
-                Attempt.started_at.is_(None),
+        # One statement: find the token's attempt, record its start (once), and read what
+        # the runner needs. A caller the checks refuse rolls the start back (the 401 ends
+        # the transaction).
+        digest = hash_token(token)
+        found = (
+            await session.execute(
+                update(Attempt)
+                .where(Attempt.token_hash == digest, Run.id == Attempt.run_id)
+                .values(started_at=func.coalesce(Attempt.started_at, func.now()))
+                .returning(
+                    *_CALLER,
+                    Run.name,
+                    Run.namespace,
+                    Run.tags,
+                    Run.task,
+                    Run.max_attempts,
+                    Run.payload,
+                    Run.infra_failures,
+                    Run.resumes,
+                )
+                .execution_options(synchronize_session=False)
             )
-            .values(started_at=func.now())
-            .execution_options(synchronize_session=False)
-        )
+        ).one_or_none()
+        caller = _caller(found, digest)
+        run = caller.row
     answer = AttemptResponse(
         run=RunRef(id=run.id, name=run.name, namespace=run.namespace, tags=run.tags or []),
         task=TaskRef(id=run.task),
