@@ -4,7 +4,18 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kubetask.engine.machine import Outcome
-from kubetask.engine.outcomes import Report, StartLimits, classify, pod_end, start_problem
+from kubetask.engine.outcomes import (
+    IMAGE_PULL,
+    STARTING,
+    TERMINATING,
+    UNSCHEDULABLE,
+    Report,
+    StartLimits,
+    classify,
+    pod_end,
+    start_problem,
+    start_stage,
+)
 
 
 def pod(
@@ -146,3 +157,27 @@ def test_pod_stuck_terminating_on_a_lost_node_ends_after_the_terminating_timeout
     # It ran: the node's loss counts as a failed attempt (the task may have done work).
     assert end is not None and end.reason == "NodeLost" and not end.infra
     assert classify(attempt=1, end=end, report=None).outcome is Outcome.FAILED
+
+
+def test_start_stage_names_the_limit_a_pod_is_under() -> None:
+    assert start_stage(created(pod("Pending", waiting="ContainerCreating"))) == STARTING
+    assert start_stage(created(pod("Pending", waiting="ImagePullBackOff"))) == IMAGE_PULL
+    unscheduled = created(pod("Pending"))
+    unscheduled["status"]["conditions"] = [{"type": "PodScheduled", "status": "False"}]
+    assert start_stage(unscheduled) == UNSCHEDULABLE
+    running = created(pod("Running"))
+    running["status"]["containerStatuses"][0]["state"] = {"running": {"startedAt": "x"}}
+    assert start_stage(running) is None
+    running["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    assert start_stage(running) == TERMINATING
+
+
+def test_a_pull_error_after_a_slow_start_moves_the_deadline_to_the_pull_limit() -> None:
+    p = created(pod("Pending", waiting="ContainerCreating"))
+    assert start_problem(p, now=T0 + timedelta(seconds=10), limits=LIMITS) == (
+        None,
+        T0 + timedelta(seconds=600),
+    )
+    p["status"]["containerStatuses"][0]["state"] = {"waiting": {"reason": "ErrImagePull"}}
+    end, _ = start_problem(p, now=T0 + timedelta(seconds=70), limits=LIMITS)
+    assert end is not None and end.infra and end.reason == "ErrImagePull" and "within 60s" in end.message
