@@ -75,6 +75,10 @@ from kubetask.store.tables import Attempt
 
 log = logging.getLogger("kubetask.api")
 
+#: What ``/healthz`` reports without a leadership wired in (an API served on its own):
+#: not leading. (Made once: each Leadership made binds the ``kubetask_leader`` gauge.)
+STANDALONE = Leadership()
+
 
 async def healthz(request: web.Request) -> web.Response:
     """``GET /healthz``: 200 when PostgreSQL answers ``SELECT 1`` within 5 s, with what
@@ -365,7 +369,7 @@ def make_public_app(
     app = web.Application(middlewares=[middleware], client_max_size=MAX_BATCH_BODY_BYTES)
     app[SESSIONS] = sessions
     app[SETTINGS] = settings
-    app[LEADERSHIP] = leadership or Leadership()
+    app[LEADERSHIP] = leadership or STANDALONE
     own = kube is None
     client = kube or Kube()
     app[RUNS] = Runs(kube=client, sessions=sessions, settings=settings)
@@ -408,7 +412,7 @@ def make_runner_app(
     app = web.Application(middlewares=[middleware], client_max_size=MAX_LOGS_BODY_BYTES)
     app[SESSIONS] = session_factory(engine)
     app[SETTINGS] = settings
-    app[LEADERSHIP] = leadership or Leadership()
+    app[LEADERSHIP] = leadership or STANDALONE
     # One connection is always left for fetching attempts and reporting results.
     app[LOG_WRITERS] = asyncio.Semaphore(settings.runner_db_pool_size - 1)
     app[LOG_BUDGET] = LogBudget(settings.max_log_bytes_per_run)
@@ -450,7 +454,7 @@ def make_app(
 ) -> Apps:
     """The public and the runner applications (call it in a running event loop); both
     ``/healthz`` report ``leadership``."""
-    leadership = leadership or Leadership()
+    leadership = leadership or STANDALONE
     public = make_public_app(sessions=sessions, settings=settings, kube=kube, leadership=leadership)
     return Apps(
         public=public,
