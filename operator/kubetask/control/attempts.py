@@ -121,11 +121,12 @@ class Attempts:
                         self.wake(due)
                 return
             log.info("pod %s/%s: %s", row.namespace, att.pod_name, end.message)
-            if judged is None and end.reason != "NodeLost":
+            if end.reason != "NodeLost":
                 # The container never started: its pod goes at once, and the attempt ends
                 # when it is gone (the verdict waits on the attempt's row), so that the
                 # next pod, of this run or another in the queue, never overlaps it.
-                await self._judge(row.id, att.number, end)
+                if judged is None:
+                    await self._judge(row.id, att.number, end)
                 await self.kube.delete_pod(row.namespace, att.pod_name, grace=0, uid=pod["metadata"]["uid"])
                 return
             # Stuck terminating: its kubelet is gone and cannot confirm. Forced, and the
