@@ -66,6 +66,7 @@ __all__ = [
     "ErrorResponse",
     "EventRequest",
     "EventResponse",
+    "Health",
     "LogLine",
     "LogPage",
     "LogStreamEnd",
@@ -205,6 +206,26 @@ def _rule(model: type[BaseModel], name: str) -> Any:
     """The field ``name`` of ``model`` with all its rules (bounds, pattern, default,
     description): declared once in :mod:`kubetask.spec`, reused here."""
     return copy.deepcopy(model.model_fields[name])
+
+
+# ---- health ----------------------------------------------------------------------------
+
+
+class Health(_Response):
+    """The answer of ``GET /healthz`` when PostgreSQL answers: this replica is healthy.
+    It also says what the replica knows about leadership (every replica is healthy,
+    whether it leads or stands by)."""
+
+    status: Literal["ok"] = "ok"
+    identity: str = ""
+    """This replica in the leader election (``<pod name>_<random>``)."""
+    leader: bool = False
+    """Whether this replica leads now (it reconciles: admits runs, creates pods...)."""
+    lease: str | None = None
+    """``namespace/name`` of the leader-election Lease; null without leader election."""
+    lease_holder: str | None = None
+    """The Lease's holder as this replica last saw it; null when nobody holds it or it
+    has not been read yet."""
 
 
 # ---- trigger ----------------------------------------------------------------------------

@@ -13,16 +13,21 @@ import json
 import signal
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from kubernetes_asyncio import client, config
+from prometheus_client.parser import text_string_to_metric_families
 
 from kubetask.control.leader import LeaderElector, LeaseSettings
-from tests.e2e.harness import Stack
+from tests.e2e.conftest import wait_for
+from tests.e2e.harness import Operator, Stack
+from tests.faults.kubeapi import KubeApiProxy
 
 #: The timings of most cases (namespace and identity are set per replica).
 SHORT = LeaseSettings(namespace="-", identity="-", lease_duration=2.0, renew_deadline=1.4, retry_period=0.3)
@@ -368,3 +373,67 @@ async def test_a_killed_leader_is_replaced_after_a_lease_duration_with_default_t
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+# ---- what the operator process shows: /healthz and /metrics -------------------------------
+
+
+def health(op: Operator) -> dict[str, Any]:
+    with urllib.request.urlopen(f"{op.api}/healthz", timeout=10) as r:
+        out: dict[str, Any] = json.loads(r.read())
+    return out
+
+
+def leader_metrics(op: Operator) -> dict[str, float]:
+    """``kubetask_leader`` and the transitions by direction, from the process's /metrics."""
+    with urllib.request.urlopen(f"{op.api}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "kubetask_leader":
+                out["leader"] = sample.value
+            elif sample.name == "kubetask_leader_transitions_total":
+                out[sample.labels["direction"]] = sample.value
+    return out
+
+
+def test_health_and_metrics_name_the_leader_and_follow_a_fail_over(
+    stack: Stack, ns: str, tmp_path: Path, start_operator: Callable[..., Operator]
+) -> None:
+    """Two operator processes, each on its own port; the leader reaches the API server
+    through a proxy that then freezes (a partition): it stops leading, the other takes
+    over, and both say so on /healthz and /metrics. Lease 4 s, renew deadline 3 s."""
+    with KubeApiProxy(stack.kubeconfig) as proxy:
+        a = start_operator(
+            "a", own_port=True, KUBECONFIG=str(proxy.write_kubeconfig(tmp_path / "kubeconfig"))
+        )
+        b = start_operator("b", own_port=True, wait_ready=False)
+        a_id = health(a)["identity"]
+        wait_for(lambda: health(b)["leaseHolder"] == a_id, 30, "b to see a's lease")
+        ha, hb = health(a), health(b)
+        assert (ha["leader"], ha["leaseHolder"]) == (True, a_id), ha
+        assert hb["leader"] is False and hb["identity"] != a_id, hb
+        assert ha["lease"] == hb["lease"] == f"{ns}/kubetask-operator"
+        assert a_id.startswith("a_") and hb["identity"].startswith("b_")
+        assert leader_metrics(a) == {"leader": 1.0, "acquired": 1.0, "lost": 0.0}
+        assert leader_metrics(b) == {"leader": 0.0, "acquired": 0.0, "lost": 0.0}
+
+        proxy.pause()  # a can no longer renew
+        both: list[tuple[dict[str, Any], dict[str, Any]]] = []
+
+        def b_leads() -> bool:
+            # b first: if a still says it leads after b said so, both led at that moment.
+            hb, ha = health(b), health(a)
+            if hb["leader"] and ha["leader"]:
+                both.append((ha, hb))
+            return bool(hb["leader"])
+
+        wait_for(b_leads, 30, "b to take over")
+        assert not both, both
+        assert health(a)["leader"] is False
+        proxy.resume()
+        wait_for(lambda: health(a)["leaseHolder"] == hb["identity"], 30, "a to see b's lease")
+        assert health(a)["leader"] is False and health(b)["leaseHolder"] == hb["identity"]
+        assert leader_metrics(a) == {"leader": 0.0, "acquired": 1.0, "lost": 1.0}
+        assert leader_metrics(b) == {"leader": 1.0, "acquired": 1.0, "lost": 0.0}

@@ -15,10 +15,12 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import REGISTRY
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from kubetask.api import make_app
+from kubetask.control.leadership import Leadership
 from kubetask.kube import Kube
 from kubetask.protocol import MAX_LOG_MESSAGE_BYTES, MAX_OUTPUT_BYTES, TRUNCATED
 from kubetask.settings import Settings
@@ -523,9 +525,61 @@ async def test_run_detail_and_unknown_runs(client: Listeners, sessions: Sessions
 
 async def test_health_and_metrics(client: Listeners) -> None:
     resp = await client.get("/healthz")
-    assert resp.status == 200 and await resp.text() == "ok"
+    assert resp.status == 200
+    # Without leader election wired in (an API served on its own): not leading.
+    assert await resp.json() == {
+        "status": "ok",
+        "identity": "",
+        "leader": False,
+        "lease": None,
+        "leaseHolder": None,
+    }
     resp = await client.get("/metrics")
     assert resp.status == 200 and "kubetask_api_requests_total" in await resp.text()
+
+
+async def test_health_and_metrics_say_whether_this_replica_leads(sessions: Sessions, kube: Kube) -> None:
+    leadership = Leadership(identity="op-a_1234", lease="kubetask-system/kubetask-operator")
+    apps = make_app(sessions=sessions, settings=Settings(), kube=kube, leadership=leadership)
+
+    def transitions(direction: str) -> float:
+        return REGISTRY.get_sample_value("kubetask_leader_transitions_total", {"direction": direction}) or 0.0
+
+    async with TestClient(TestServer(apps.public)) as public, TestClient(TestServer(apps.runner)) as runner:
+
+        async def health() -> tuple[Any, Any]:
+            return (await (await public.get("/healthz")).json(), await (await runner.get("/healthz")).json())
+
+        async def gauge() -> float:
+            text = await (await public.get("/metrics")).text()
+            [value] = [line.split()[1] for line in text.splitlines() if line.startswith("kubetask_leader ")]
+            return float(value)
+
+        before = {d: transitions(d) for d in ("acquired", "lost")}
+        leadership.changed(False, "op-b_5678")  # a standby that sees another holder
+        public_health, runner_health = await health()
+        assert (
+            public_health
+            == runner_health
+            == {
+                "status": "ok",
+                "identity": "op-a_1234",
+                "leader": False,
+                "lease": "kubetask-system/kubetask-operator",
+                "leaseHolder": "op-b_5678",
+            }
+        )
+        assert await gauge() == 0.0
+
+        leadership.changed(True, "op-a_1234")  # takes over
+        public_health, _ = await health()
+        assert (public_health["leader"], public_health["leaseHolder"]) == (True, "op-a_1234")
+        assert await gauge() == 1.0
+        leadership.changed(True, "op-a_1234")  # renewed: no transition
+        leadership.changed(False, "op-a_1234")  # could not renew in time
+        assert (await health())[0]["leader"] is False and await gauge() == 0.0
+        after = {d: transitions(d) - before[d] for d in ("acquired", "lost")}
+        assert after == {"acquired": 1.0, "lost": 1.0}
 
 
 # ---- the CLI against the API ------------------------------------------------------------

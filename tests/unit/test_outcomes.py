@@ -7,7 +7,18 @@ from typing import Any
 from kubetask.api.runner import _report as api_report
 from kubetask.control.attempts import _report as read_report
 from kubetask.engine.machine import Outcome
-from kubetask.engine.outcomes import Report, StartLimits, classify, pod_end, start_problem
+from kubetask.engine.outcomes import (
+    IMAGE_PULL,
+    STARTING,
+    TERMINATING,
+    UNSCHEDULABLE,
+    Report,
+    StartLimits,
+    classify,
+    pod_end,
+    start_problem,
+    start_stage,
+)
 from kubetask.protocol import Completion
 
 
@@ -215,3 +226,27 @@ def test_a_failure_report_survives_the_api_and_the_database_into_the_engine() ->
     # A report stored before these fields existed still reads.
     old = {"succeeded": False, "retryable": True, "error": {"type": "E", "message": "m", "stack": None}}
     assert read_report(old) == Report(succeeded=False, error_type="E", error_message="m")
+
+
+def test_start_stage_names_the_limit_a_pod_is_under() -> None:
+    assert start_stage(created(pod("Pending", waiting="ContainerCreating"))) == STARTING
+    assert start_stage(created(pod("Pending", waiting="ImagePullBackOff"))) == IMAGE_PULL
+    unscheduled = created(pod("Pending"))
+    unscheduled["status"]["conditions"] = [{"type": "PodScheduled", "status": "False"}]
+    assert start_stage(unscheduled) == UNSCHEDULABLE
+    running = created(pod("Running"))
+    running["status"]["containerStatuses"][0]["state"] = {"running": {"startedAt": "x"}}
+    assert start_stage(running) is None
+    running["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    assert start_stage(running) == TERMINATING
+
+
+def test_a_pull_error_after_a_slow_start_moves_the_deadline_to_the_pull_limit() -> None:
+    p = created(pod("Pending", waiting="ContainerCreating"))
+    assert start_problem(p, now=T0 + timedelta(seconds=10), limits=LIMITS) == (
+        None,
+        T0 + timedelta(seconds=600),
+    )
+    p["status"]["containerStatuses"][0]["state"] = {"waiting": {"reason": "ErrImagePull"}}
+    end, _ = start_problem(p, now=T0 + timedelta(seconds=70), limits=LIMITS)
+    assert end is not None and end.infra and end.reason == "ErrImagePull" and "within 60s" in end.message

@@ -35,7 +35,7 @@ from kubetask.api.errors import error_response, middleware
 from kubetask.api.openapi import Body, Endpoint, Param, document
 from kubetask.api.runner import LOG_BUDGET, LOG_WRITERS, LogBudget, get_attempt, post_complete, post_logs
 from kubetask.api.runs import RUN_NAMESPACES, RunNamespaces
-from kubetask.api.state import SESSIONS, SETTINGS
+from kubetask.api.state import LEADERSHIP, SESSIONS, SETTINGS
 from kubetask.api.webhooks import WEBHOOKS, Webhooks, receive
 from kubetask.apimodels import (
     MAX_BATCH_BODY_BYTES,
@@ -50,6 +50,7 @@ from kubetask.apimodels import (
     ErrorResponse,
     EventRequest,
     EventResponse,
+    Health,
     LogLine,
     LogPage,
     LogStreamEnd,
@@ -64,6 +65,7 @@ from kubetask.apimodels import (
     TriggerRequest,
     TriggerResponse,
 )
+from kubetask.control.leadership import Leadership
 from kubetask.kube import Kube
 from kubetask.protocol import MAX_LOGS_BODY_BYTES
 from kubetask.settings import Settings
@@ -73,16 +75,28 @@ from kubetask.store.tables import Attempt
 
 log = logging.getLogger("kubetask.api")
 
+#: What ``/healthz`` reports without a leadership wired in (an API served on its own):
+#: not leading. (Made once: each Leadership made binds the ``kubetask_leader`` gauge.)
+STANDALONE = Leadership()
+
 
 async def healthz(request: web.Request) -> web.Response:
-    """``GET /healthz``: 200 when PostgreSQL answers ``SELECT 1`` within 5 s."""
+    """``GET /healthz``: 200 when PostgreSQL answers ``SELECT 1`` within 5 s, with what
+    this replica knows about leadership (:class:`~kubetask.apimodels.Health`)."""
     try:
         async with asyncio.timeout(5), request.app[SESSIONS]() as session:
             await session.execute(text("SELECT 1"))
     except (TimeoutError, OperationalError, InterfaceError) as e:
         log.warning("health check failed: %r", e)
         return error_response(503, "database_unavailable", "the database does not answer `SELECT 1`")
-    return web.Response(text="ok")
+    leadership = request.app[LEADERSHIP]
+    health = Health(
+        identity=leadership.identity,
+        leader=leadership.leading,
+        lease=leadership.lease or None,
+        lease_holder=leadership.holder or None,
+    )
+    return web.json_response(health.model_dump(by_alias=True, mode="json"))
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -303,10 +317,10 @@ PUBLIC_ENDPOINTS: tuple[Endpoint, ...] = (
         "GET",
         "/healthz",
         healthz,
-        "Health: PostgreSQL answers",
+        "Health: PostgreSQL answers; whether this replica leads",
         None,
         auth=False,
-        responses={200: Body(media="text/plain", description="ok")},
+        responses={200: Body((Health,))},
     ),
     Endpoint(
         "GET",
@@ -343,14 +357,19 @@ def _attempt_tokens(sessions: async_sessionmaker[AsyncSession]) -> Any:
 
 
 def make_public_app(
-    *, sessions: async_sessionmaker[AsyncSession], settings: Settings, kube: Kube | None = None
+    *,
+    sessions: async_sessionmaker[AsyncSession],
+    settings: Settings,
+    kube: Kube | None = None,
+    leadership: Leadership | None = None,
 ) -> web.Application:
     """The public API. Call it in a running event loop; without ``kube`` it makes its own
     client (the configuration loaded, e.g. by :func:`kubetask.kube.load_config`) and closes
-    it with the application."""
+    it with the application. ``/healthz`` reports ``leadership`` (default: not leading)."""
     app = web.Application(middlewares=[middleware], client_max_size=MAX_BATCH_BODY_BYTES)
     app[SESSIONS] = sessions
     app[SETTINGS] = settings
+    app[LEADERSHIP] = leadership or STANDALONE
     own = kube is None
     client = kube or Kube()
     app[RUNS] = Runs(kube=client, sessions=sessions, settings=settings)
@@ -376,7 +395,11 @@ def make_public_app(
 
 
 def make_runner_app(
-    *, sessions: async_sessionmaker[AsyncSession], settings: Settings, runs: Runs | None = None
+    *,
+    sessions: async_sessionmaker[AsyncSession],
+    settings: Settings,
+    runs: Runs | None = None,
+    leadership: Leadership | None = None,
 ) -> web.Application:
     """The runner API on its own database pool (``sessions`` is only used to find the
     database: a pool of ``runner_db_pool_size`` connections is made from its engine's URL).
@@ -389,6 +412,7 @@ def make_runner_app(
     app = web.Application(middlewares=[middleware], client_max_size=MAX_LOGS_BODY_BYTES)
     app[SESSIONS] = session_factory(engine)
     app[SETTINGS] = settings
+    app[LEADERSHIP] = leadership or STANDALONE
     # One connection is always left for fetching attempts and reporting results.
     app[LOG_WRITERS] = asyncio.Semaphore(settings.runner_db_pool_size - 1)
     app[LOG_BUDGET] = LogBudget(settings.max_log_bytes_per_run)
@@ -422,13 +446,21 @@ class Apps:
 
 
 def make_app(
-    *, sessions: async_sessionmaker[AsyncSession], settings: Settings, kube: Kube | None = None
+    *,
+    sessions: async_sessionmaker[AsyncSession],
+    settings: Settings,
+    kube: Kube | None = None,
+    leadership: Leadership | None = None,
 ) -> Apps:
-    """The public and the runner applications (call it in a running event loop)."""
-    public = make_public_app(sessions=sessions, settings=settings, kube=kube)
+    """The public and the runner applications (call it in a running event loop); both
+    ``/healthz`` report ``leadership``."""
+    leadership = leadership or STANDALONE
+    public = make_public_app(sessions=sessions, settings=settings, kube=kube, leadership=leadership)
     return Apps(
         public=public,
-        runner=make_runner_app(sessions=sessions, settings=settings, runs=public[RUNS]),
+        runner=make_runner_app(
+            sessions=sessions, settings=settings, runs=public[RUNS], leadership=leadership
+        ),
         settings=settings,
     )
 

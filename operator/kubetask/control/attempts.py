@@ -94,8 +94,9 @@ class Attempts:
             )
         if pod is not None and att.pod_uid is None:
             await self._record_pod(row.id, att.number, pod)
+        judged = _judged(att)
         if pod is None:
-            gone = pod_end(None)
+            gone = judged or pod_end(None)
             assert gone is not None
             await self.end(row.id, att.number, gone)
             await self.kube.delete_secret(
@@ -103,6 +104,8 @@ class Attempts:
             )
             return
         end = pod_end(pod)
+        if end is not None and judged is not None:
+            end = judged  # marked Failed by its kubelet while being deleted: the verdict stands
         if end is None:
             if row.phase != m.Phase.RUNNING and pod["metadata"].get("deletionTimestamp") is None:
                 # Canceled (or deleted) while the pod runs: its slot is released once the
@@ -118,9 +121,18 @@ class Attempts:
                         self.wake(due)
                 return
             log.info("pod %s/%s: %s", row.namespace, att.pod_name, end.message)
-            # Force only what is stuck terminating (its kubelet is gone and cannot confirm).
-            grace = 0 if end.reason == "NodeLost" else 5
-            await self.kube.delete_pod(row.namespace, att.pod_name, grace=grace, uid=pod["metadata"]["uid"])
+            if end.reason != "NodeLost":
+                # The container never started: its pod goes at once, and the attempt ends
+                # when it is gone (the verdict waits on the attempt's row), so that the
+                # next pod, of this run or another in the queue, never overlaps it.
+                if judged is None:
+                    await self._judge(row.id, att.number, end)
+                await self.kube.delete_pod(row.namespace, att.pod_name, grace=0, uid=pod["metadata"]["uid"])
+                return
+            # Stuck terminating: its kubelet is gone and cannot confirm. Forced, and the
+            # attempt ends now (the pod may never go).
+            end = judged or end
+            await self.kube.delete_pod(row.namespace, att.pod_name, grace=0, uid=pod["metadata"]["uid"])
         await self.end(row.id, att.number, end, pod=pod)
         # The end is recorded (logs and output are in PostgreSQL): the pod and its token
         # Secret go now, in this reconcile, rather than in another one.
@@ -243,6 +255,20 @@ class Attempts:
 
     # ---- ending --------------------------------------------------------------------------
 
+    async def _judge(self, run_id: str, attempt: int, end: PodEnd) -> None:
+        """Keep the verdict on a live attempt whose pod is being deleted because it never
+        started (:func:`_judged` reads it back; :meth:`end` records it once the pod is gone)."""
+        async with self.sessions.begin() as s:
+            await s.execute(
+                update(t.Attempt)
+                .where(
+                    t.Attempt.run_id == run_id,
+                    t.Attempt.number == attempt,
+                    t.Attempt.finished_at.is_(None),
+                )
+                .values(reason=end.reason[:64], error={"type": end.reason, "message": end.message})
+            )
+
     async def end(self, run_id: str, attempt: int, end: PodEnd, *, pod: dict[str, Any] | None = None) -> None:
         """Record how an attempt ended (once) and move the run, in one transaction.
 
@@ -309,6 +335,15 @@ async def _suspension(s: AsyncSession, run: t.Run, ev: m.AttemptEnded) -> m.Atte
     if cp.status != journal.WAITING:
         return dataclasses.replace(ev, resume_now=True, waiting_for=journal.describe(cp))
     return dataclasses.replace(ev, wake_at=cp.due_at, waiting_for=journal.describe(cp))
+
+
+def _judged(att: t.Attempt) -> PodEnd | None:
+    """The verdict :meth:`Attempts._judge` kept on a live attempt, if any: a start problem
+    (the task never ran, so it does not count)."""
+    if att.finished_at is not None or att.reason is None:
+        return None
+    message = str((att.error or {}).get("message") or att.reason)
+    return PodEnd(None, att.reason, message, infra=True)
 
 
 def _report(raw: dict[str, Any] | None) -> Report | None:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from kubetask import pods
-from kubetask.engine.outcomes import pod_end
+from kubetask.engine.outcomes import IMAGE_PULL, UNSCHEDULABLE, pod_end, start_stage
 
 AttemptKey = tuple[str, int]
 
@@ -77,8 +77,15 @@ class PodIndex:
         if kind != "DELETED" and pod_end(pod) is None and pod["metadata"].get("deletionTimestamp") is None:
             # Starting or running: nothing for the reconcile to do now. A pod slow to start
             # is looked at when the run's timer fires (set at the grant to the earliest
-            # start deadline), so pod events cost no queries until the end.
-            return
+            # start deadline), so pod events cost no queries until the end; except when
+            # the pod turns out to be unschedulable or its image not to be had: a shorter
+            # limit applies from now on, and the run's timer must move to it (the
+            # verdict may come after the timer's first look, which saw only a slow start).
+            stage = start_stage(pod)
+            if stage not in (UNSCHEDULABLE, IMAGE_PULL) or (
+                known is not None and start_stage(known) == stage
+            ):
+                return
         self._changed(key[0])
 
     async def on_relist(self, listed: list[dict[str, Any]]) -> None:

@@ -140,6 +140,29 @@ def started(pod: dict[str, Any]) -> bool:
     return False
 
 
+#: What keeps a pod that has not ended from running its task (:func:`start_stage`).
+TERMINATING = "terminating"
+UNSCHEDULABLE = "unschedulable"
+IMAGE_PULL = "image_pull"
+STARTING = "starting"
+
+
+def start_stage(pod: dict[str, Any]) -> str | None:
+    """Which start limit a pod that has not ended is under: :data:`TERMINATING` (marked
+    for deletion), :data:`UNSCHEDULABLE`, :data:`IMAGE_PULL` (its image cannot be had
+    yet), :data:`STARTING` (anything else); None once its task container started."""
+    if (pod.get("metadata") or {}).get("deletionTimestamp") is not None:
+        return TERMINATING
+    if started(pod):
+        return None
+    status = pod.get("status") or {}
+    if _unscheduled(status) is not None:
+        return UNSCHEDULABLE
+    if str((_waiting(status) or {}).get("reason") or "") in IMAGE_PULL_WAITING:
+        return IMAGE_PULL
+    return STARTING
+
+
 def start_problem(
     pod: dict[str, Any], *, now: datetime, limits: StartLimits
 ) -> tuple[PodEnd | None, datetime | None]:
@@ -148,9 +171,12 @@ def start_problem(
     pod stuck terminating on a lost node."""
     meta = pod.get("metadata") or {}
     status = pod.get("status") or {}
-    deleting = _time(meta.get("deletionTimestamp"))
-    if deleting is not None:
-        deadline = deleting + limits.terminating
+    stage = start_stage(pod)
+    if stage is None:
+        return None, None
+    if stage == TERMINATING:
+        deadline = _time(meta["deletionTimestamp"]) or now
+        deadline += limits.terminating
         if now >= deadline:
             return (
                 PodEnd(
@@ -162,24 +188,22 @@ def start_problem(
                 None,
             )
         return None, deadline
-    if started(pod):
-        return None, None
     created = _time(meta.get("creationTimestamp")) or now
-    for cond in status.get("conditions") or []:
-        if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
-            deadline = created + limits.unschedulable
-            if now >= deadline:
-                msg = str(cond.get("message") or "the pod could not be scheduled")
-                return PodEnd(
-                    None,
-                    "Unschedulable",
-                    f"not scheduled after {_secs(limits.unschedulable)}: {msg}",
-                    infra=True,
-                ), None
-            return None, deadline
+    if stage == UNSCHEDULABLE:
+        deadline = created + limits.unschedulable
+        if now >= deadline:
+            cond = _unscheduled(status) or {}
+            msg = str(cond.get("message") or "the pod could not be scheduled")
+            return PodEnd(
+                None,
+                "Unschedulable",
+                f"not scheduled after {_secs(limits.unschedulable)}: {msg}",
+                infra=True,
+            ), None
+        return None, deadline
     waiting = _waiting(status)
     reason = str((waiting or {}).get("reason") or "")
-    limit = limits.image_pull if reason in IMAGE_PULL_WAITING else limits.start
+    limit = limits.image_pull if stage == IMAGE_PULL else limits.start
     deadline = created + limit
     if now >= deadline:
         msg = str((waiting or {}).get("message") or reason or "the container did not start")
@@ -201,6 +225,14 @@ def _secs(d: timedelta) -> str:
 
 def _time(raw: Any) -> datetime | None:
     return datetime.fromisoformat(raw.replace("Z", "+00:00")) if isinstance(raw, str) else None
+
+
+def _unscheduled(status: dict[str, Any]) -> dict[str, Any] | None:
+    """The PodScheduled=False condition, if the scheduler could not place the pod."""
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+            return cond if isinstance(cond, dict) else None
+    return None
 
 
 def _waiting(status: dict[str, Any]) -> dict[str, Any] | None:

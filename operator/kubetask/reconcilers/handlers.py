@@ -16,6 +16,7 @@ from kubernetes_asyncio import client
 from kubetask.api import make_app, start_api
 from kubetask.control.controller import Controller
 from kubetask.control.leader import LeaderElector, LeaseSettings, new_identity
+from kubetask.control.leadership import Leadership
 from kubetask.kube import Kube, load_config
 from kubetask.settings import Settings
 from kubetask.settings import settings as kubetask_settings
@@ -46,6 +47,10 @@ async def startup(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) ->
     # handlers only enqueue, so react (almost) at once.
     settings.batching.batch_window = 0.01
     identity = new_identity(cfg.operator_id or None)
+    # What /healthz and /metrics say about leadership.
+    leadership = Leadership(
+        identity=identity, lease=f"{lease_namespace(cfg)}/{cfg.lease_name}" if cfg.leader_election else ""
+    )
     log.info("kubetask operator %s starting (database %s)", identity, cfg.database_url.rsplit("@", 1)[-1])
     # Migrations first, so every replica runs against the schema it was built for.
     await asyncio.to_thread(db.upgrade, cfg.database_url)
@@ -56,7 +61,9 @@ async def startup(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) ->
         await load_config()
         kube = Kube()
         # Every replica serves the API; only the leader reconciles.
-        memo.runner = await start_api(make_app(sessions=sessions, settings=cfg), cfg.api_host, cfg.api_port)
+        memo.runner = await start_api(
+            make_app(sessions=sessions, settings=cfg, leadership=leadership), cfg.api_host, cfg.api_port
+        )
     except BaseException:
         # kopf retries a failed start-up: leave nothing behind that the retry would trip on.
         if kube is not None:
@@ -89,9 +96,18 @@ async def startup(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) ->
                 retry_period=cfg.lease_retry_seconds,
             ),
         )
+        leadership.follow(elector)
         memo.leading = asyncio.create_task(elector.run(lead), name="leader-election")
     else:
-        memo.leading = asyncio.create_task(lead(), name="controller")
+
+        async def lead_alone() -> None:
+            leadership.changed(True, identity)
+            try:
+                await lead()
+            finally:
+                leadership.changed(False, "")
+
+        memo.leading = asyncio.create_task(lead_alone(), name="controller")
     log.info("kubetask operator up: API on %s:%d, runners call %s", cfg.api_host, cfg.api_port, cfg.api_url)
 
 

@@ -1,0 +1,138 @@
+"""Attempts whose pod never gets going: an image that cannot be pulled, a pod stuck
+terminating. Each ends after its timeout (set short for the test's operator) without
+using up an attempt, and the run goes on or ends for a reason that says why.
+
+Real faults only: an image on a registry that does not exist (the kubelet really tries to
+pull it), a pod that a finalizer holds after its deletion (nothing can confirm it gone, as
+when its node is lost). Every pod event is watched."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
+
+import pytest
+from kubernetes.client.rest import ApiException
+
+from tests.e2e.conftest import wait_for
+from tests.e2e.harness import GROUP, VERSION, Operator, PodWatcher, Stack
+from tests.e2e.test_control_loop import assert_one_pod_per_attempt, source, token_secrets
+
+pytestmark = pytest.mark.e2e
+
+#: A registry that cannot exist (the .invalid top-level domain never resolves).
+MISSING_IMAGE = "kubetask-e2e.invalid/kubetask/missing:1"
+#: Holds a pod after its deletion, as a controller that never finishes would.
+HOLD = "kubetask.dev/e2e-hold"
+
+
+def echo(task_id: str) -> dict[str, str]:
+    """A Task spec whose inline source returns ``{"n": payload["n"]}``."""
+    return {"source": source("def f(payload, ctx):\n    return {'n': payload.get('n')}", task_id)}
+
+
+FAST_RETRY = {"maxAttempts": 1, "minTimeoutMs": 200, "maxTimeoutMs": 500, "randomize": False}
+
+
+def of_run(name: str) -> Callable[[dict[str, str]], bool]:
+    return lambda labels: labels.get("kubetask.dev/run") == name
+
+
+def when(raw: str) -> datetime:
+    return datetime.fromisoformat(raw.replace("Z", "+00:00"))
+
+
+def test_an_image_that_cannot_be_pulled_ends_each_attempt_after_the_timeout_without_counting(
+    stack: Stack, ns: str, start_operator: Callable[..., Operator]
+) -> None:
+    start_operator(
+        KUBETASK_IMAGE_PULL_TIMEOUT_SECONDS="3",
+        KUBETASK_IMAGE_PULL_POLICY="Always",
+        KUBETASK_INFRA_RETRY_LIMIT="1",
+    )
+    stack.apply_task(ns, "unpullable", {**echo("unpullable"), "image": MISSING_IMAGE, "retry": FAST_RETRY})
+    with PodWatcher(stack, ns) as watcher:
+        name = stack.create_run(ns, "unpullable")
+        status = stack.wait_run(ns, name, timeout=90)["status"]
+        wait_for(lambda: not stack.pods(ns), 30, "the attempt pods to be deleted")
+    assert (status["phase"], status["reason"]) == ("Failed", "InfrastructureFailures"), status
+    # maxAttempts is 1, yet two pods were tried: the infrastructure limit (1) ended it.
+    attempts = status["attempts"]
+    assert len(attempts) == 2 and status["infraFailures"] == 2, status
+    for a in attempts:
+        assert a["reason"] in ("ErrImagePull", "ImagePullBackOff"), a
+        # The kubelet's own words, and the limit that ended the attempt.
+        assert "did not start within 3s" in a["error"]["message"], a
+        assert "kubetask-e2e.invalid" in a["error"]["message"], a
+    assert "2 attempts could not start (limit 1)" in status["message"], status
+    assert len(watcher.uids_by_name) == 2, sorted(watcher.uids_by_name)
+    assert_one_pod_per_attempt(watcher)
+    # The next pod was created only once the previous one was gone.
+    assert watcher.max_alive_where(of_run(name)) == 1, [
+        (round(e.at, 3), e.type, e.name, e.phase) for e in watcher.events
+    ]
+    assert token_secrets(stack, ns) == []
+
+
+@contextlib.contextmanager
+def released_at_the_end(stack: Stack, ns: str) -> Iterator[list[str]]:
+    """Names of pods the test holds with :data:`HOLD`; the hold is lifted at the end, so
+    that the pods (and the namespace) can go."""
+    held: list[str] = []
+    try:
+        yield held
+    finally:
+        for name in held:
+            with contextlib.suppress(ApiException):
+                stack.core.patch_namespaced_pod(name, ns, {"metadata": {"finalizers": None}})
+
+
+def test_a_pod_stuck_terminating_ends_its_attempt_after_the_timeout_and_the_run_goes_on(
+    stack: Stack, ns: str, start_operator: Callable[..., Operator]
+) -> None:
+    start_operator(KUBETASK_TERMINATING_TIMEOUT_SECONDS="3")
+    # Attempt 1 cannot be scheduled, so no kubelet ever owns its pod: once deleted, nothing
+    # can confirm that it is gone.
+    stack.apply_task(
+        ns,
+        "held",
+        {
+            **echo("held"),
+            "podTemplate": {"nodeSelector": {"kubetask.dev/no-such-node": "true"}},
+            "retry": FAST_RETRY,
+        },
+    )
+    with PodWatcher(stack, ns) as watcher, released_at_the_end(stack, ns) as held:
+        name = stack.create_run(ns, "held", payload={"n": 4})
+        wait_for(lambda: bool(stack.pods(ns)), 60, "the first attempt's pod")
+        [first] = stack.pods(ns)
+        stack.core.patch_namespaced_pod(first.metadata.name, ns, {"metadata": {"finalizers": [HOLD]}})
+        held.append(first.metadata.name)
+        # The next attempt may run anywhere.
+        stack.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, ns, "tasks", "held", {"spec": {"podTemplate": None}}
+        )
+        stack.core.delete_namespaced_pod(first.metadata.name, ns)
+        deleting = stack.core.read_namespaced_pod(first.metadata.name, ns).metadata.deletion_timestamp
+        assert deleting is not None
+
+        status = stack.wait_run(ns, name, timeout=90)["status"]
+        # The run did not wait for the stuck pod: it is still there, held.
+        still = stack.core.read_namespaced_pod(first.metadata.name, ns)
+        assert still.metadata.uid == first.metadata.uid and still.metadata.deletion_timestamp
+        wait_for(lambda: token_secrets(stack, ns) == [], 30, "the token Secrets to be deleted")
+
+    assert status["phase"] == "Succeeded" and status["output"] == {"n": 4}, status
+    stuck, second = status["attempts"]
+    assert (stuck["reason"], stuck["pod"]) == ("NodeLost", first.metadata.name), stuck
+    assert "node never confirmed" in stuck["error"]["message"], stuck
+    # Not before the timeout: the deletion's deadline (grace 0 for a pod never scheduled)
+    # plus the terminating timeout.
+    assert when(stuck["finishedAt"]) >= deleting + timedelta(seconds=3), (stuck, deleting)
+    # The task never ran in the stuck pod: the attempt did not count.
+    assert status["infraFailures"] == 1 and second["reason"] == "Succeeded", status
+    assert_one_pod_per_attempt(watcher)
+    assert len(watcher.uids_by_name) == 2
+    created = watcher.first_created()
+    assert created[second["pod"]] > created[first.metadata.name]
