@@ -398,6 +398,15 @@ def leader_metrics(op: Operator) -> dict[str, float]:
     return out
 
 
+def assert_role(op: Operator, *, leading: bool) -> dict[str, float]:
+    """The gauge says ``leading``, and the transitions agree with it: every term but the
+    current one ended (a slow API server may end a term early and start another: the
+    counts are not exact, this relation is)."""
+    m = leader_metrics(op)
+    assert m["leader"] == float(leading) == m["acquired"] - m["lost"], (op.name, m)
+    return m
+
+
 def test_health_and_metrics_name_the_leader_and_follow_a_fail_over(
     stack: Stack, ns: str, tmp_path: Path, start_operator: Callable[..., Operator]
 ) -> None:
@@ -416,8 +425,8 @@ def test_health_and_metrics_name_the_leader_and_follow_a_fail_over(
         assert hb["leader"] is False and hb["identity"] != a_id, hb
         assert ha["lease"] == hb["lease"] == f"{ns}/kubetask-operator"
         assert a_id.startswith("a_") and hb["identity"].startswith("b_")
-        assert leader_metrics(a) == {"leader": 1.0, "acquired": 1.0, "lost": 0.0}
-        assert leader_metrics(b) == {"leader": 0.0, "acquired": 0.0, "lost": 0.0}
+        assert_role(a, leading=True)
+        b_before = assert_role(b, leading=False)
 
         proxy.pause()  # a can no longer renew
         both: list[tuple[dict[str, Any], dict[str, Any]]] = []
@@ -435,5 +444,5 @@ def test_health_and_metrics_name_the_leader_and_follow_a_fail_over(
         proxy.resume()
         wait_for(lambda: health(a)["leaseHolder"] == hb["identity"], 30, "a to see b's lease")
         assert health(a)["leader"] is False and health(b)["leaseHolder"] == hb["identity"]
-        assert leader_metrics(a) == {"leader": 0.0, "acquired": 1.0, "lost": 1.0}
-        assert leader_metrics(b) == {"leader": 1.0, "acquired": 1.0, "lost": 0.0}
+        assert assert_role(a, leading=False)["lost"] >= 1
+        assert assert_role(b, leading=True)["acquired"] > b_before["acquired"]
