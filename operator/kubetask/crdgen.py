@@ -84,7 +84,28 @@ def spec_schema(model: type[BaseModel]) -> Schema:
 _STATUS: Schema = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
 
 
-def _crd(kind: str, plural: str, short: list[str], spec: Schema, columns: list[Schema]) -> Schema:
+def _crd(
+    kind: str,
+    plural: str,
+    short: list[str],
+    spec: Schema,
+    columns: list[Schema],
+    *,
+    rules: list[Schema] | None = None,
+) -> Schema:
+    root: Schema = {
+        "type": "object",
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": spec,
+            "status": _STATUS,
+        },
+    }
+    if rules:
+        root["x-kubernetes-validations"] = rules
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -110,19 +131,7 @@ def _crd(kind: str, plural: str, short: list[str], spec: Schema, columns: list[S
                         *columns,
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                     ],
-                    "schema": {
-                        "openAPIV3Schema": {
-                            "type": "object",
-                            "required": ["spec"],
-                            "properties": {
-                                "apiVersion": {"type": "string"},
-                                "kind": {"type": "string"},
-                                "metadata": {"type": "object"},
-                                "spec": spec,
-                                "status": _STATUS,
-                            },
-                        }
-                    },
+                    "schema": {"openAPIV3Schema": root},
                 }
             ],
         },
@@ -203,12 +212,41 @@ def webhook_crd() -> Schema:
     )
 
 
+def schedule_crd() -> Schema:
+    spec = spec_schema(s.ScheduleSpec)
+    return _crd(
+        "Schedule",
+        "schedules",
+        ["sched", "ksched"],
+        spec,
+        [
+            {"name": "Task", "type": "string", "jsonPath": ".spec.task"},
+            {"name": "Cron", "type": "string", "jsonPath": ".spec.cron"},
+            {"name": "Timezone", "type": "string", "jsonPath": ".spec.timezone"},
+            {"name": "Next Run", "type": "string", "jsonPath": ".status.nextScheduleTime"},
+            {"name": "Last Run", "type": "date", "jsonPath": ".status.lastScheduleTime"},
+            {"name": "Active", "type": "integer", "jsonPath": ".status.active"},
+            {"name": "Paused", "type": "boolean", "jsonPath": ".spec.paused", "priority": 1},
+            {"name": "Last Run Name", "type": "string", "jsonPath": ".status.lastRun", "priority": 1},
+        ],
+        # The name is the value of the kubetask.dev/schedule label of its runs.
+        rules=[
+            {
+                "rule": "self.metadata.name.size() <= 63",
+                "message": "a Schedule's name has at most 63 characters (it is the kubetask.dev/schedule "
+                "label of its runs)",
+            }
+        ],
+    )
+
+
 def all_crds() -> dict[str, Schema]:
     return {
         "task.yaml": task_crd(),
         "run.yaml": run_crd(),
         "queue.yaml": queue_crd(),
         "webhook.yaml": webhook_crd(),
+        "schedule.yaml": schedule_crd(),
     }
 
 

@@ -188,6 +188,18 @@ class Kube:
                 return None
             raise
 
+    async def create_object(self, plural: str, namespace: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        """Create a kubetask object; None if one of that name exists (409)."""
+        try:
+            obj: dict[str, Any] = await self.custom.create_namespaced_custom_object(
+                GROUP, VERSION, namespace, plural, body
+            )
+            return obj
+        except ApiException as e:
+            if e.status == 409:
+                return None
+            raise
+
     async def iter_objects(self, plural: str) -> AsyncIterator[dict[str, Any]]:
         """Every object of a kubetask kind, cluster-wide, fetched a page at a time."""
         token: str | None = None

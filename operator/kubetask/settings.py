@@ -105,6 +105,12 @@ class Settings(BaseSettings):
     grant_grace_seconds: float = Field(
         10.0, ge=0, description="A granted attempt without a pod this long is repaired by the resync."
     )
+    schedule_grace_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="A Schedule's fire time reached at most this late (a restart, a fail-over) runs as "
+        "usual; one reached later was missed, and the Schedule's catchUp decides (docs/schedules.md).",
+    )
     infra_retry_limit: int = Field(
         10,
         ge=0,

@@ -263,6 +263,86 @@ class QueueSpec(_Model):
     rate_limit: RateLimit | None = Field(None, description="Pod starts per period (a token bucket).")
 
 
+#: Five fields of a cron expression, or a macro (the operator parses it with croniter;
+#: kubetask.engine.cron has the rules).
+CRON = (
+    r"^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)"
+    r"|[0-9A-Za-z*?/,#-]+( +[0-9A-Za-z*?/,#-]+){4})$"
+)
+#: An IANA time zone name such as Europe/Berlin (the operator checks that it exists).
+TIME_ZONE = r"^[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+)*$"
+#: The label of every Run a Schedule creates: the Schedule's name.
+LABEL_SCHEDULE = "kubetask.dev/schedule"
+
+
+class ScheduleSpec(_Model):
+    """Runs of a Task on a cron schedule, in a time zone (docs/schedules.md)."""
+
+    task: str = Field(
+        ...,
+        min_length=1,
+        max_length=63,
+        pattern=DNS1123_LABEL,
+        description="The Task to run, in this namespace.",
+    )
+    cron: str = Field(
+        ...,
+        min_length=1,
+        max_length=200,
+        pattern=CRON,
+        description="Five fields (minute hour day-of-month month day-of-week), e.g. '30 2 * * *', or "
+        "@yearly, @monthly, @weekly, @daily or @hourly.",
+    )
+    timezone: str = Field(
+        "UTC",
+        min_length=1,
+        max_length=64,
+        pattern=TIME_ZONE,
+        description="IANA time zone the cron expression is read in, e.g. Europe/Berlin.",
+    )
+    payload: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The runs' payload; timestamp, lastTimestamp, timezone, scheduleId and upcoming "
+        "are added to it.",
+    )
+    paused: bool = Field(False, description="A paused schedule fires nothing; resuming does not catch up.")
+    overlap_policy: Literal["Allow", "Skip", "CancelPrevious", "BufferOne"] = Field(
+        "Allow",
+        description="When a fire time comes while a run of this schedule is unfinished: Allow another, "
+        "Skip this one, CancelPrevious (cancel it and start this one), or BufferOne (start this one when "
+        "it ends; at most one waits).",
+    )
+    catch_up: Literal["None", "Latest", "All"] = Field(
+        "Latest",
+        description="Fire times missed while no operator ran: None are run, the Latest one, or All of "
+        "those within startingDeadlineSeconds (the latest 100 at most).",
+    )
+    starting_deadline_seconds: int | None = Field(
+        None,
+        ge=1,
+        le=31_536_000,
+        description="A fire time is not run more than this late; required with catchUp All.",
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.catchUp != 'All' || has(self.startingDeadlineSeconds)",
+                    "message": "catchUp All needs startingDeadlineSeconds (how far back to catch up)",
+                    "fieldPath": ".startingDeadlineSeconds",
+                }
+            ]
+        }
+    )
+
+    @model_validator(mode="after")
+    def _deadline_with_all(self) -> ScheduleSpec:
+        if self.catch_up == "All" and self.starting_deadline_seconds is None:
+            raise ValueError("catchUp All needs startingDeadlineSeconds (how far back to catch up)")
+        return self
+
+
 HTTP_HEADER = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"
 #: Seconds a Stripe signature's timestamp may differ from the operator's clock.
 DEFAULT_TOLERANCE_SECONDS = 300

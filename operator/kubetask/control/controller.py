@@ -1,7 +1,8 @@
 """The controller: the leader's work, wired together.
 
-- Watch events (kopf's Run/Task/Queue handlers, the pod watch) only put keys on work
-  queues: run ids on ``runs``, queue names on ``queues``, Run uids on ``intake``.
+- Watch events (kopf's Run/Task/Queue/Schedule handlers, the pod watch) only put keys on
+  work queues: run ids on ``runs``, queue names on ``queues``, Run uids on ``intake``,
+  Schedule keys on ``schedules`` (:mod:`.schedules` fires them from their timers).
 - A worker reconciles one run (:meth:`Controller.reconcile`): it reads the row and the
   pod and applies what the state calls for, through the engine's transitions
   (:mod:`.transitions`), the attempts (:mod:`.attempts`) or intake (:mod:`.intake`).
@@ -32,6 +33,7 @@ from kubetask.control.catalogue import Catalogue
 from kubetask.control.intake import Intake
 from kubetask.control.podindex import PodIndex
 from kubetask.control.resync import TERMINAL_NAMES, Resync
+from kubetask.control.schedules import SCHEDULE, Schedules
 from kubetask.control.status import StatusSync
 from kubetask.control.timers import QUEUE, RUN, TimerLoop, clear_timer, set_run_timer, set_timer, utcnow
 from kubetask.control.transitions import Applied, Transitions
@@ -94,6 +96,15 @@ class Controller:
             sessions=sessions, catalogue=self.catalogue, settings=settings, apply=self.transitions.apply
         )
         self.timers = TimerLoop(sessions, fire=self._fire, namespaces=settings.namespaces)
+        self.schedules = Schedules(
+            sessions=sessions,
+            kube=kube,
+            settings=settings,
+            intake=self.intake,
+            apply=self.transitions.apply,
+            run_recorded=self.runs.add,
+            wake=lambda due: self.timers.wake(due),
+        )
         self.resync = Resync(self)
         #: Run uid -> (run id, generation handled): a watch event of a Run whose spec did
         #: not change (our own status patch, echoed) costs no database query.
@@ -135,6 +146,8 @@ class Controller:
         elif kind == QUEUE:  # a rate-limited queue may start a run again
             self._fired_queues.add(key)
             self.queues.add(key)
+        elif kind == SCHEDULE and self.mine(key.split("/", 1)[0]):
+            self.schedules.queue.add(key)
 
     def _committed(self, applied: Applied) -> None:
         tr = applied.transition
@@ -145,6 +158,8 @@ class Controller:
         if applied.wake_at is not None:
             self.timers.wake(applied.wake_at)
         self.status.touch(applied.run_id)
+        if tr.state.terminal and not applied.before.terminal:
+            self.schedules.run_ended(applied.run_id)
         if applied.grant is not None:
             self.attempts.tokens[(applied.run_id, applied.grant.attempt)] = applied.grant.token
             self.timers.wake(utcnow() + self.start_deadline)
@@ -179,6 +194,11 @@ class Controller:
                     self.intake_queue.run_workers(self._intake, workers=4, item_timeout=timeout)
                 ),
                 asyncio.create_task(self.status.run(workers=4, item_timeout=timeout)),
+                asyncio.create_task(
+                    self.schedules.queue.run_workers(
+                        self.schedules.reconcile, workers=2, item_timeout=timeout
+                    )
+                ),
                 asyncio.create_task(self.timers.run(), name="timers"),
                 asyncio.create_task(self.resync.loop(), name="resync"),
             ]
@@ -191,7 +211,7 @@ class Controller:
             await asyncio.gather(*parts)
         finally:
             self.ready.clear()
-            for q in (self.runs, self.queues, self.intake_queue):
+            for q in (self.runs, self.queues, self.intake_queue, self.schedules.queue):
                 q.close()
             self.status.close()
             for part in parts:
@@ -272,6 +292,10 @@ class Controller:
             ).scalars()
             for run_id in waiting:
                 self.runs.add(run_id)
+
+    async def on_schedule_event(self, kind: str, body: dict[str, Any]) -> None:
+        if self.mine(body["metadata"]["namespace"]):
+            self.schedules.on_event(kind, body)
 
     async def on_queue_event(self, kind: str, body: dict[str, Any]) -> None:
         if not self.mine(body["metadata"]["namespace"]):

@@ -4,7 +4,8 @@ Events are hints; this is the guarantee. Every ``resync_seconds`` (and first whe
 replica becomes leader) it puts on the work queue whatever an event could have missed:
 Runs without a row, rows whose Run is gone, live attempts whose pod the watch does not
 show (or that were granted and have no pod), queues with free capacity and waiting runs,
-token Secrets of attempts that are over; and it applies the retention settings. It
+token Secrets of attempts that are over, Schedules it has not seen (every one at
+start-up); and it applies the retention settings. It
 pages through lists and reads only live rows, so its cost follows live work, not history.
 """
 
@@ -63,8 +64,10 @@ class Resync:
         for queue in await c.admission.queues_with_waiting():
             if c.mine(queue.split("/", 1)[0]):
                 c.queues.add(queue)
+        await c.schedules.relist(c.mine, initial=initial)
         await self._sweep_secrets()
         await self._retention()
+        await c.schedules.retention()
         self.passes += 1
 
     # ---- Runs and rows -------------------------------------------------------------------

@@ -3,8 +3,9 @@
 A run's timer is the column ``runs.wake_at`` (indexed where set): a transition sets it
 with the state it writes (back-off over, the unknown-Task grace period over, the TTL
 of a finished run), a reconcile sets it to a pod's next start deadline. Timers of
-other things (schedules, later) are rows of ``timers``. Either way nothing in memory is
-authoritative.
+other things (rate-limited queues, schedules) are rows of ``timers``, keyed
+``<namespace>/<name>``. Either way
+nothing in memory is authoritative.
 
 Firing does not clear a timer: it pushes the due time ``refire`` ahead and hands the key
 to the work queue, so a timer whose reconcile is lost (the process dies) fires again,
@@ -74,8 +75,8 @@ class TimerLoop:
         namespaces: list[str] | None = None,
     ) -> None:
         self._sessions = sessions
-        #: Only runs of these namespaces are fired (None or empty: all). One database may
-        #: serve several operators: firing another's runs would refire them every tick.
+        #: Only runs and timers of these namespaces are fired (None or empty: all). One
+        #: database may serve several operators: firing another's would push it 30 s ahead.
         self._namespaces = namespaces or None
         self._fire = fire
         self._refire = refire
@@ -160,6 +161,12 @@ class TimerLoop:
     def _mine(self) -> list[Any]:
         return [t.Run.namespace.in_(self._namespaces)] if self._namespaces else []
 
+    def _mine_timers(self) -> list[Any]:
+        """Timer keys start with their namespace (``<namespace>/<name>``)."""
+        if not self._namespaces:
+            return []
+        return [func.split_part(t.Timer.key, "/", 1).in_(self._namespaces)]
+
     async def _tick(self) -> datetime | None:
         """Fire what is due; return the next due time (None: nothing is set)."""
         now = utcnow()
@@ -194,7 +201,7 @@ class TimerLoop:
                     .where(
                         tuple_(t.Timer.kind, t.Timer.key).in_(
                             select(t.Timer.kind, t.Timer.key)
-                            .where(t.Timer.due_at <= now)
+                            .where(t.Timer.due_at <= now, *self._mine_timers())
                             .order_by(t.Timer.due_at)
                             .limit(self._batch)
                             .with_for_update(skip_locked=True)
@@ -211,7 +218,7 @@ class TimerLoop:
                             select(func.min(t.Run.wake_at))
                             .where(t.Run.wake_at.is_not(None), *self._mine())
                             .scalar_subquery(),
-                            select(func.min(t.Timer.due_at)).scalar_subquery(),
+                            select(func.min(t.Timer.due_at)).where(*self._mine_timers()).scalar_subquery(),
                         )
                     )
                 )

@@ -163,3 +163,9 @@ async def queue_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
             await c.on_queue_event(_kind(event), _body(event))
         except Exception as e:
             log.warning("queue event: %r (the resync will pick it up)", e)
+
+
+@kopf.on.event(GROUP, VERSION, "schedules")
+async def schedule_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+    if (c := _controller(memo)) is not None:
+        await c.on_schedule_event(_kind(event), _body(event))

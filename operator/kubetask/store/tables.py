@@ -336,3 +336,70 @@ class DebounceEntry(Base):
     last_at: Mapped[datetime] = mapped_column()
     #: Triggers the run took (itself included).
     triggers: Mapped[int] = mapped_column(Integer, default=1)
+
+
+class Schedule(Base):
+    """One row per Schedule resource (``namespace/name``): when it fires next and what it
+    did last. The leader's reconcile locks the row (FOR UPDATE) and writes the fires it
+    decided, the next fire time and the schedule's timer in one transaction, so each fire
+    time is decided once, whoever leads and however often the reconcile is repeated."""
+
+    __tablename__ = "schedules"
+
+    key: Mapped[str] = mapped_column(String(127), primary_key=True)
+    namespace: Mapped[str] = mapped_column(String(63))
+    name: Mapped[str] = mapped_column(String(63))
+    #: The resource's uid: a Schedule deleted and created again is a new schedule.
+    uid: Mapped[str] = mapped_column(String(64))
+    #: The expression and zone the next fire time was computed from (a change recomputes it).
+    cron: Mapped[str] = mapped_column(String(200))
+    timezone: Mapped[str] = mapped_column(String(64))
+    paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    next_fire_at: Mapped[datetime | None] = mapped_column()
+    #: The latest fire time decided, whatever came of it.
+    last_fire_at: Mapped[datetime | None] = mapped_column()
+    #: The fire time of the latest run (the next payload's lastTimestamp), and that run.
+    last_run_fire_at: Mapped[datetime | None] = mapped_column()
+    last_run_name: Mapped[str | None] = mapped_column(String(253))
+    last_run_id: Mapped[str | None] = mapped_column(String(40))
+    #: Fire times the overlap policy skipped, and fire times missed while no operator ran
+    #: that catchUp did not run.
+    skipped: Mapped[int] = mapped_column(Integer, default=0)
+    missed: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(server_default=func.now(), onupdate=func.now())
+
+
+class ScheduleFire(Base):
+    """A fire time of a schedule and what came of it: the deduplication key of a fire.
+
+    Written in the transaction that moves the schedule's next fire time past it, before
+    the Run exists (``pending``); the Run's name is derived from the schedule's uid and
+    the fire time, so creating it again after a crash or a fail-over finds the one Run.
+    ``open`` rows are the schedule's runs that may be unfinished (what the overlap policy
+    looks at); the reconcile closes them when their run has ended."""
+
+    __tablename__ = "schedule_fires"
+
+    schedule_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    fire_at: Mapped[datetime] = mapped_column(primary_key=True)
+    #: The schedule's key (namespace/name).
+    schedule: Mapped[str] = mapped_column(String(127))
+    #: pending (its Run is to be created) | created | buffered (BufferOne: waits for the
+    #: open run to end) | skipped (overlapPolicy Skip or BufferOne) | superseded
+    #: (CancelPrevious: a later fire replaced it before its Run existed)
+    state: Mapped[str] = mapped_column(String(16))
+    #: Triggered by hand (``trigger-now``), not by the cron expression.
+    manual: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: The run's payload, fixed when the fire was decided (a repeated create sends the same).
+    payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    run_name: Mapped[str | None] = mapped_column(String(253))
+    run_id: Mapped[str | None] = mapped_column(String(40))
+    open: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+    __table_args__ = (
+        Index("ix_schedule_fires_open", "schedule_uid", postgresql_where=text("open")),
+        Index("ix_schedule_fires_run", "run_id", postgresql_where=text("run_id IS NOT NULL")),
+        Index("ix_schedule_fires_created", "created_at"),
+    )
