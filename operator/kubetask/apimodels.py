@@ -43,7 +43,15 @@ from pydantic_core import PydanticCustomError
 
 from kubetask.engine.machine import TERMINAL
 from kubetask.protocol import ErrorDetail, ErrorResponse, storable_size
-from kubetask.spec import MAX_PAYLOAD_BYTES, TAG_ITEM_SCHEMA, Debounce, QueueSpec, RateLimit, RunSpec
+from kubetask.spec import (
+    MAX_PAYLOAD_BYTES,
+    TAG_ITEM_SCHEMA,
+    Debounce,
+    QueueSpec,
+    RateLimit,
+    RunSpec,
+    ScheduleSpec,
+)
 
 __all__ = [
     "BULK_MAX_RUNS",
@@ -81,6 +89,9 @@ __all__ = [
     "RunList",
     "RunPhase",
     "RunSummary",
+    "ScheduleItem",
+    "ScheduleList",
+    "ScheduleUpdate",
     "TaskItem",
     "TaskList",
     "TokenCompleted",
@@ -714,6 +725,63 @@ class QueueUpdate(_Request):
     def spec_patch(self) -> dict[str, Any]:
         """The merge patch of the Queue's ``spec`` (camelCase; null removes)."""
         return self.model_dump(by_alias=True, include=self.model_fields_set)
+
+
+# ---- schedules ------------------------------------------------------------------------------
+
+
+class ScheduleItem(_Response):
+    """A Schedule: its spec, and when it fires (from PostgreSQL, where the leader keeps it)."""
+
+    name: str
+    namespace: str
+    task: str
+    cron: str
+    timezone: str = "UTC"
+    paused: bool = False
+    overlap_policy: str = "Allow"
+    catch_up: str = "Latest"
+    starting_deadline_seconds: int | None = None
+    payload: dict[str, Any] = Field(default_factory=dict)
+    next_fire_time: str | None = None
+    """The next fire time (null: paused, not looked at by the operator yet, or invalid)."""
+    last_fire_time: str | None = None
+    """The latest fire time the operator acted on (run, skipped or buffered)."""
+    upcoming: list[str] = Field(default_factory=list)
+    """The next fire times (as a run's payload lists them)."""
+    last_run: str | None = None
+    """The name of the latest Run it created."""
+    last_run_id: str | None = None
+    active_runs: list[str] = Field(default_factory=list)
+    """Its runs that have not finished (names), oldest first."""
+    skipped: int = 0
+    """Fire times the overlap policy skipped."""
+    missed: int = 0
+    """Fire times missed while no operator ran that catchUp did not run."""
+    ready: bool | None = None
+    """The Schedule's Ready condition (false: an invalid expression or time zone)."""
+    message: str = ""
+    created_at: str | None = None
+
+
+class ScheduleList(_Response):
+    """The answer of ``GET /api/v1/namespaces/{namespace}/schedules``, by name."""
+
+    items: list[ScheduleItem]
+
+
+class ScheduleUpdate(_Request):
+    """The body of ``PATCH /api/v1/namespaces/{namespace}/schedules/{name}``: pause or resume
+    (a merge patch of the Schedule's ``spec.paused``)."""
+
+    paused: bool = _rule(ScheduleSpec, "paused")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _given(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("paused") is None:
+            raise ValueError("send paused: true (pause) or false (resume)")
+        return data
 
 
 # ---- durable execution: events and tokens -------------------------------------------------

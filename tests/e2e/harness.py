@@ -164,6 +164,7 @@ def install_crds(kubeconfig: str) -> None:
             "crd/runs.kubetask.dev",
             "crd/queues.kubetask.dev",
             "crd/webhooks.kubetask.dev",
+            "crd/schedules.kubetask.dev",
         ],
         check=True,
         env=env,
@@ -366,7 +367,11 @@ class Operator:
 
 #: What the e2e tests' token may do: read every kubetask resource in the cluster.
 READER_RULES = [
-    {"apiGroups": [GROUP], "resources": ["runs", "tasks", "queues"], "verbs": ["get", "list", "watch"]}
+    {
+        "apiGroups": [GROUP],
+        "resources": ["runs", "tasks", "queues", "schedules"],
+        "verbs": ["get", "list", "watch"],
+    }
 ]
 
 

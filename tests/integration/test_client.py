@@ -51,7 +51,7 @@ pytestmark = [pytest.mark.db, pytest.mark.asyncio(loop_scope="session")]
 
 Sessions = async_sessionmaker[AsyncSession]
 HOST_IP = "10.88.0.1"  # how pods reach this host (the local stack's bridge)
-ALL_KUBETASK = [{"apiGroups": [GROUP], "resources": ["runs", "tasks", "queues"], "verbs": ["*"]}]
+ALL_KUBETASK = [{"apiGroups": [GROUP], "resources": ["runs", "tasks", "queues", "schedules"], "verbs": ["*"]}]
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from kubetask.spec import API_VERSION, GROUP, VERSION, QueueSpec, RateLimit, Tas
 from kubetask.store import tables as t
 
 
-async def _list(request: web.Request, plural: str, namespace: str) -> list[dict[str, Any]]:
+async def list_objects(request: web.Request, plural: str, namespace: str) -> list[dict[str, Any]]:
     """Every ``plural`` object in ``namespace``, a page at a time."""
     custom = request.app[RUNS].kube.custom
     items: list[dict[str, Any]] = []
@@ -51,7 +51,7 @@ async def list_tasks(request: web.Request) -> web.Response:
     """``GET /api/v1/namespaces/{namespace}/tasks`` (``list tasks``)."""
     ns = dns_label("namespace", request.match_info["namespace"])
     await authorize(request, "list", "tasks", ns)
-    bodies = await _list(request, "tasks", ns)
+    bodies = await list_objects(request, "tasks", ns)
     async with request.app[SESSIONS]() as s:
         rows = (
             await s.execute(
@@ -133,7 +133,7 @@ async def list_queues(request: web.Request) -> web.Response:
     """``GET /api/v1/namespaces/{namespace}/queues`` (``list queues``)."""
     ns = dns_label("namespace", request.match_info["namespace"])
     await authorize(request, "list", "queues", ns)
-    resources = {b["metadata"]["name"]: b for b in await _list(request, "queues", ns)}
+    resources = {b["metadata"]["name"]: b for b in await list_objects(request, "queues", ns)}
     rows = await _queue_rows(request, ns)
     items = [
         _queue_item(ns, name, rows.get(name), resources.get(name))

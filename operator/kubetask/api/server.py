@@ -28,7 +28,7 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
-from kubetask.api import actions, catalog, events, journal, runs
+from kubetask.api import actions, catalog, events, journal, runs, schedules
 from kubetask.api.actions import RUNS, Runs
 from kubetask.api.auth import REVIEWER, Reviewer, authenticate
 from kubetask.api.errors import error_response, middleware
@@ -60,6 +60,9 @@ from kubetask.apimodels import (
     ReplayResponse,
     RunDetail,
     RunList,
+    ScheduleItem,
+    ScheduleList,
+    ScheduleUpdate,
     TaskList,
     TokenCompleted,
     TriggerRequest,
@@ -115,6 +118,7 @@ async def openapi(request: web.Request) -> web.Response:
 
 _NS = Param("namespace", "path", {"type": "string", "pattern": DNS1123_LABEL, "maxLength": 63})
 _TASK = Param("task", "path", {"type": "string", "pattern": DNS1123_LABEL, "maxLength": 63})
+_SCHEDULE = Param("name", "path", {"type": "string", "pattern": DNS1123_LABEL, "maxLength": 63})
 _ID = Param("id", "path", {"type": "string", "maxLength": 40}, "A run id (run_...).")
 _FILTERS = (
     Param("task", "query", {"type": "string"}, "Task name; repeatable or comma-separated (any).", True),
@@ -286,6 +290,46 @@ PUBLIC_ENDPOINTS: tuple[Endpoint, ...] = (
         request=QueueUpdate,
         params=(_NS, Param("queue", "path", {"type": "string", "pattern": DNS1123_LABEL, "maxLength": 63})),
         responses={200: Body((QueueItem,))},
+    ),
+    Endpoint(
+        "GET",
+        "/api/v1/namespaces/{namespace}/schedules",
+        schedules.list_schedules,
+        "The namespace's Schedules: when they fire next and last, their unfinished runs",
+        "list schedules",
+        params=(_NS,),
+        responses={200: Body((ScheduleList,))},
+    ),
+    Endpoint(
+        "GET",
+        "/api/v1/namespaces/{namespace}/schedules/{name}",
+        schedules.get_schedule,
+        "One Schedule",
+        "get schedules",
+        params=(_NS, _SCHEDULE),
+        responses={200: Body((ScheduleItem,))},
+    ),
+    Endpoint(
+        "PATCH",
+        "/api/v1/namespaces/{namespace}/schedules/{name}",
+        schedules.patch_schedule,
+        "Pause or resume a Schedule (its spec.paused)",
+        "patch schedules",
+        request=ScheduleUpdate,
+        params=(_NS, _SCHEDULE),
+        responses={200: Body((ScheduleItem,))},
+    ),
+    Endpoint(
+        "POST",
+        "/api/v1/namespaces/{namespace}/schedules/{name}/trigger",
+        schedules.trigger_schedule,
+        "Run a Schedule's task now, with its payload (also needs `get schedules`)",
+        "create runs",
+        params=(_NS, _SCHEDULE),
+        responses={
+            201: Body((TriggerResponse,), description="created a Run labelled kubetask.dev/schedule"),
+            409: Body((ErrorResponse,), description="schedule_invalid: its cron or timezone is not usable"),
+        },
     ),
     Endpoint(
         "POST",

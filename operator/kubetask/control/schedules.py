@@ -149,7 +149,7 @@ class Schedules:
         now = utcnow()
         cancel: list[str] = []
         async with self.sessions.begin() as s:
-            row = await self._lock(s, key, ns=ns, name=name, uid=uid, cron=cron)
+            row = await lock_schedule(s, key, uid=uid, cron=cron)
             opened = await self._open_fires(s, uid)
             active = [f for f in opened if f.state in ("pending", "created")]
             buffered = [f for f in opened if f.state == "buffered"]
@@ -268,42 +268,6 @@ class Schedules:
             )
         await self._write_status(key, uid=uid, generation=generation, cron=cron, spec=spec, now=utcnow())
         self._seen[key] = (uid, generation)
-
-    async def _lock(
-        self,
-        s: AsyncSession,
-        key: str,
-        *,
-        ns: str,
-        name: str,
-        uid: str,
-        cron: Cron,
-    ) -> t.Schedule:
-        """The schedule's row, locked; inserted for a new Schedule, reset for a Schedule
-        deleted and created again under the same name (another uid)."""
-        await s.execute(
-            pg_insert(t.Schedule)
-            .values(
-                key=key,
-                namespace=ns,
-                name=name,
-                uid=uid,
-                cron=cron.expression,
-                timezone=cron.timezone,
-                paused=False,
-                skipped=0,
-                missed=0,
-            )
-            .on_conflict_do_nothing(index_elements=[t.Schedule.key])
-        )
-        row = (
-            await s.execute(select(t.Schedule).where(t.Schedule.key == key).with_for_update())
-        ).scalar_one()
-        if row.uid != uid:
-            row.uid, row.paused, row.next_fire_at, row.last_fire_at = uid, False, None, None
-            row.last_run_fire_at, row.last_run_name, row.last_run_id = None, None, None
-            row.skipped, row.missed = 0, 0
-        return row
 
     async def _open_fires(self, s: AsyncSession, uid: str) -> list[t.ScheduleFire]:
         """The schedule's open fires, those whose run has ended closed on the way."""
@@ -535,6 +499,33 @@ class Schedules:
                     t.ScheduleFire.created_at < cut,
                 )
             )
+
+
+async def lock_schedule(s: AsyncSession, key: str, *, uid: str, cron: Cron) -> t.Schedule:
+    """The schedule's row, locked (FOR UPDATE) in ``s``: inserted for a new Schedule, reset
+    for a Schedule deleted and created again under the same name (another uid)."""
+    ns, name = key.split("/", 1)
+    await s.execute(
+        pg_insert(t.Schedule)
+        .values(
+            key=key,
+            namespace=ns,
+            name=name,
+            uid=uid,
+            cron=cron.expression,
+            timezone=cron.timezone,
+            paused=False,
+            skipped=0,
+            missed=0,
+        )
+        .on_conflict_do_nothing(index_elements=[t.Schedule.key])
+    )
+    row = (await s.execute(select(t.Schedule).where(t.Schedule.key == key).with_for_update())).scalar_one()
+    if row.uid != uid:
+        row.uid, row.paused, row.next_fire_at, row.last_fire_at = uid, False, None, None
+        row.last_run_fire_at, row.last_run_name, row.last_run_id = None, None, None
+        row.skipped, row.missed = 0, 0
+    return row
 
 
 def _parse_time(raw: Any) -> datetime | None:

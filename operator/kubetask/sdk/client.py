@@ -42,6 +42,9 @@ from kubetask.apimodels import (
     RunDetail,
     RunList,
     RunSummary,
+    ScheduleItem,
+    ScheduleList,
+    ScheduleUpdate,
     TaskItem,
     TaskList,
     TriggerRequest,
@@ -325,6 +328,7 @@ class Client:
         self.runs = Runs(self)
         self.queues = Queues(self)
         self.events = Events(self)
+        self.schedules = Schedules(self)
 
     @property
     def api_url(self) -> str:
@@ -636,6 +640,40 @@ class Events:
         return self._c._model(EventResponse, _Call("POST", "/api/v1/events", body=body))
 
 
+class Schedules:
+    """``client.schedules``: list, read, pause, resume, trigger now (docs/schedules.md)."""
+
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+    def list(self, namespace: str | None = None) -> list[ScheduleItem]:
+        """The namespace's Schedules, by name, with their next and last fire times."""
+        ns = namespace or self._c.namespace
+        return self._c._model(ScheduleList, _Call("GET", f"/api/v1/namespaces/{_q(ns)}/schedules")).items
+
+    def retrieve(self, name: str, *, namespace: str | None = None) -> ScheduleItem:
+        return self._c._model(ScheduleItem, _Call("GET", _schedule_path(self._c.namespace, name, namespace)))
+
+    def pause(self, name: str, *, namespace: str | None = None) -> ScheduleItem:
+        """Fire nothing until resumed (runs already started go on)."""
+        path = _schedule_path(self._c.namespace, name, namespace)
+        return self._c._model(ScheduleItem, _Call("PATCH", path, body=ScheduleUpdate(paused=True)))
+
+    def resume(self, name: str, *, namespace: str | None = None) -> ScheduleItem:
+        """Fire again from the next fire time (those it was paused over are not caught up)."""
+        path = _schedule_path(self._c.namespace, name, namespace)
+        return self._c._model(ScheduleItem, _Call("PATCH", path, body=ScheduleUpdate(paused=False)))
+
+    def trigger_now(self, name: str, *, namespace: str | None = None) -> TriggerResponse:
+        """One run of the Schedule's task now, with its payload (``timestamp``: now)."""
+        path = _schedule_path(self._c.namespace, name, namespace) + "/trigger"
+        return self._c._model(TriggerResponse, _Call("POST", path))
+
+
+def _schedule_path(default: str, name: str, namespace: str | None) -> str:
+    return f"/api/v1/namespaces/{_q(namespace or default)}/schedules/{_q(name)}"
+
+
 # ---- the async client --------------------------------------------------------------------
 
 
@@ -662,6 +700,7 @@ class AsyncClient:
         self.runs = AsyncRuns(self)
         self.queues = AsyncQueues(self)
         self.events = AsyncEvents(self)
+        self.schedules = AsyncSchedules(self)
 
     @property
     def api_url(self) -> str:
@@ -954,3 +993,32 @@ class AsyncQueues:
             concurrency_limit=concurrency_limit, per_key_concurrency_limit=per_key_concurrency_limit
         )
         return await self._patch(name, namespace, body)
+
+
+class AsyncSchedules:
+    """``client.schedules`` of the async client."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._c = client
+
+    async def list(self, namespace: str | None = None) -> list[ScheduleItem]:
+        ns = namespace or self._c.namespace
+        call = _Call("GET", f"/api/v1/namespaces/{_q(ns)}/schedules")
+        return (await self._c._model(ScheduleList, call)).items
+
+    async def retrieve(self, name: str, *, namespace: str | None = None) -> ScheduleItem:
+        return await self._c._model(
+            ScheduleItem, _Call("GET", _schedule_path(self._c.namespace, name, namespace))
+        )
+
+    async def pause(self, name: str, *, namespace: str | None = None) -> ScheduleItem:
+        path = _schedule_path(self._c.namespace, name, namespace)
+        return await self._c._model(ScheduleItem, _Call("PATCH", path, body=ScheduleUpdate(paused=True)))
+
+    async def resume(self, name: str, *, namespace: str | None = None) -> ScheduleItem:
+        path = _schedule_path(self._c.namespace, name, namespace)
+        return await self._c._model(ScheduleItem, _Call("PATCH", path, body=ScheduleUpdate(paused=False)))
+
+    async def trigger_now(self, name: str, *, namespace: str | None = None) -> TriggerResponse:
+        path = _schedule_path(self._c.namespace, name, namespace) + "/trigger"
+        return await self._c._model(TriggerResponse, _Call("POST", path))
