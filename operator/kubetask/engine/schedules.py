@@ -28,6 +28,8 @@ UPCOMING = 5
 #: Missed fire times are counted up to this many per outage (for status.missed).
 MAX_COUNTED = 1000
 _TICK = timedelta(microseconds=1)
+#: The keys a schedule adds to its runs' payload.
+PAYLOAD_KEYS = frozenset({"timestamp", "lastTimestamp", "timezone", "scheduleId", "upcoming"})
 
 
 @dataclass(frozen=True)
@@ -129,18 +131,21 @@ def payload(
     upcoming: list[datetime],
 ) -> dict[str, Any]:
     """The payload of a scheduled run: the Schedule's ``spec.payload`` with what
-    Trigger.dev passes to a scheduled task (these keys win over the same keys in
+    Trigger.dev passes to a scheduled task (these keys replace the same keys of
     ``spec.payload``): ``timestamp`` (the fire time), ``lastTimestamp`` (the fire time of
-    the schedule's previous run; null for the first), ``timezone``, ``scheduleId``
-    (``namespace/name``) and ``upcoming`` (the next fire times). Times are ISO-8601 UTC."""
-    return {
-        **base,
+    the schedule's previous run; absent for the first, as in Trigger.dev), ``timezone``,
+    ``scheduleId`` (``namespace/name``) and ``upcoming`` (the next fire times). Times are
+    ISO-8601 UTC."""
+    out = {k: v for k, v in base.items() if k not in PAYLOAD_KEYS}
+    out |= {
         "timestamp": iso(fire_at),
-        "lastTimestamp": None if last is None else iso(last),
         "timezone": timezone,
         "scheduleId": schedule_id,
         "upcoming": [iso(u) for u in upcoming],
     }
+    if last is not None:
+        out["lastTimestamp"] = iso(last)
+    return out
 
 
 def uid_part(uid: str, *, full: bool = False) -> str:
