@@ -11,7 +11,7 @@ import yaml
 from pydantic import ValidationError
 
 from kubetask import crdgen
-from kubetask.spec import RetrySpec, RunSpec, TaskSpec
+from kubetask.spec import RetrySpec, RunSpec, ScheduleSpec, TaskSpec
 
 CRDS = Path(__file__).resolve().parents[2] / "crds"
 
@@ -42,7 +42,7 @@ def test_schema_bounds_match_the_models() -> None:
 
 
 def test_every_model_field_is_in_the_schema_and_nothing_else() -> None:
-    for plural, model in [("tasks", TaskSpec), ("runs", RunSpec)]:
+    for plural, model in [("tasks", TaskSpec), ("runs", RunSpec), ("schedules", ScheduleSpec)]:
         props = set(_spec_schema(plural)["properties"])
         aliases = {f.alias or n for n, f in model.model_fields.items()}
         assert props == aliases
@@ -104,3 +104,14 @@ def test_models_reject_what_the_schema_rejects() -> None:
 def test_helm_chart_ships_the_same_crds(name: str) -> None:
     chart = CRDS.parent / "helm" / "kubetask" / "crds" / name
     assert chart.read_text() == (CRDS / name).read_text(), f"{chart} is stale: run `make helm-crds`"
+
+
+def test_schedule_printer_columns_short_name_and_name_rule() -> None:
+    crd = yaml.safe_load((CRDS / "schedule.yaml").read_text())
+    assert "sched" in crd["spec"]["names"]["shortNames"]
+    version = crd["spec"]["versions"][0]
+    visible = [c["name"] for c in version["additionalPrinterColumns"] if not c.get("priority")]
+    assert visible == ["Task", "Cron", "Timezone", "Next Run", "Last Run", "Active", "Age"]
+    root = version["schema"]["openAPIV3Schema"]
+    assert root["x-kubernetes-validations"][0]["rule"] == "self.metadata.name.size() <= 63"
+    assert root["properties"]["spec"]["properties"]["timezone"]["default"] == "UTC"
