@@ -163,6 +163,7 @@ def _sample_path(path: str, ns: str) -> str:
         .replace("{task}", "hello")
         .replace("{queue}", "q")
         .replace("{id}", "run_0000")
+        .replace("{name}", "s")
     )
 
 
