@@ -4,8 +4,7 @@ A run's timer is the column ``runs.wake_at`` (indexed where set): a transition s
 with the state it writes (back-off over, the unknown-Task grace period over, the TTL
 of a finished run), a reconcile sets it to a pod's next start deadline. Timers of
 other things (rate-limited queues, schedules) are rows of ``timers``, keyed
-``<namespace>/<name>``. Either way
-nothing in memory is authoritative.
+``<namespace>/<name>``. Either way nothing in memory is authoritative.
 
 Firing does not clear a timer: it pushes the due time ``refire`` ahead and hands the key
 to the work queue, so a timer whose reconcile is lost (the process dies) fires again,
