@@ -386,8 +386,8 @@ class ScheduleFire(Base):
     #: The schedule's key (namespace/name).
     schedule: Mapped[str] = mapped_column(String(127))
     #: pending (its Run is to be created) | created | buffered (BufferOne: waits for the
-    #: open run to end) | skipped (overlapPolicy Skip or BufferOne) | superseded
-    #: (CancelPrevious: a later fire replaced it before its Run existed)
+    #: open runs to end) | skipped (by the overlap policy; with CancelPrevious, a later
+    #: fire replaced it before its Run existed)
     state: Mapped[str] = mapped_column(String(16))
     #: Triggered by hand (``trigger-now``), not by the cron expression.
     manual: Mapped[bool] = mapped_column(Boolean, default=False)
