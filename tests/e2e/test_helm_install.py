@@ -1,0 +1,187 @@
+"""The Helm tier: kubetask as `helm upgrade --install` puts it in a cluster, from the
+locally built images, with the chart's own ServiceAccount and RBAC, and what users then do
+with the release: run the examples, upgrade the operator with runs in flight, uninstall.
+
+One release for the module (tests/e2e/helm.py), kt-in-<random>, one replica, watching one
+namespace of work. The cases run in the file's order and the last one uninstalls it."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from tests.e2e.conftest import wait_for
+from tests.e2e.harness import GROUP, REPO, TERMINAL, VERSION, PodWatcher, Stack, namespace
+from tests.e2e.helm import (
+    Release,
+    assert_runs_within_limits,
+    installed_release,
+    operator_image_alias,
+    ready,
+    sleeper,
+)
+
+pytestmark = pytest.mark.e2e
+
+EXAMPLES = REPO / "examples"
+
+
+@pytest.fixture(scope="module")
+def release(stack: Stack, e2e_database: str) -> Iterator[Release]:
+    with (
+        namespace(stack, "e2e-helm-install") as work_ns,
+        installed_release(
+            stack,
+            e2e_database,
+            prefix="kt-in",
+            work_namespaces=[work_ns],
+            replicaCount=1,
+            # Short lease timings: the upgrade's new pod takes over at once from the old
+            # one (which releases the Lease), and a crash is not waited for long.
+            leaderElection={"leaseDurationSeconds": 4, "renewDeadlineSeconds": 3, "retryPeriodSeconds": 0.5},
+        ) as rel,
+    ):
+        yield rel
+
+
+@pytest.fixture
+def installed(release: Release, request: pytest.FixtureRequest) -> Iterator[Release]:
+    """The release, with its state printed when the test fails."""
+    yield release
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        print(release.diagnose())
+
+
+def kubectl_ok(stack: Stack, ns: str, *args: str) -> str:
+    out = stack.kubectl(ns, *args)
+    assert out.returncode == 0, f"kubectl -n {ns} {' '.join(args)}: {out.stderr}"
+    return out.stdout
+
+
+def test_the_operator_runs_as_the_charts_service_account(stack: Stack, installed: Release) -> None:
+    (pod,) = installed.operator_pods()
+    assert pod.spec.service_account_name == installed.operator_service_account
+    assert ready(pod)
+
+
+def test_the_examples_hello_and_flaky_succeed(stack: Stack, installed: Release) -> None:
+    ns = installed.work_ns
+    for example in ("hello", "flaky"):
+        kubectl_ok(stack, ns, "apply", "-f", str(EXAMPLES / example / "task.yaml"))
+    hello, flaky = (
+        kubectl_ok(stack, ns, "create", "-f", str(EXAMPLES / e / "run.yaml"), "-o", "name")
+        .strip()
+        .split("/")[-1]
+        for e in ("hello", "flaky")
+    )
+    status = stack.wait_run(ns, hello, timeout=180)["status"]
+    assert status["phase"] == "Succeeded", status
+    assert status["output"] == {"message": "Hello, kubetask!", "attempt": 1}
+    status = stack.wait_run(ns, flaky, timeout=180)["status"]
+    assert status["phase"] == "Succeeded", status
+    assert status["output"] == {"succeededOnAttempt": 3}
+    assert [a["reason"] for a in status["attempts"]][-1] == "Succeeded"
+    assert len(status["attempts"]) == 3
+
+
+def test_an_upgrade_to_a_new_operator_image_finishes_the_runs_in_flight(
+    stack: Stack, installed: Release
+) -> None:
+    runs_count, limit = 6, 2
+    ns = installed.work_ns
+    stack.apply_task(ns, "upgrade", sleeper("upgrade", limit=limit))
+    (old,) = installed.operator_pods()
+    with operator_image_alias("upgrade") as alias, PodWatcher(stack, ns) as watcher:
+        runs = [stack.create_run(ns, "upgrade", payload={"s": 5}) for _ in range(runs_count)]
+        wait_for(
+            lambda: any(p.status.phase == "Running" for p in stack.pods(ns, "kubetask.dev/task=upgrade")),
+            120,
+            "an attempt pod of the burst to run",
+        )
+        in_flight = runs_count - len(finished(stack, ns, runs))
+        values: dict[str, Any] = dict(installed.values)
+        if alias is not None:
+            values["image"] = {**values["image"], "tag": alias}
+        else:  # another cluster: a changed pod template rolls the Deployment all the same
+            values["podAnnotations"] = {"kubetask.dev/upgrade": str(time.time())}
+        started = time.monotonic()
+        installed.upgrade(values)
+        rolled = time.monotonic() - started
+        # helm --wait returns once the new pod is Ready; the old one is stopping then.
+        wait_for(lambda: len(installed.operator_pods()) == 1, 90, "the old operator pod to go")
+        (new,) = installed.operator_pods()
+        assert new.metadata.uid != old.metadata.uid
+        if alias is not None:
+            assert new.spec.containers[0].image.endswith(f":{alias}"), new.spec.containers[0].image
+        wait_for(installed.leading, 60, "the new operator pod to lead")
+        during = runs_count - len(finished(stack, ns, runs))
+        done = stack.wait_all(ns, runs, timeout=180)
+    print(
+        f"\n{in_flight} of {runs_count} runs in flight when the upgrade began; the rollout took"
+        f" {rolled:.1f}s; {during} were still unfinished when the new pod led"
+    )
+    assert in_flight > 0
+    assert_runs_within_limits(watcher, "upgrade", done, limit=limit)
+
+
+def finished(stack: Stack, ns: str, names: list[str]) -> list[str]:
+    items = stack.custom.list_namespaced_custom_object(GROUP, VERSION, ns, "runs")["items"]
+    return [
+        r["metadata"]["name"]
+        for r in items
+        if r["metadata"]["name"] in names and (r.get("status") or {}).get("phase") in TERMINAL
+    ]
+
+
+def test_uninstall_leaves_no_pods_secrets_or_config_maps_and_keeps_the_crds(
+    stack: Stack, installed: Release
+) -> None:
+    ns, work = installed.ns, installed.work_ns
+    # The work of the earlier cases is over: nothing of it is in flight.
+    leftovers = stack.custom.list_namespaced_custom_object(GROUP, VERSION, work, "runs")["items"]
+    assert all((r.get("status") or {}).get("phase") in TERMINAL for r in leftovers)
+    wait_for(lambda: not stack.pods(work), 60, "the attempt pods of finished runs to be deleted")
+    tasks = {
+        t["metadata"]["uid"]
+        for t in stack.custom.list_namespaced_custom_object(GROUP, VERSION, work, "tasks")["items"]
+    }
+
+    out = installed.uninstall()
+    assert out.returncode == 0, out.stderr
+    wait_for(lambda: not installed.operator_pods(), 90, "the operator pods to go")
+
+    # The release's namespace holds nothing of it but the Lease the operator created.
+    assert [s.metadata.name for s in stack.core.list_namespaced_secret(ns).items] == []
+    assert [c.metadata.name for c in stack.core.list_namespaced_config_map(ns).items] == ["kube-root-ca.crt"]
+    assert [a.metadata.name for a in stack.core.list_namespaced_service_account(ns).items] == ["default"]
+    assert [s.metadata.name for s in stack.core.list_namespaced_service(ns).items] == []
+    assert [p.metadata.name for p in stack.core.list_namespaced_pod(ns).items] == []
+    # Nothing cluster-wide either.
+    rbac = client.RbacAuthorizationV1Api()
+    selector = f"app.kubernetes.io/instance={installed.name}"
+    assert rbac.list_cluster_role(label_selector=selector).items == []
+    assert rbac.list_cluster_role_binding(label_selector=selector).items == []
+
+    # The namespace of work: no attempt pod or token Secret; the ConfigMaps of inline
+    # sources only while their Task is there (they are the Task's: owner references).
+    managed = "app.kubernetes.io/managed-by=kubetask"
+    assert stack.pods(work) == []
+    assert stack.core.list_namespaced_secret(work, label_selector=managed).items == []
+    for cm in stack.core.list_namespaced_config_map(work, label_selector=managed).items:
+        assert {o.uid for o in cm.metadata.owner_references or []} <= tasks, cm.metadata
+
+    # The CRDs stay, and with them the Tasks and Runs.
+    ext = client.ApiextensionsV1Api()
+    for plural in ("tasks", "runs", "queues", "webhooks"):
+        ext.read_custom_resource_definition(f"{plural}.{GROUP}")
+    assert len(stack.custom.list_namespaced_custom_object(GROUP, VERSION, work, "runs")["items"]) == len(
+        leftovers
+    )
+    with contextlib.suppress(Exception):
+        print(f"\nleft in {ns}: {installed.stack.kubectl(ns, 'get', 'all,lease', '-o', 'name').stdout}")

@@ -1,0 +1,83 @@
+"""The chart helm/kubetask rendered by `helm template` for its main combinations of values
+(no cluster): what each one creates, and the values it refuses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.helmchart import RenderError, helm_binary, render
+
+pytestmark = pytest.mark.skipif(not helm_binary(), reason="helm is not built (make binaries)")
+
+DB = {"database": {"url": "postgresql+psycopg://u:p@db:5432/kubetask"}}
+
+
+def kinds(objects: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    return sorted((o["kind"], o["metadata"].get("namespace", ""), o["metadata"]["name"]) for o in objects)
+
+
+def one(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [o for o in objects if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+    assert len(found) == 1, (kind, name, kinds(objects))
+    return found[0]
+
+
+def env_of(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    container = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def test_the_defaults_are_two_replicas_with_a_leader_a_budget_and_a_database_secret() -> None:
+    objects = render(DB)
+    deployment = one(objects, "Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+    assert one(objects, "PodDisruptionBudget")["spec"]["minAvailable"] == 1
+    assert one(objects, "Secret", "kubetask-database")["stringData"]["url"] == DB["database"]["url"]
+    env = env_of(objects)
+    assert env["KUBETASK_LEADER_ELECTION"] == "true"
+    assert env["KUBETASK_LEASE_NAME"] == "kubetask-operator"
+    assert env["KUBETASK_NAMESPACES"] == "[]"
+    assert env["KUBETASK_API_URL"] == "http://kubetask-runner.kubetask-system.svc:8081"
+    assert env["KUBETASK_DATABASE_URL"] == {"secretKeyRef": {"name": "kubetask-database", "key": "url"}}
+    assert {s["metadata"]["name"] for s in objects if s["kind"] == "Service"} == {
+        "kubetask-api",
+        "kubetask-runner",
+    }
+
+
+def test_one_replica_has_no_disruption_budget_and_may_run_without_election() -> None:
+    objects = render(DB | {"replicaCount": 1, "leaderElection": {"enabled": False}})
+    assert one(objects, "Deployment")["spec"]["replicas"] == 1
+    assert not [o for o in objects if o["kind"] == "PodDisruptionBudget"]
+    assert env_of(objects)["KUBETASK_LEADER_ELECTION"] == "false"
+    # No Lease to elect on: no Role for it.
+    assert not [o for o in objects if o["kind"] == "Role" and "leader" in o["metadata"]["name"]]
+
+
+def test_two_replicas_without_election_are_refused() -> None:
+    with pytest.raises(RenderError, match="needs replicaCount 1"):
+        render(DB | {"replicaCount": 2, "leaderElection": {"enabled": False}})
+
+
+def test_a_database_url_or_an_existing_secret_is_required() -> None:
+    with pytest.raises(RenderError, match=r"database\.url"):
+        render({})
+    objects = render({"database": {"existingSecret": "mine", "existingSecretKey": "dsn"}})
+    assert not [o for o in objects if o["kind"] == "Secret"]
+    assert env_of(objects)["KUBETASK_DATABASE_URL"] == {"secretKeyRef": {"name": "mine", "key": "dsn"}}
+
+
+def test_lease_timings_must_be_ordered() -> None:
+    with pytest.raises(RenderError):
+        render(DB | {"leaderElection": {"retryPeriodSeconds": 8}})
+
+
+def test_a_second_release_gets_names_of_its_own() -> None:
+    objects = render(DB | {"fullnameOverride": "other"}, release="other", namespace="other")
+    cluster_scoped = [o for o in objects if o["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    assert cluster_scoped
+    assert all(o["metadata"]["name"].startswith("other-") for o in cluster_scoped)
+    assert env_of(objects)["KUBETASK_LEASE_NAME"] == "other-operator"
