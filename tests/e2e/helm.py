@@ -312,3 +312,32 @@ def assert_runs_within_limits(
     assert attempt_pods == set(per_name), (sorted(attempt_pods), sorted(per_name))
     for r in done.values():
         assert r["status"]["attempts"][-1]["reason"] == "Succeeded", r["status"]
+
+
+# ---- RBAC ---------------------------------------------------------------------------------
+
+
+def can_i(stack: Stack, service_account: str, ns: str) -> dict[str, set[str]]:
+    """``kubectl auth can-i --list`` of ``<namespace>:<name>`` (a ServiceAccount, by
+    impersonation) in namespace ``ns``: resource -> verbs (non-resource URLs left out)."""
+    out = stack.kubectl(ns, "auth", "can-i", "--list", f"--as=system:serviceaccount:{service_account}")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    header = lines[0]
+    urls, verbs_at = header.index("Non-Resource URLs"), header.index("Verbs")
+    rights: dict[str, set[str]] = {}
+    for line in lines[1:]:
+        resource = line[:urls].strip()
+        if resource:
+            rights.setdefault(resource, set()).update(line[verbs_at:].strip().strip("[]").split())
+    return rights
+
+
+def beyond_baseline(stack: Stack, service_account: str, ns: str) -> dict[str, set[str]]:
+    """The rights of ``service_account`` in ``ns`` beyond those of a ServiceAccount that
+    nothing names (what every ServiceAccount has: self-reviews, say)."""
+    baseline = can_i(stack, f"{service_account.split(':')[0]}:kubetask-e2e-nobody", ns)
+    rights = can_i(stack, service_account, ns)
+    return {
+        r: verbs - baseline.get(r, set()) for r, verbs in rights.items() if verbs - baseline.get(r, set())
+    }

@@ -1,9 +1,12 @@
 """The Helm tier: kubetask as `helm upgrade --install` puts it in a cluster, from the
-locally built images, with the chart's own ServiceAccount and RBAC, and what users then do
-with the release: run the examples, upgrade the operator with runs in flight, uninstall.
+locally built images, with the chart's own ServiceAccounts and RBAC, and what users then do
+with the release: run the examples, check who may do what, upgrade the operator with runs
+in flight, uninstall.
 
 One release for the module (tests/e2e/helm.py), kt-in-<random>, one replica, watching one
-namespace of work. The cases run in the file's order and the last one uninstalls it."""
+namespace of work; both namespaces enforce the Pod Security "restricted" profile, so every
+operator and attempt pod of the module passes it. The cases run in the file's order and
+the last one uninstalls the release."""
 
 from __future__ import annotations
 
@@ -14,12 +17,14 @@ from typing import Any
 
 import pytest
 from kubernetes import client
+from kubernetes.client.exceptions import ApiException
 
 from tests.e2e.conftest import wait_for
 from tests.e2e.harness import GROUP, REPO, TERMINAL, VERSION, PodWatcher, Stack, namespace
 from tests.e2e.helm import (
     Release,
     assert_runs_within_limits,
+    beyond_baseline,
     installed_release,
     operator_image_alias,
     ready,
@@ -29,17 +34,44 @@ from tests.e2e.helm import (
 pytestmark = pytest.mark.e2e
 
 EXAMPLES = REPO / "examples"
+#: Pods that do not pass the "restricted" profile are refused (and warned about).
+RESTRICTED = {
+    "pod-security.kubernetes.io/enforce": "restricted",
+    "pod-security.kubernetes.io/warn": "restricted",
+}
+#: The operator's rights on namespaced resources, in each namespace it watches
+#: (helm/kubetask/templates/_helpers.tpl, kubetask.namespacedRules).
+WATCHED_NAMESPACE_RIGHTS = {
+    "runs.kubetask.dev": {"get", "list", "watch", "create", "patch", "delete"},
+    "tasks.kubetask.dev": {"get", "list", "watch"},
+    "queues.kubetask.dev": {"get", "list", "watch", "create", "patch"},
+    "webhooks.kubetask.dev": {"get"},
+    "runs.kubetask.dev/status": {"patch"},
+    "tasks.kubetask.dev/status": {"patch"},
+    "queues.kubetask.dev/status": {"patch"},
+    "pods": {"get", "list", "watch", "create", "delete"},
+    "secrets": {"get", "list", "create", "update", "delete"},
+    "configmaps": {"create"},
+    "serviceaccounts": {"create"},
+    "events": {"create"},
+}
+#: Its rights everywhere: reviewing the public API's callers.
+CLUSTER_RIGHTS = {
+    "tokenreviews.authentication.k8s.io": {"create"},
+    "subjectaccessreviews.authorization.k8s.io": {"create"},
+}
 
 
 @pytest.fixture(scope="module")
 def release(stack: Stack, e2e_database: str) -> Iterator[Release]:
     with (
-        namespace(stack, "e2e-helm-install") as work_ns,
+        namespace(stack, "e2e-helm-install", labels=RESTRICTED) as work_ns,
         installed_release(
             stack,
             e2e_database,
             prefix="kt-in",
             work_namespaces=[work_ns],
+            namespace_labels=RESTRICTED,
             replicaCount=1,
             # Short lease timings: the upgrade's new pod takes over at once from the old
             # one (which releases the Lease), and a crash is not waited for long.
@@ -64,10 +96,37 @@ def kubectl_ok(stack: Stack, ns: str, *args: str) -> str:
     return out.stdout
 
 
+def assert_never_forbidden(rel: Release) -> None:
+    """No operator pod's log shows the API server refusing it something (its RBAC is
+    all it needs)."""
+    for pod in rel.operator_pods():
+        log = rel.logs(pod.metadata.name, tail=-1)
+        refused = [ln for ln in log.splitlines() if "403" in ln or "orbidden" in ln]
+        assert not refused, "\n".join(refused[:20])
+
+
 def test_the_operator_runs_as_the_charts_service_account(stack: Stack, installed: Release) -> None:
     (pod,) = installed.operator_pods()
     assert pod.spec.service_account_name == installed.operator_service_account
     assert ready(pod)
+
+
+def test_both_namespaces_refuse_pods_outside_the_restricted_profile(stack: Stack, installed: Release) -> None:
+    """So the operator's pod (Ready above) and the attempt pods (below) pass it."""
+    privileged = {
+        "metadata": {"name": "not-restricted"},
+        "spec": {
+            "containers": [
+                {"name": "c", "image": stack.runner_image, "securityContext": {"privileged": True}}
+            ]
+        },
+    }
+    for ns in (installed.ns, installed.work_ns):
+        with pytest.raises(ApiException) as refused:
+            stack.core.create_namespaced_pod(ns, privileged, dry_run="All")
+        assert refused.value.status == 403 and "violates PodSecurity" in str(refused.value.body), (
+            refused.value
+        )
 
 
 def test_the_examples_hello_and_flaky_succeed(stack: Stack, installed: Release) -> None:
@@ -88,6 +147,39 @@ def test_the_examples_hello_and_flaky_succeed(stack: Stack, installed: Release) 
     assert status["output"] == {"succeededOnAttempt": 3}
     assert [a["reason"] for a in status["attempts"]][-1] == "Succeeded"
     assert len(status["attempts"]) == 3
+    assert_never_forbidden(installed)
+
+
+def test_the_operator_may_do_what_its_code_does_and_runner_pods_nothing(
+    stack: Stack, installed: Release
+) -> None:
+    sa = f"{installed.ns}:{installed.operator_service_account}"
+    # In the namespace it watches: its Role, and the cluster-wide reviews.
+    assert beyond_baseline(stack, sa, installed.work_ns) == WATCHED_NAMESPACE_RIGHTS | CLUSTER_RIGHTS
+    # In its own namespace: the Lease it elects its leader on.
+    assert beyond_baseline(stack, sa, installed.ns) == CLUSTER_RIGHTS | {
+        "leases.coordination.k8s.io": {"get", "create", "update"}
+    }
+    # Anywhere else: nothing but the reviews (no Secret, pod or Run of other namespaces).
+    assert beyond_baseline(stack, sa, "default") == CLUSTER_RIGHTS
+
+    # Attempt pods run as the runner ServiceAccount (the operator created it with the
+    # first pod of the namespace): no right at all, and no token in the pod.
+    runner = stack.core.read_namespaced_service_account("kubetask-runner", installed.work_ns)
+    assert runner.automount_service_account_token is False
+    assert beyond_baseline(stack, f"{installed.work_ns}:kubetask-runner", installed.work_ns) == {}
+    stack.apply_task(installed.work_ns, "probe", sleeper("probe"))
+    run = stack.create_run(installed.work_ns, "probe", payload={"s": 3})
+    wait_for(lambda: stack.pods(installed.work_ns, f"kubetask.dev/run={run}"), 60, "the probe's pod")
+    (pod,) = stack.pods(installed.work_ns, f"kubetask.dev/run={run}")
+    assert pod.spec.service_account_name == "kubetask-runner"
+    assert pod.spec.automount_service_account_token is False
+    assert not [v for v in pod.spec.volumes if v.projected is not None], pod.spec.volumes
+    assert all(
+        m.mount_path != "/var/run/secrets/kubernetes.io/serviceaccount"
+        for m in pod.spec.containers[0].volume_mounts
+    )
+    assert stack.wait_run(installed.work_ns, run, timeout=120)["status"]["phase"] == "Succeeded"
 
 
 def test_an_upgrade_to_a_new_operator_image_finishes_the_runs_in_flight(
@@ -128,6 +220,7 @@ def test_an_upgrade_to_a_new_operator_image_finishes_the_runs_in_flight(
     )
     assert in_flight > 0
     assert_runs_within_limits(watcher, "upgrade", done, limit=limit)
+    assert_never_forbidden(installed)
 
 
 def finished(stack: Stack, ns: str, names: list[str]) -> list[str]:
@@ -167,6 +260,8 @@ def test_uninstall_leaves_no_pods_secrets_or_config_maps_and_keeps_the_crds(
     selector = f"app.kubernetes.io/instance={installed.name}"
     assert rbac.list_cluster_role(label_selector=selector).items == []
     assert rbac.list_cluster_role_binding(label_selector=selector).items == []
+    assert rbac.list_namespaced_role(work, label_selector=selector).items == []
+    assert rbac.list_namespaced_role_binding(work, label_selector=selector).items == []
 
     # The namespace of work: no attempt pod or token Secret; the ConfigMaps of inline
     # sources only while their Task is there (they are the Task's: owner references).

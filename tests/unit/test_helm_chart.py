@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -81,3 +82,88 @@ def test_a_second_release_gets_names_of_its_own() -> None:
     assert cluster_scoped
     assert all(o["metadata"]["name"].startswith("other-") for o in cluster_scoped)
     assert env_of(objects)["KUBETASK_LEASE_NAME"] == "other-operator"
+
+
+def rules(role: dict[str, Any]) -> dict[str, set[str]]:
+    """resource (group/plural) -> verbs, over a role's rules."""
+    out: dict[str, set[str]] = {}
+    for rule in role["rules"]:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                out.setdefault(f"{group}/{resource}", set()).update(rule["verbs"])
+    return out
+
+
+NAMESPACED_RIGHTS = {
+    "kubetask.dev/runs": {"get", "list", "watch", "create", "patch", "delete"},
+    "kubetask.dev/tasks": {"get", "list", "watch"},
+    "kubetask.dev/queues": {"get", "list", "watch", "create", "patch"},
+    "kubetask.dev/webhooks": {"get"},
+    "kubetask.dev/runs/status": {"patch"},
+    "kubetask.dev/tasks/status": {"patch"},
+    "kubetask.dev/queues/status": {"patch"},
+    "/pods": {"get", "list", "watch", "create", "delete"},
+    "/secrets": {"get", "list", "create", "update", "delete"},
+    "/configmaps": {"create"},
+    "/serviceaccounts": {"create"},
+    "/events": {"create"},
+}
+REVIEWS = {
+    "authentication.k8s.io/tokenreviews": {"create"},
+    "authorization.k8s.io/subjectaccessreviews": {"create"},
+}
+
+
+def test_cluster_wide_the_operator_has_one_cluster_role_of_what_its_code_uses() -> None:
+    objects = render(DB)
+    assert rules(one(objects, "ClusterRole", "kubetask-operator")) == NAMESPACED_RIGHTS | REVIEWS | {
+        "apiextensions.k8s.io/customresourcedefinitions": {"get", "list", "watch"}
+    }
+    binding = one(objects, "ClusterRoleBinding", "kubetask-operator")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "kubetask-operator", "namespace": "kubetask-system"}
+    ]
+    roles = [o for o in objects if o["kind"] == "Role"]
+    assert [r["metadata"]["name"] for r in roles] == ["kubetask-operator-leader-election"]
+    assert rules(roles[0]) == {"coordination.k8s.io/leases": {"get", "create", "update"}}
+
+
+def test_watching_namespaces_the_operator_has_roles_in_them_and_only_reviews_cluster_wide() -> None:
+    objects = render(DB | {"watchNamespaces": ["team-a", "team-b"]})
+    assert rules(one(objects, "ClusterRole", "kubetask-operator")) == REVIEWS
+    for ns in ("team-a", "team-b"):
+        (role,) = [o for o in objects if o["kind"] == "Role" and o["metadata"].get("namespace") == ns]
+        assert rules(role) == NAMESPACED_RIGHTS
+        (binding,) = [
+            o for o in objects if o["kind"] == "RoleBinding" and o["metadata"].get("namespace") == ns
+        ]
+        assert binding["roleRef"]["name"] == role["metadata"]["name"]
+        assert binding["subjects"][0] == {
+            "kind": "ServiceAccount",
+            "name": "kubetask-operator",
+            "namespace": "kubetask-system",
+        }
+    assert env_of(objects)["KUBETASK_NAMESPACES"] == '["team-a","team-b"]'
+
+
+def test_without_a_runner_service_account_the_operator_creates_none() -> None:
+    objects = render(DB | {"runner": {"serviceAccountName": ""}})
+    assert "/serviceaccounts" not in rules(one(objects, "ClusterRole", "kubetask-operator"))
+    assert env_of(objects)["KUBETASK_RUNNER_SERVICE_ACCOUNT"] == ""
+
+
+def test_runner_defaults_reach_the_operator() -> None:
+    env = env_of(render(DB))
+    assert env["KUBETASK_RUNNER_SERVICE_ACCOUNT"] == "kubetask-runner"
+    assert json.loads(env["KUBETASK_RUNNER_RESOURCES"]) == {
+        "requests": {"cpu": "100m", "memory": "128Mi"},
+        "limits": {"memory": "512Mi"},
+    }
+    assert env["KUBETASK_RUNNER_READ_ONLY_ROOT_FILESYSTEM"] == "true"
+    assert env["KUBETASK_RUNNER_TMP_SIZE_LIMIT"] == "1Gi"
+    env = env_of(
+        render(DB | {"runner": {"resources": None, "tmpSizeLimit": "", "readOnlyRootFilesystem": False}})
+    )
+    assert env["KUBETASK_RUNNER_RESOURCES"] == "null"
+    assert env["KUBETASK_RUNNER_TMP_SIZE_LIMIT"] == "null"
+    assert env["KUBETASK_RUNNER_READ_ONLY_ROOT_FILESYSTEM"] == "false"

@@ -120,3 +120,55 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- end -}}
 {{- end -}}
+
+{{/* The operator's rights on namespaced resources: a ClusterRole's rules (the whole
+     cluster) or a Role's in each of watchNamespaces. Every verb is one the operator's
+     code uses (docs/security.md, "The operator's rights"). */}}
+{{- define "kubetask.namespacedRules" -}}
+# kopf watches Tasks, Runs and Queues; the controller and the public API read them.
+- apiGroups: [kubetask.dev]
+  resources: [runs, tasks, queues]
+  verbs: [get, list, watch]
+# The public API creates Runs (trigger, batch, replay, a durable run's children) and
+# cancels them (a patch of spec.cancel); the controller deletes finished Runs past their
+# TTL, the API a Run that lost its idempotencyKey to another (both with a uid precondition).
+- apiGroups: [kubetask.dev]
+  resources: [runs]
+  verbs: [create, patch, delete]
+# The public API's queue PATCH (pause, limits): a patch, or a create when the Queue is missing.
+- apiGroups: [kubetask.dev]
+  resources: [queues]
+  verbs: [create, patch]
+# The public API reads a Webhook to verify a delivery (and, below, its Secret).
+- apiGroups: [kubetask.dev]
+  resources: [webhooks]
+  verbs: [get]
+# The controller writes the status of Runs, Tasks and Queues (merge patches).
+- apiGroups: [kubetask.dev]
+  resources: [runs/status, tasks/status, queues/status]
+  verbs: [patch]
+# Attempt pods: created, watched (label-selected), read, deleted.
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch, create, delete]
+# Token Secrets, one per attempt (create, or update a stale one); the resync lists them
+# (label-selected) and deletes those of attempts that are over. `get`: a Webhook's Secret.
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get, list, create, update, delete]
+# The ConfigMap of an inline Task's source (created once, owned by the Task).
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [create]
+{{- if .Values.runner.serviceAccountName }}
+# The runner ServiceAccount (runner.serviceAccountName), created where it is missing: no
+# token, no binding.
+- apiGroups: [""]
+  resources: [serviceaccounts]
+  verbs: [create]
+{{- end }}
+# kopf reports handler errors as Events of the object.
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create]
+{{- end -}}

@@ -73,6 +73,8 @@ class Attempts:
         #: ConfigMaps known to exist, by namespace and full name (which carries the
         #: Task's uid and the source's hash: never a name alone).
         self._configmaps: set[tuple[str, str]] = set()
+        #: Namespaces where the runner ServiceAccount is known to exist.
+        self._service_accounts: set[str] = set()
 
     # ---- the live attempt ----------------------------------------------------------------
 
@@ -192,6 +194,10 @@ class Attempts:
                 row.name,
                 att.number,
             )
+        sa = self.settings.runner_service_account
+        if sa and row.namespace not in self._service_accounts:
+            await self.kube.create(pods.runner_service_account(name=sa, namespace=row.namespace))
+            self._service_accounts.add(row.namespace)
         manifest = pods.attempt_pod(
             run=run_body,
             run_id=row.id,
@@ -205,11 +211,19 @@ class Attempts:
             default_image=self.settings.runner_image,
             image_pull_policy=self.settings.image_pull_policy,
             after_oom=after_oom,
+            service_account=sa,
+            default_resources=self.settings.runner_resources,
+            tmp_size_limit=self.settings.runner_tmp_size_limit,
+            read_only_root_filesystem=self.settings.runner_read_only_root_filesystem,
         )
         try:
             created = await self.kube.create(manifest)
         except ApiException as e:
             message = api_message(e)
+            if e.status == 403 and "error looking up service account" in message:
+                # Deleted since we created it (or saw it): create it again on the retry.
+                self._service_accounts.discard(row.namespace)
+                raise
             if e.status == 403 and "exceeded quota" in message:
                 # The Job controller's answer: wait and try again. The task never ran,
                 # so this does not use up an attempt.
