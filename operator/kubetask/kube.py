@@ -41,6 +41,7 @@ class Kube:
         self.api: Any = client.ApiClient()
         self.core: Any = client.CoreV1Api(self.api)
         self.custom: Any = client.CustomObjectsApi(self.api)
+        self.networking: Any = client.NetworkingV1Api(self.api)
         #: Where lists and watches look: these namespaces, or (empty) the whole cluster.
         self.namespaces: list[str] = list(namespaces)
 
@@ -86,6 +87,17 @@ class Kube:
             if e.status != 404:
                 raise
             await self.create(manifest)
+
+    async def put_network_policy(self, manifest: dict[str, Any]) -> None:
+        """Create the NetworkPolicy, or replace the one of that name (no read first: an
+        unconditional update)."""
+        meta = manifest["metadata"]
+        try:
+            await self.networking.create_namespaced_network_policy(meta["namespace"], manifest)
+        except ApiException as e:
+            if e.status != 409:
+                raise
+            await self.networking.replace_namespaced_network_policy(meta["name"], meta["namespace"], manifest)
 
     async def get_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:

@@ -106,6 +106,25 @@ def runner_service_account(*, name: str, namespace: str) -> dict[str, Any]:
     }
 
 
+#: The name of the NetworkPolicy of attempt pods in each namespace (KUBETASK_RUNNER_NETWORK_POLICY).
+RUNNER_NETWORK_POLICY = "kubetask-runner"
+
+
+def runner_network_policy(*, namespace: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """The NetworkPolicy of attempt pods in ``namespace``: ``spec`` as the operator's
+    settings give it (the chart renders it: DNS and the operator's runner port only)."""
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": RUNNER_NETWORK_POLICY,
+            "namespace": namespace,
+            "labels": {LABEL_MANAGED: MANAGED_BY},
+        },
+        "spec": spec,
+    }
+
+
 def token_secret(*, run: dict[str, Any], run_id: str, attempt: int, token: str) -> dict[str, Any]:
     meta = run["metadata"]
     return {

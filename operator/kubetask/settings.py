@@ -88,6 +88,12 @@ class Settings(BaseSettings):
     runner_read_only_root_filesystem: bool = Field(
         True, description="Attempt pods' root filesystem is read-only (only /tmp is writable)."
     )
+    runner_network_policy: dict[str, Any] | None = Field(
+        None,
+        description="Spec (JSON) of the NetworkPolicy `kubetask-runner` the operator keeps in each "
+        "namespace where it creates attempt pods (created, or replaced, with the first pod there "
+        "after each start); null: none.",
+    )
     namespaces: list[str] = Field(
         default_factory=list, description="Namespaces to watch (JSON list); empty: the whole cluster."
     )

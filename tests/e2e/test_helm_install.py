@@ -54,6 +54,7 @@ WATCHED_NAMESPACE_RIGHTS = {
     "configmaps": {"create"},
     "serviceaccounts": {"create"},
     "events": {"create"},
+    "networkpolicies.networking.k8s.io": {"create", "update"},
 }
 #: Its rights everywhere: reviewing the public API's callers.
 CLUSTER_RIGHTS = {
@@ -182,6 +183,29 @@ def test_the_operator_may_do_what_its_code_does_and_runner_pods_nothing(
     assert stack.wait_run(installed.work_ns, run, timeout=120)["status"]["phase"] == "Succeeded"
 
 
+def test_network_policies_let_attempt_pods_reach_only_dns_and_the_runner_port(
+    stack: Stack, installed: Release
+) -> None:
+    """What the chart and the operator put in place. (The local stack's CNI, the bridge
+    plugin, does not enforce NetworkPolicies: that runs succeed shows that they allow
+    what runs need, not that they deny the rest.)"""
+    net = client.NetworkingV1Api()
+    # Put by the operator with the first attempt pod of the namespace.
+    runner = net.read_namespaced_network_policy("kubetask-runner", installed.work_ns).spec
+    assert runner.policy_types == ["Ingress", "Egress"] and not runner.ingress
+    assert runner.pod_selector.match_labels == {"app.kubernetes.io/managed-by": "kubetask"}
+    to_operator, dns = runner.egress
+    assert [p.port for p in to_operator.ports] == [8081]
+    assert to_operator.to[0].namespace_selector.match_labels == {"kubernetes.io/metadata.name": installed.ns}
+    assert to_operator.to[0].pod_selector.match_labels["app.kubernetes.io/instance"] == installed.name
+    assert sorted((p.protocol, p.port) for p in dns.ports) == [("TCP", 53), ("UDP", 53)]
+    # The chart's, in front of the operator.
+    operator = net.read_namespaced_network_policy(f"{installed.name}-operator", installed.ns).spec
+    from_runners, api = operator.ingress
+    assert [p.port for p in from_runners.ports] == [8081] and [p.port for p in api.ports] == [8080]
+    assert from_runners._from[0].namespace_selector.match_expressions[0].values == [installed.work_ns]
+
+
 def test_an_upgrade_to_a_new_operator_image_finishes_the_runs_in_flight(
     stack: Stack, installed: Release
 ) -> None:
@@ -270,6 +294,13 @@ def test_uninstall_leaves_no_pods_secrets_or_config_maps_and_keeps_the_crds(
     assert stack.core.list_namespaced_secret(work, label_selector=managed).items == []
     for cm in stack.core.list_namespaced_config_map(work, label_selector=managed).items:
         assert {o.uid for o in cm.metadata.owner_references or []} <= tasks, cm.metadata
+    # What the operator put there for attempt pods stays (docs/install.md, Uninstalling).
+    assert [
+        a.metadata.name
+        for a in stack.core.list_namespaced_service_account(work, label_selector=managed).items
+    ] == ["kubetask-runner"]
+    policies = client.NetworkingV1Api().list_namespaced_network_policy(work, label_selector=managed).items
+    assert [p.metadata.name for p in policies] == ["kubetask-runner"]
 
     # The CRDs stay, and with them the Tasks and Runs.
     ext = client.ApiextensionsV1Api()

@@ -107,6 +107,7 @@ NAMESPACED_RIGHTS = {
     "/configmaps": {"create"},
     "/serviceaccounts": {"create"},
     "/events": {"create"},
+    "networking.k8s.io/networkpolicies": {"create", "update"},
 }
 REVIEWS = {
     "authentication.k8s.io/tokenreviews": {"create"},
@@ -146,10 +147,61 @@ def test_watching_namespaces_the_operator_has_roles_in_them_and_only_reviews_clu
     assert env_of(objects)["KUBETASK_NAMESPACES"] == '["team-a","team-b"]'
 
 
-def test_without_a_runner_service_account_the_operator_creates_none() -> None:
-    objects = render(DB | {"runner": {"serviceAccountName": ""}})
-    assert "/serviceaccounts" not in rules(one(objects, "ClusterRole", "kubetask-operator"))
+def test_without_a_runner_service_account_or_network_policy_the_operator_creates_none() -> None:
+    objects = render(DB | {"runner": {"serviceAccountName": ""}, "networkPolicy": {"enabled": False}})
+    granted = rules(one(objects, "ClusterRole", "kubetask-operator"))
+    assert "/serviceaccounts" not in granted and "networking.k8s.io/networkpolicies" not in granted
     assert env_of(objects)["KUBETASK_RUNNER_SERVICE_ACCOUNT"] == ""
+    assert env_of(objects)["KUBETASK_RUNNER_NETWORK_POLICY"] == "null"
+    assert not [o for o in objects if o["kind"] == "NetworkPolicy"]
+
+
+def test_attempt_pods_may_reach_only_dns_and_the_operators_runner_port() -> None:
+    objects = render(DB | {"watchNamespaces": ["team-a"]}, release="kt", namespace="kt-system")
+    spec = json.loads(env_of(objects)["KUBETASK_RUNNER_NETWORK_POLICY"])
+    assert spec["podSelector"] == {
+        "matchLabels": {"app.kubernetes.io/managed-by": "kubetask"},
+        "matchExpressions": [{"key": "kubetask.dev/run-id", "operator": "Exists"}],
+    }
+    assert spec["policyTypes"] == ["Ingress", "Egress"] and spec["ingress"] == []
+    to_operator, dns = spec["egress"]
+    assert to_operator == {
+        "to": [
+            {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kt-system"}},
+                "podSelector": {"matchLabels": one(objects, "Deployment")["spec"]["selector"]["matchLabels"]},
+            }
+        ],
+        "ports": [{"protocol": "TCP", "port": 8081}],
+    }
+    assert dns == {"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}
+
+
+def test_more_egress_for_attempt_pods_and_dns_servers_come_from_values() -> None:
+    internet = {"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}
+    dns_pods = {"namespaceSelector": {}, "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}
+    values = DB | {"networkPolicy": {"runnerEgress": [internet], "dnsTo": [dns_pods]}}
+    spec = json.loads(env_of(render(values))["KUBETASK_RUNNER_NETWORK_POLICY"])
+    assert spec["egress"][1]["to"] == [dns_pods]
+    assert spec["egress"][2:] == [internet]
+
+
+def test_the_operators_pods_take_runner_calls_from_attempt_pods_and_api_calls_from_where_values_say() -> None:
+    policy = one(render(DB), "NetworkPolicy")
+    assert policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "operator"
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    runner, api = policy["spec"]["ingress"]
+    assert runner["ports"] == [{"protocol": "TCP", "port": 8081}]
+    assert runner["from"][0]["namespaceSelector"] == {}  # cluster-wide: any namespace's attempt pods
+    assert runner["from"][0]["podSelector"]["matchLabels"] == {"app.kubernetes.io/managed-by": "kubetask"}
+    assert api == {"ports": [{"protocol": "TCP", "port": 8080}]}  # no `from`: anyone
+    ingress = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress"}}}
+    namespaced = render(DB | {"watchNamespaces": ["a"], "networkPolicy": {"apiFrom": [ingress]}})
+    runner, api = one(namespaced, "NetworkPolicy")["spec"]["ingress"]
+    assert runner["from"][0]["namespaceSelector"] == {
+        "matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["a"]}]
+    }
+    assert api["from"] == [ingress]
 
 
 def test_runner_defaults_reach_the_operator() -> None:

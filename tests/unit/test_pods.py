@@ -279,3 +279,14 @@ def test_out_of_memory_resources_are_merged_over_the_default_resources_too() -> 
     resources = pods.attempt_resources(task, after_oom=True, default=DEFAULTS["default_resources"])
     assert resources == {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}}
     assert DEFAULTS["default_resources"]["limits"] == {"memory": "512Mi"}  # not changed by it
+
+
+def test_the_runner_network_policy_carries_the_spec_it_is_given() -> None:
+    spec = {"podSelector": {}, "policyTypes": ["Egress"], "egress": []}
+    policy = pods.runner_network_policy(namespace="ns1", spec=spec)
+    assert policy["metadata"] == {
+        "name": "kubetask-runner",
+        "namespace": "ns1",
+        "labels": {"app.kubernetes.io/managed-by": "kubetask"},
+    }
+    assert policy["spec"] == spec and policy["apiVersion"] == "networking.k8s.io/v1"

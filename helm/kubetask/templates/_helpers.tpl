@@ -160,6 +160,13 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [""]
   resources: [configmaps]
   verbs: [create]
+{{- if .Values.networkPolicy.enabled }}
+# The runner NetworkPolicy (networkPolicy.enabled) of each namespace with attempt pods:
+# created, or replaced when the operator starts with other settings.
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [create, update]
+{{- end }}
 {{- if .Values.runner.serviceAccountName }}
 # The runner ServiceAccount (runner.serviceAccountName), created where it is missing: no
 # token, no binding.
@@ -171,4 +178,42 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
+{{- end -}}
+
+
+{{/* The spec of the NetworkPolicy the operator keeps in each namespace with attempt pods
+     (KUBETASK_RUNNER_NETWORK_POLICY): nothing comes in; out, only the operator's runner
+     port, DNS and networkPolicy.runnerEgress. */}}
+{{- define "kubetask.runnerNetworkPolicy" -}}
+podSelector:
+  matchLabels:
+    app.kubernetes.io/managed-by: kubetask
+  matchExpressions:
+    - key: kubetask.dev/run-id
+      operator: Exists
+policyTypes: [Ingress, Egress]
+ingress: []
+egress:
+  - to:
+      - namespaceSelector:
+          matchLabels:
+            kubernetes.io/metadata.name: {{ .Release.Namespace }}
+        podSelector:
+          matchLabels:
+            {{- include "kubetask.selectorLabels" . | nindent 12 }}
+    ports:
+      - protocol: TCP
+        port: {{ .Values.api.runnerPort }}
+  - ports:
+      - protocol: UDP
+        port: 53
+      - protocol: TCP
+        port: 53
+    {{- with .Values.networkPolicy.dnsTo }}
+    to:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+  {{- with .Values.networkPolicy.runnerEgress }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
 {{- end -}}

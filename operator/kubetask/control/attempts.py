@@ -75,6 +75,9 @@ class Attempts:
         self._configmaps: set[tuple[str, str]] = set()
         #: Namespaces where the runner ServiceAccount is known to exist.
         self._service_accounts: set[str] = set()
+        #: Namespaces whose runner NetworkPolicy this process put (once each: settings
+        #: change only with a restart, which puts it again).
+        self._network_policies: set[str] = set()
 
     # ---- the live attempt ----------------------------------------------------------------
 
@@ -198,6 +201,12 @@ class Attempts:
         if sa and row.namespace not in self._service_accounts:
             await self.kube.create(pods.runner_service_account(name=sa, namespace=row.namespace))
             self._service_accounts.add(row.namespace)
+        policy = self.settings.runner_network_policy
+        if policy is not None and row.namespace not in self._network_policies:
+            await self.kube.put_network_policy(
+                pods.runner_network_policy(namespace=row.namespace, spec=policy)
+            )
+            self._network_policies.add(row.namespace)
         manifest = pods.attempt_pod(
             run=run_body,
             run_id=row.id,
