@@ -88,6 +88,17 @@ class Settings(BaseSettings):
     runner_read_only_root_filesystem: bool = Field(
         True, description="Attempt pods' root filesystem is read-only (only /tmp is writable)."
     )
+    # ---- who can run what (docs/security.md) ----------------------------------------------
+    allowed_images: list[str] = Field(
+        default_factory=list,
+        description="Patterns (fnmatch) a Task's spec.image must match (JSON list); empty: any. "
+        "Tasks without spec.image run runner_image, always allowed.",
+    )
+    forbidden_tolerations: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Taints a Task may not tolerate (JSON list of {key, value?, effect?}; a missing "
+        "field: any value).",
+    )
     runner_network_policy: dict[str, Any] | None = Field(
         None,
         description="Spec (JSON) of the NetworkPolicy `kubetask-runner` the operator keeps in each "

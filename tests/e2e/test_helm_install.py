@@ -39,6 +39,11 @@ RESTRICTED = {
     "pod-security.kubernetes.io/enforce": "restricted",
     "pod-security.kubernetes.io/warn": "restricted",
 }
+#: Tasks may run the runner image only, and not on the control plane.
+POLICY = {
+    "allowedImages": ["localhost/kubetask/runner:*"],
+    "forbiddenTolerations": [{"key": "node-role.kubernetes.io/control-plane"}],
+}
 #: The operator's rights on namespaced resources, in each namespace it watches
 #: (helm/kubetask/templates/_helpers.tpl, kubetask.namespacedRules).
 WATCHED_NAMESPACE_RIGHTS = {
@@ -77,6 +82,7 @@ def release(stack: Stack, e2e_database: str) -> Iterator[Release]:
             # Short lease timings: the upgrade's new pod takes over at once from the old
             # one (which releases the Lease), and a crash is not waited for long.
             leaderElection={"leaseDurationSeconds": 4, "renewDeadlineSeconds": 3, "retryPeriodSeconds": 0.5},
+            taskPolicy=POLICY,
         ) as rel,
     ):
         yield rel
@@ -204,6 +210,35 @@ def test_network_policies_let_attempt_pods_reach_only_dns_and_the_runner_port(
     from_runners, api = operator.ingress
     assert [p.port for p in from_runners.ports] == [8081] and [p.port for p in api.ports] == [8080]
     assert from_runners._from[0].namespace_selector.match_expressions[0].values == [installed.work_ns]
+
+
+def test_a_task_with_an_image_or_toleration_outside_the_policy_is_not_ready_and_its_runs_fail(
+    stack: Stack, installed: Release
+) -> None:
+    ns = installed.work_ns
+    refused = {
+        "elsewhere": ({"source": "x", "image": "docker.io/library/busybox:1"}, "ImageNotAllowed"),
+        "anywhere": (
+            {"source": "x", "podTemplate": {"tolerations": [{"operator": "Exists"}]}},
+            "TolerationNotAllowed",
+        ),
+    }
+    for name, (spec, _) in refused.items():
+        stack.apply_task(ns, name, spec)
+    runs = {name: stack.create_run(ns, name) for name in refused}
+    # The runner image, named explicitly, is allowed.
+    stack.apply_task(ns, "allowed", {**sleeper("allowed"), "image": stack.runner_image})
+    allowed = stack.create_run(ns, "allowed", payload={"s": 0})
+    for name, (_, reason) in refused.items():
+        status = stack.wait_run(ns, runs[name], timeout=120)["status"]
+        assert status["phase"] == "Failed", status
+        assert status["attempts"][-1]["reason"] == reason, status
+        assert len(status["attempts"]) == 1  # not retried
+        assert stack.pods(ns, f"kubetask.dev/run={runs[name]}") == []
+        task = stack.custom.get_namespaced_custom_object(GROUP, VERSION, ns, "tasks", name)
+        (ready,) = [c for c in task["status"]["conditions"] if c["type"] == "Ready"]
+        assert (ready["status"], ready["reason"]) == ("False", reason), ready
+    assert stack.wait_run(ns, allowed, timeout=120)["status"]["phase"] == "Succeeded"
 
 
 def test_an_upgrade_to_a_new_operator_image_finishes_the_runs_in_flight(

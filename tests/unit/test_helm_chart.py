@@ -219,3 +219,12 @@ def test_runner_defaults_reach_the_operator() -> None:
     assert env["KUBETASK_RUNNER_RESOURCES"] == "null"
     assert env["KUBETASK_RUNNER_TMP_SIZE_LIMIT"] == "null"
     assert env["KUBETASK_RUNNER_READ_ONLY_ROOT_FILESYSTEM"] == "false"
+
+
+def test_the_task_policy_reaches_the_operator() -> None:
+    assert env_of(render(DB))["KUBETASK_ALLOWED_IMAGES"] == "[]"
+    assert env_of(render(DB))["KUBETASK_FORBIDDEN_TOLERATIONS"] == "[]"
+    policy = {"allowedImages": ["registry.example.com/*"], "forbiddenTolerations": [{"key": "gpu"}]}
+    env = env_of(render(DB | {"taskPolicy": policy}))
+    assert json.loads(env["KUBETASK_ALLOWED_IMAGES"]) == ["registry.example.com/*"]
+    assert json.loads(env["KUBETASK_FORBIDDEN_TOLERATIONS"]) == [{"key": "gpu"}]

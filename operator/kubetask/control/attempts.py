@@ -156,6 +156,10 @@ class Attempts:
                 PodEnd(None, "TaskNotFound", f"Task {row.task} was deleted", permanent=True),
             )
             return
+        if (refusal := self.catalogue.policy.check(info.spec)) is not None:
+            # Not retried: the Task has to change (its Ready condition says so too).
+            await self.end(row.id, att.number, PodEnd(None, refusal.reason, refusal.message, permanent=True))
+            return
         run_body = {"metadata": {"name": row.name, "namespace": row.namespace, "uid": row.uid}}
         token = self.tokens.pop((row.id, att.number), None)
         fresh = token is not None
