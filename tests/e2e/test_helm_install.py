@@ -118,6 +118,17 @@ def test_the_operator_runs_as_the_charts_service_account(stack: Stack, installed
     assert ready(pod)
 
 
+def test_the_install_notes_give_the_next_three_commands(installed: Release) -> None:
+    out = installed.helm("get", "notes", installed.name)
+    assert out.returncode == 0, out.stderr
+    for command in (
+        f"kubectl -n {installed.ns} rollout status deployment/{installed.name}-operator",
+        f"kubectl -n {installed.work_ns} apply -f examples/hello/task.yaml",
+        f"kubectl -n {installed.work_ns} get runs.kubetask.dev -w",
+    ):
+        assert command in out.stdout, out.stdout
+
+
 def test_both_namespaces_refuse_pods_outside_the_restricted_profile(stack: Stack, installed: Release) -> None:
     """So the operator's pod (Ready above) and the attempt pods (below) pass it."""
     privileged = {

@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
+import yaml
 
-from tests.helmchart import RenderError, helm_binary, render
+from tests.helmchart import CHART, RenderError, helm_binary, render
 
 pytestmark = pytest.mark.skipif(not helm_binary(), reason="helm is not built (make binaries)")
 
@@ -228,3 +230,65 @@ def test_the_task_policy_reaches_the_operator() -> None:
     env = env_of(render(DB | {"taskPolicy": policy}))
     assert json.loads(env["KUBETASK_ALLOWED_IMAGES"]) == ["registry.example.com/*"]
     assert json.loads(env["KUBETASK_FORBIDDEN_TOLERATIONS"]) == [{"key": "gpu"}]
+
+
+#: Values whose content is passed through as is (Kubernetes objects, maps): one row each.
+OPAQUE = {
+    "resources",
+    "runner.resources",
+    "api.service.annotations",
+    "api.runnerService.annotations",
+    "serviceAccount.annotations",
+    "podAnnotations",
+    "podLabels",
+    "podSecurityContext",
+    "securityContext",
+    "nodeSelector",
+    "affinity",
+    "probes.startup",
+    "probes.readiness",
+    "probes.liveness",
+    "updateStrategy",
+}
+
+
+def value_paths(values: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value and path not in OPAQUE:
+            out += value_paths(value, f"{path}.")
+        else:
+            out.append(path)
+    return out
+
+
+def test_the_charts_readme_and_schema_cover_every_value() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    readme = (CHART / "README.md").read_text()
+    missing = [p for p in value_paths(values) if f"| `{p}` |" not in readme]
+    assert not missing, f"values without a row in helm/kubetask/README.md: {missing}"
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    for path in value_paths(values):
+        node = schema
+        for part in path.split("."):
+            assert part in node.get("properties", {}), f"{path} is not in values.schema.json"
+            node = node["properties"][part]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"replicaCount": "two"}, "at '/replicaCount': got string, want integer"),
+        ({"watchNamespaces": ["Team_A"]}, "at '/watchNamespaces/0'"),
+        ({"leaderElecton": {"enabled": False}}, "additional properties 'leaderElecton' not allowed"),
+        ({"database": {"url": "mysql://u@h/d"}}, "at '/database/url'"),
+        ({"runner": {"tmpSizeLimit": "a lot"}}, "at '/runner/tmpSizeLimit'"),
+        ({"taskPolicy": {"forbiddenTolerations": [{"effect": "NoSchedule"}]}}, "missing property 'key'"),
+        ({"logLevel": "LOUD"}, "at '/logLevel'"),
+        ({"api": {"port": 0}}, "at '/api/port'"),
+    ],
+)
+def test_a_bad_value_is_refused_with_its_path(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(RenderError, match=re.escape(message)):
+        render(DB | values if "database" not in values else values)
