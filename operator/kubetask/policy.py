@@ -33,13 +33,17 @@ class TaskPolicy:
 
     def check(self, spec: TaskSpec) -> Refusal | None:
         """Why ``spec`` may not run, or None."""
-        if spec.image is not None and self.allowed_images:
-            if not any(fnmatchcase(spec.image, pattern) for pattern in self.allowed_images):
-                return Refusal(
-                    "ImageNotAllowed",
-                    f"image {spec.image!r} matches none of the allowed images "
-                    f"({', '.join(self.allowed_images)}; the operator's taskPolicy.allowedImages)",
-                )
+        image = spec.image
+        if (
+            image is not None
+            and self.allowed_images
+            and not any(fnmatchcase(image, p) for p in self.allowed_images)
+        ):
+            return Refusal(
+                "ImageNotAllowed",
+                f"image {image!r} matches none of the allowed images "
+                f"({', '.join(self.allowed_images)}; the operator's taskPolicy.allowedImages)",
+            )
         tolerations = (spec.pod_template.tolerations if spec.pod_template else None) or []
         for toleration in tolerations:
             for taint in self.forbidden_tolerations:
