@@ -11,6 +11,7 @@ the last one uninstalls the release."""
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -103,12 +104,17 @@ def kubectl_ok(stack: Stack, ns: str, *args: str) -> str:
     return out.stdout
 
 
+#: How a refusal of the API server shows in the operator's log (kopf's APIForbiddenError,
+#: the client's "(403)\nReason: Forbidden", our "pod watch failed (403)").
+REFUSED = re.compile(r"orbidden|\(403\)|\b403 ")
+
+
 def assert_never_forbidden(rel: Release) -> None:
     """No operator pod's log shows the API server refusing it something (its RBAC is
     all it needs)."""
     for pod in rel.operator_pods():
         log = rel.logs(pod.metadata.name, tail=-1)
-        refused = [ln for ln in log.splitlines() if "403" in ln or "orbidden" in ln]
+        refused = [ln for ln in log.splitlines() if REFUSED.search(ln)]
         assert not refused, "\n".join(refused[:20])
 
 
