@@ -102,8 +102,8 @@ class Settings(BaseSettings):
     runner_network_policy: dict[str, Any] | None = Field(
         None,
         description="Spec (JSON) of the NetworkPolicy `kubetask-runner` the operator keeps in each "
-        "namespace where it creates attempt pods (created, or replaced, with the first pod there "
-        "after each start); null: none.",
+        "namespace where it creates attempt pods (created, or replaced, before the first pod of each "
+        "Task after each start); null: none.",
     )
     namespaces: list[str] = Field(
         default_factory=list, description="Namespaces to watch (JSON list); empty: the whole cluster."

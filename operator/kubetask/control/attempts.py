@@ -73,11 +73,10 @@ class Attempts:
         #: ConfigMaps known to exist, by namespace and full name (which carries the
         #: Task's uid and the source's hash: never a name alone).
         self._configmaps: set[tuple[str, str]] = set()
-        #: Namespaces where the runner ServiceAccount is known to exist.
-        self._service_accounts: set[str] = set()
-        #: Namespaces whose runner NetworkPolicy this process put (once each: settings
-        #: change only with a restart, which puts it again).
-        self._network_policies: set[str] = set()
+        #: (namespace, Task uid) pairs whose namespace has the runner ServiceAccount and
+        #: NetworkPolicy as this process put them. By Task uid, not namespace alone: a
+        #: namespace deleted and created again loses them, and its Tasks are new ones.
+        self._runner_objects: set[tuple[str, str]] = set()
 
     # ---- the live attempt ----------------------------------------------------------------
 
@@ -202,15 +201,7 @@ class Attempts:
                 att.number,
             )
         sa = self.settings.runner_service_account
-        if sa and row.namespace not in self._service_accounts:
-            await self.kube.create(pods.runner_service_account(name=sa, namespace=row.namespace))
-            self._service_accounts.add(row.namespace)
-        policy = self.settings.runner_network_policy
-        if policy is not None and row.namespace not in self._network_policies:
-            await self.kube.put_network_policy(
-                pods.runner_network_policy(namespace=row.namespace, spec=policy)
-            )
-            self._network_policies.add(row.namespace)
+        await self._runner_objects_in(row.namespace, info.uid)
         manifest = pods.attempt_pod(
             run=run_body,
             run_id=row.id,
@@ -235,7 +226,7 @@ class Attempts:
             message = api_message(e)
             if e.status == 403 and "error looking up service account" in message:
                 # Deleted since we created it (or saw it): create it again on the retry.
-                self._service_accounts.discard(row.namespace)
+                self._runner_objects.discard((row.namespace, info.uid))
                 raise
             if e.status == 403 and "exceeded quota" in message:
                 # The Job controller's answer: wait and try again. The task never ran,
@@ -271,6 +262,18 @@ class Attempts:
                 .limit(1)
             )
         return found is not None
+
+    async def _runner_objects_in(self, namespace: str, task_uid: str) -> None:
+        """The runner ServiceAccount (created when missing, never changed: an admin may add
+        imagePullSecrets to it) and NetworkPolicy (created, or replaced with this
+        process's settings) of the namespace, once per Task and process."""
+        if (namespace, task_uid) in self._runner_objects:
+            return
+        if sa := self.settings.runner_service_account:
+            await self.kube.create(pods.runner_service_account(name=sa, namespace=namespace))
+        if (policy := self.settings.runner_network_policy) is not None:
+            await self.kube.put_network_policy(pods.runner_network_policy(namespace=namespace, spec=policy))
+        self._runner_objects.add((namespace, task_uid))
 
     async def _record_pod(self, run_id: str, attempt: int, pod: dict[str, Any]) -> None:
         async with self.sessions.begin() as s:
