@@ -292,3 +292,13 @@ def test_the_charts_readme_and_schema_cover_every_value() -> None:
 def test_a_bad_value_is_refused_with_its_path(values: dict[str, Any], message: str) -> None:
     with pytest.raises(RenderError, match=re.escape(message)):
         render(DB | values if "database" not in values else values)
+
+
+def test_extra_volumes_reach_the_operators_pod() -> None:
+    volume = {"name": "db-ca", "secret": {"secretName": "db-ca"}}
+    mount = {"name": "db-ca", "mountPath": "/etc/kubetask/db-ca", "readOnly": True}
+    pod = one(render(DB | {"extraVolumes": [volume], "extraVolumeMounts": [mount]}), "Deployment")["spec"][
+        "template"
+    ]["spec"]
+    assert pod["volumes"][1:] == [volume]
+    assert pod["containers"][0]["volumeMounts"][1:] == [mount]
