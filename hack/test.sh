@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite, as `make test` and CI run it: unit, integration (PostgreSQL) and
-# end-to-end (the local cluster, started when missing) tests. Installs what it needs.
+# The whole test suite, as `make test` and CI run it: the chart's lint (make helm-check),
+# unit, integration (PostgreSQL) and end-to-end (the local cluster, started when missing)
+# tests, the Helm tier among them (tests/e2e/test_helm_*.py). Installs what it needs.
 #
 # The end-to-end modules that mostly wait for the wall clock (schedules fire on the
 # minute) run in a second pytest process beside the rest, on the same cluster (each test
@@ -10,6 +11,8 @@ source "$(dirname "$0")/lib.sh"
 cd "$REPO_ROOT"
 "$HACK_DIR/install-deps.sh"
 "$HACK_DIR/build-binaries.sh"
+# The chart: its CRDs are those of crds/, and `helm lint --strict` is clean.
+make -s -C "$REPO_ROOT" helm-check
 export KUBETASK_TEST_LOGS="${KUBETASK_TEST_LOGS:-$REPO_ROOT/.test-logs}"
 mkdir -p "$KUBETASK_TEST_LOGS"
 

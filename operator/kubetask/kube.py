@@ -1,12 +1,17 @@
 """The operator's narrow interface to the Kubernetes API (kubernetes_asyncio).
 
-Everything the engine asks of Kubernetes goes through :class:`Kube`, as plain dicts."""
+Everything the engine asks of Kubernetes goes through :class:`Kube`, as plain dicts.
+
+An operator that watches some namespaces (``KUBETASK_NAMESPACES``) lists and watches
+in those namespaces only, never cluster-wide, so that Roles in them are all the RBAC it
+needs (docs/security.md)."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from kubernetes_asyncio import client, config, watch
@@ -16,7 +21,8 @@ from kubetask.spec import GROUP, VERSION
 
 log = logging.getLogger(__name__)
 PodHandler = Callable[[str, dict[str, Any]], Awaitable[None]]
-RelistHandler = Callable[[list[dict[str, Any]]], Awaitable[None]]
+#: Called with a complete list of the pods of one namespace (None: of the whole cluster).
+RelistHandler = Callable[[list[dict[str, Any]], str | None], Awaitable[None]]
 #: Page size of every list: start-up and resync cost follows live objects, in pages.
 PAGE = 500
 
@@ -29,12 +35,20 @@ async def load_config() -> None:
 
 
 class Kube:
-    def __init__(self) -> None:
+    def __init__(self, namespaces: Sequence[str] = ()) -> None:
         # Typed as Any: we speak plain dicts to the API (the generated models' signatures
         # insist on model classes, which the server does not need).
         self.api: Any = client.ApiClient()
         self.core: Any = client.CoreV1Api(self.api)
         self.custom: Any = client.CustomObjectsApi(self.api)
+        self.networking: Any = client.NetworkingV1Api(self.api)
+        #: Where lists and watches look: these namespaces, or (empty) the whole cluster.
+        self.namespaces: list[str] = list(namespaces)
+
+    @property
+    def scopes(self) -> list[str | None]:
+        """What each list covers: a namespace, or None for the whole cluster."""
+        return list(self.namespaces) or [None]
 
     async def close(self) -> None:
         await self.api.close()
@@ -46,7 +60,7 @@ class Kube:
     # ---- pods, secrets, configmaps -------------------------------------------------------
 
     async def create(self, manifest: dict[str, Any]) -> dict[str, Any] | None:
-        """Create a Pod, Secret or ConfigMap. Returns the object, or None if it already
+        """Create a Pod, Secret, ConfigMap or ServiceAccount. Returns the object, or None if it already
         existed (409: the deterministic name makes a repeated create harmless)."""
         ns = manifest["metadata"]["namespace"]
         kind = manifest["kind"]
@@ -57,6 +71,8 @@ class Kube:
                 return self._dict(await self.core.create_namespaced_secret(ns, manifest))
             if kind == "ConfigMap":
                 return self._dict(await self.core.create_namespaced_config_map(ns, manifest))
+            if kind == "ServiceAccount":
+                return self._dict(await self.core.create_namespaced_service_account(ns, manifest))
         except ApiException as e:
             if e.status == 409:
                 return None
@@ -71,6 +87,17 @@ class Kube:
             if e.status != 404:
                 raise
             await self.create(manifest)
+
+    async def put_network_policy(self, manifest: dict[str, Any]) -> None:
+        """Create the NetworkPolicy, or replace the one of that name (no read first: an
+        unconditional update)."""
+        meta = manifest["metadata"]
+        try:
+            await self.networking.create_namespaced_network_policy(meta["namespace"], manifest)
+        except ApiException as e:
+            if e.status != 409:
+                raise
+            await self.networking.replace_namespaced_network_policy(meta["name"], meta["namespace"], manifest)
 
     async def get_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
@@ -116,30 +143,51 @@ class Kube:
             if not token:
                 return items, res.metadata.resource_version
 
-    async def list_pods(self, selector: str) -> tuple[list[dict[str, Any]], str]:
-        """Every pod matching ``selector``, in pages; and the list's resource version."""
-        items, rv = await self._list_all(self.core.list_pod_for_all_namespaces, selector)
+    async def list_pods(self, selector: str, namespace: str | None) -> tuple[list[dict[str, Any]], str]:
+        """Every pod matching ``selector`` in ``namespace`` (None: the whole cluster), in
+        pages; and the list's resource version."""
+        items, rv = await self._list_all(self._pods_fn(namespace), selector)
         return [self._dict(p) for p in items], rv
 
+    def _pods_fn(self, namespace: str | None) -> Any:
+        if namespace is None:
+            return self.core.list_pod_for_all_namespaces
+        return functools.partial(self.core.list_namespaced_pod, namespace)
+
     async def list_secrets(self, selector: str) -> list[dict[str, Any]]:
-        """Secrets matching ``selector`` (their metadata only: all we read), in pages."""
-        items, _ = await self._list_all(self.core.list_secret_for_all_namespaces, selector)
-        return [{"metadata": self._dict(s.metadata)} for s in items]
+        """Secrets matching ``selector`` in the watched namespaces (their metadata only:
+        all we read), in pages."""
+        out: list[dict[str, Any]] = []
+        for ns in self.scopes:
+            fn = (
+                self.core.list_secret_for_all_namespaces
+                if ns is None
+                else functools.partial(self.core.list_namespaced_secret, ns)
+            )
+            items, _ = await self._list_all(fn, selector)
+            out.extend({"metadata": self._dict(s.metadata)} for s in items)
+        return out
 
     async def watch_pods(self, selector: str, handler: PodHandler, relist: RelistHandler) -> None:
-        """List, then watch the operator's pods only (server-side label selector), for
-        ever. Each (re)list hands the complete set to ``relist`` (so pods that vanished
-        while the watch was down are noticed); each event goes to ``handler``."""
+        """List, then watch the operator's pods only (server-side label selector) in the
+        watched namespaces, one watch each (or one for the whole cluster), for ever. Each
+        (re)list hands the complete set of its namespace to ``relist`` (so pods that
+        vanished while the watch was down are noticed); each event goes to ``handler``."""
+        await asyncio.gather(*(self._watch_pods(selector, ns, handler, relist) for ns in self.scopes))
+
+    async def _watch_pods(
+        self, selector: str, namespace: str | None, handler: PodHandler, relist: RelistHandler
+    ) -> None:
         rv: str | None = None
         while True:
             try:
                 if rv is None:
-                    pods, rv = await self.list_pods(selector)
-                    await relist(pods)
+                    pods, rv = await self.list_pods(selector, namespace)
+                    await relist(pods, namespace)
                 while True:
                     w = watch.Watch()
                     async with w.stream(
-                        self.core.list_pod_for_all_namespaces,
+                        self._pods_fn(namespace),
                         label_selector=selector,
                         resource_version=rv,
                         timeout_seconds=240,
@@ -201,18 +249,25 @@ class Kube:
             raise
 
     async def iter_objects(self, plural: str) -> AsyncIterator[dict[str, Any]]:
-        """Every object of a kubetask kind, cluster-wide, fetched a page at a time."""
-        token: str | None = None
-        while True:
-            kwargs: dict[str, Any] = {"limit": PAGE}
-            if token:
-                kwargs["_continue"] = token
-            res = await self.custom.list_cluster_custom_object(GROUP, VERSION, plural, **kwargs)
-            for item in res.get("items", []):
-                yield item
-            token = (res.get("metadata") or {}).get("continue")
-            if not token:
-                return
+        """Every object of a kubetask kind in the watched namespaces (or the whole
+        cluster), fetched a page at a time."""
+        for ns in self.scopes:
+            token: str | None = None
+            while True:
+                kwargs: dict[str, Any] = {"limit": PAGE}
+                if token:
+                    kwargs["_continue"] = token
+                if ns is None:
+                    res = await self.custom.list_cluster_custom_object(GROUP, VERSION, plural, **kwargs)
+                else:
+                    res = await self.custom.list_namespaced_custom_object(
+                        GROUP, VERSION, ns, plural, **kwargs
+                    )
+                for item in res.get("items", []):
+                    yield item
+                token = (res.get("metadata") or {}).get("continue")
+                if not token:
+                    break
 
     async def delete_object(self, plural: str, namespace: str, name: str, *, uid: str) -> None:
         """Delete a kubetask object, only if it is still the one with ``uid``."""

@@ -95,6 +95,36 @@ def source_configmap(
     }
 
 
+def runner_service_account(*, name: str, namespace: str) -> dict[str, Any]:
+    """The ServiceAccount of attempt pods: no token mounted, and no rights unless someone
+    binds it to a role (the operator binds nothing)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {"name": name, "namespace": namespace, "labels": {LABEL_MANAGED: MANAGED_BY}},
+        "automountServiceAccountToken": False,
+    }
+
+
+#: The name of the NetworkPolicy of attempt pods in each namespace (KUBETASK_RUNNER_NETWORK_POLICY).
+RUNNER_NETWORK_POLICY = "kubetask-runner"
+
+
+def runner_network_policy(*, namespace: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """The NetworkPolicy of attempt pods in ``namespace``: ``spec`` as the operator's
+    settings give it (the chart renders it: DNS and the operator's runner port only)."""
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": RUNNER_NETWORK_POLICY,
+            "namespace": namespace,
+            "labels": {LABEL_MANAGED: MANAGED_BY},
+        },
+        "spec": spec,
+    }
+
+
 def token_secret(*, run: dict[str, Any], run_id: str, attempt: int, token: str) -> dict[str, Any]:
     meta = run["metadata"]
     return {
@@ -117,13 +147,17 @@ def token_secret(*, run: dict[str, Any], run_id: str, attempt: int, token: str) 
     }
 
 
-def attempt_resources(task: TaskSpec, *, after_oom: bool) -> dict[str, Any] | None:
-    """The task container's resources: ``podTemplate.resources``, and once an attempt of
-    the run was OOM-killed (``after_oom``), ``retry.outOfMemory.resources`` merged over
-    them key by key inside ``limits`` and ``requests`` (a CPU limit of the template stays
-    when only the memory is raised)."""
+def attempt_resources(
+    task: TaskSpec, *, after_oom: bool, default: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """The task container's resources: ``podTemplate.resources`` (else the operator's
+    ``default``: a Task's replace them as a whole, so no default request ends above the
+    Task's limit), and once an attempt of the run was OOM-killed (``after_oom``),
+    ``retry.outOfMemory.resources`` merged over them key by key inside ``limits`` and
+    ``requests`` (a CPU limit of the template stays when only the memory is raised)."""
     tpl = task.pod_template
-    base: dict[str, Any] = copy.deepcopy(tpl.resources) if tpl is not None and tpl.resources else {}
+    own = tpl.resources if tpl is not None and tpl.resources else default
+    base: dict[str, Any] = copy.deepcopy(own) if own else {}
     oom = task.retry.out_of_memory
     if not after_oom or oom is None:
         return base or None
@@ -149,9 +183,17 @@ def attempt_pod(
     default_image: str,
     image_pull_policy: str,
     after_oom: bool = False,
+    service_account: str = "",
+    default_resources: dict[str, Any] | None = None,
+    tmp_size_limit: str | None = None,
+    read_only_root_filesystem: bool = False,
 ) -> dict[str, Any]:
-    """The attempt's pod. ``after_oom``: an earlier attempt of the run was OOM-killed, so
-    the Task's ``retry.outOfMemory`` resources apply (:func:`attempt_resources`)."""
+    """The pod of one attempt. It passes the Pod Security "restricted" profile whatever
+    the Task sets (a Task chooses its image, env, resources, node selector and
+    tolerations, nothing of the pod's security). Resources: :func:`attempt_resources`
+    (``after_oom``: an earlier attempt of the run was OOM-killed, so the Task's
+    ``retry.outOfMemory`` resources apply; ``default_resources`` when the Task sets no
+    ``podTemplate.resources``)."""
     meta = run["metadata"]
     name = pod_name(meta["name"], meta["uid"], attempt)
     env: list[dict[str, Any]] = [
@@ -172,7 +214,7 @@ def attempt_pod(
                 "defaultMode": 0o440,
             },
         },
-        {"name": "tmp", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": tmp_size_limit} if tmp_size_limit else {}},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "token", "mountPath": TOKEN_DIR, "readOnly": True},
@@ -198,11 +240,12 @@ def attempt_pod(
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "runAsNonRoot": True,
+            "readOnlyRootFilesystem": read_only_root_filesystem,
             "capabilities": {"drop": ["ALL"]},
         },
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
-    resources = attempt_resources(task, after_oom=after_oom)
+    resources = attempt_resources(task, after_oom=after_oom, default=default_resources)
     if resources is not None:
         container["resources"] = resources
     if tpl is not None and tpl.env_from:
@@ -222,6 +265,8 @@ def attempt_pod(
         "containers": [container],
         "volumes": volumes,
     }
+    if service_account:
+        spec["serviceAccountName"] = service_account
     if task.max_duration_seconds is not None:
         spec["activeDeadlineSeconds"] = task.max_duration_seconds
     if tpl is not None and tpl.node_selector:

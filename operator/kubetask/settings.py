@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -68,6 +69,42 @@ class Settings(BaseSettings):
     )
     runner_image: str = Field("localhost/kubetask/runner:0.1.0", description="Default image of a Task.")
     image_pull_policy: str = Field("IfNotPresent", description="imagePullPolicy of attempt pods.")
+    # ---- attempt pods (docs/security.md) ---------------------------------------------------
+    runner_service_account: str = Field(
+        "kubetask-runner",
+        max_length=253,
+        description="ServiceAccount of attempt pods: the operator creates it where it is missing, "
+        'without RBAC bindings and with automountServiceAccountToken false; "" for the '
+        "namespace's default.",
+    )
+    runner_resources: dict[str, Any] | None = Field(
+        None,
+        description="Container resources (JSON: requests, limits) of attempt pods whose Task sets no "
+        "podTemplate.resources; null: none (the namespace's LimitRange decides).",
+    )
+    runner_tmp_size_limit: str | None = Field(
+        "1Gi", description="sizeLimit of the emptyDir on /tmp of attempt pods; null: no limit."
+    )
+    runner_read_only_root_filesystem: bool = Field(
+        True, description="Attempt pods' root filesystem is read-only (only /tmp is writable)."
+    )
+    # ---- who can run what (docs/security.md) ----------------------------------------------
+    allowed_images: list[str] = Field(
+        default_factory=list,
+        description="Patterns (fnmatch) a Task's spec.image must match (JSON list); empty: any. "
+        "Tasks without spec.image run runner_image, always allowed.",
+    )
+    forbidden_tolerations: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Taints a Task may not tolerate (JSON list of {key, value?, effect?}; a missing "
+        "field: any value).",
+    )
+    runner_network_policy: dict[str, Any] | None = Field(
+        None,
+        description="Spec (JSON) of the NetworkPolicy `kubetask-runner` the operator keeps in each "
+        "namespace where it creates attempt pods (created, or replaced, before the first pod of each "
+        "Task after each start); null: none.",
+    )
     namespaces: list[str] = Field(
         default_factory=list, description="Namespaces to watch (JSON list); empty: the whole cluster."
     )

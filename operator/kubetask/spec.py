@@ -115,7 +115,11 @@ class PodTemplate(_Model):
     """The parts of the attempt pod a Task may set. Each is passed through to the
     container or pod spec as is (Kubernetes validates them when the pod is created)."""
 
-    resources: dict[str, Any] | None = Field(None, description="Container resources (requests/limits).")
+    resources: dict[str, Any] | None = Field(
+        None,
+        description="Container resources (requests/limits); replace the operator's defaults for attempt "
+        "pods (runner.resources) as a whole.",
+    )
     env: list[dict[str, Any]] | None = Field(None, description="Extra container environment variables.")
     env_from: list[dict[str, Any]] | None = Field(None, description="Container envFrom sources.")
     node_selector: dict[str, str] | None = Field(None, description="Pod nodeSelector.")

@@ -204,12 +204,18 @@ def _keys(schema: Any, prefix: str = "") -> set[str]:
 
 @contextlib.contextmanager
 def namespace(
-    stack: Stack, prefix: str, *, label: str = "kubetask.dev/e2e", wait_gone: bool = False
+    stack: Stack,
+    prefix: str,
+    *,
+    label: str = "kubetask.dev/e2e",
+    labels: dict[str, str] | None = None,
+    wait_gone: bool = False,
 ) -> Iterator[str]:
-    """A namespace ``<prefix>-<random>`` labelled ``label``, deleted at the end (waiting
-    for it to go when ``wait_gone``, so what comes next starts on a quiet cluster)."""
+    """A namespace ``<prefix>-<random>`` labelled ``label`` (and ``labels``), deleted at
+    the end (waiting for it to go when ``wait_gone``, so what comes next starts on a quiet
+    cluster)."""
     name = f"{prefix}-{secrets.token_hex(3)}"
-    stack.core.create_namespace({"metadata": {"name": name, "labels": {label: "true"}}})
+    stack.core.create_namespace({"metadata": {"name": name, "labels": {label: "true", **(labels or {})}}})
     # The default ServiceAccount must exist before pods can be created in the namespace.
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

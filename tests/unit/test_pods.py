@@ -151,3 +151,142 @@ def test_a_task_without_out_of_memory_gets_the_same_pod_after_an_oom_kill() -> N
         {"source": "x", "podTemplate": {"resources": {"limits": {"memory": "64Mi"}}}}
     )
     assert build(task, after_oom=True) == build(task)
+
+
+DEFAULTS: dict[str, Any] = {
+    "service_account": "kubetask-runner",
+    "default_resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
+    "tmp_size_limit": "1Gi",
+    "read_only_root_filesystem": True,
+}
+
+
+def build_with_defaults(task: TaskSpec) -> dict[str, Any]:
+    return pods.attempt_pod(
+        run=RUN,
+        run_id="run_1",
+        task_name="hello",
+        task_uid="9a8b7c6d-1111-4000-8000-000000000002",
+        task=task,
+        queue="hello",
+        attempt=1,
+        max_attempts=3,
+        api_url="http://api:8080",
+        default_image="runner:1",
+        image_pull_policy="IfNotPresent",
+        **DEFAULTS,
+    )
+
+
+def restricted_violations(pod: dict[str, Any]) -> list[str]:
+    """What the Pod Security "restricted" profile (v1.25+) refuses in ``pod``."""
+    spec, out = pod["spec"], []
+    psc = spec.get("securityContext") or {}
+    if spec.get("hostNetwork") or spec.get("hostPID") or spec.get("hostIPC"):
+        out.append("host namespaces")
+    allowed = {
+        "configMap",
+        "csi",
+        "downwardAPI",
+        "emptyDir",
+        "ephemeral",
+        "persistentVolumeClaim",
+        "projected",
+        "secret",
+    }
+    out += [f"volume {v['name']}" for v in spec.get("volumes", []) if not set(v) - {"name"} <= allowed]
+    for c in spec.get("initContainers", []) + spec["containers"]:
+        sc = c.get("securityContext") or {}
+        if sc.get("privileged"):
+            out.append(f"{c['name']}: privileged")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            out.append(f"{c['name']}: allowPrivilegeEscalation")
+        if not (sc.get("runAsNonRoot") or psc.get("runAsNonRoot")):
+            out.append(f"{c['name']}: runAsNonRoot")
+        if sc.get("runAsUser", psc.get("runAsUser")) == 0:
+            out.append(f"{c['name']}: runAsUser 0")
+        seccomp = (sc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            out.append(f"{c['name']}: seccompProfile")
+        caps = sc.get("capabilities") or {}
+        if "ALL" not in caps.get("drop", []) or set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
+            out.append(f"{c['name']}: capabilities")
+        if any(p.get("hostPort") for p in c.get("ports", [])):
+            out.append(f"{c['name']}: hostPort")
+    return out
+
+
+def test_every_attempt_pod_passes_the_restricted_pod_security_profile() -> None:
+    task = TaskSpec.model_validate(
+        {
+            "entrypoint": "m:f",
+            "image": "custom:1",
+            "podTemplate": {
+                "resources": {"limits": {"cpu": "1"}},
+                "env": [{"name": "X", "value": "1"}],
+                "envFrom": [{"secretRef": {"name": "s"}}],
+                "nodeSelector": {"a": "b"},
+                "tolerations": [{"operator": "Exists"}],
+            },
+        }
+    )
+    for pod in (
+        build(TaskSpec(source="x")),
+        build_with_defaults(TaskSpec(source="x")),
+        build_with_defaults(task),
+    ):
+        assert restricted_violations(pod) == []
+
+
+def test_attempt_pods_run_as_the_runner_service_account_without_a_token() -> None:
+    spec = build_with_defaults(TaskSpec(source="x"))["spec"]
+    assert spec["serviceAccountName"] == "kubetask-runner"
+    assert spec["automountServiceAccountToken"] is False
+    assert "serviceAccountName" not in build(TaskSpec(source="x"))["spec"]  # "": the namespace's default
+    sa = pods.runner_service_account(name="kubetask-runner", namespace="ns1")
+    assert sa["automountServiceAccountToken"] is False
+    assert sa["metadata"] == {
+        "name": "kubetask-runner",
+        "namespace": "ns1",
+        "labels": {"app.kubernetes.io/managed-by": "kubetask"},
+    }
+
+
+def test_the_root_filesystem_is_read_only_and_tmp_is_a_bounded_empty_dir() -> None:
+    pod = build_with_defaults(TaskSpec(source="x"))
+    container = pod["spec"]["containers"][0]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    tmp = next(v for v in pod["spec"]["volumes"] if v["name"] == "tmp")
+    assert tmp == {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}
+    assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
+
+
+def test_default_resources_apply_unless_the_task_sets_its_own() -> None:
+    plain = build_with_defaults(TaskSpec(source="x"))["spec"]["containers"][0]
+    assert plain["resources"] == DEFAULTS["default_resources"]
+    own = TaskSpec.model_validate(
+        {"source": "x", "podTemplate": {"resources": {"limits": {"memory": "2Gi"}}}}
+    )
+    # The Task's replace the defaults as a whole: no default request above its limit.
+    assert build_with_defaults(own)["spec"]["containers"][0]["resources"] == {"limits": {"memory": "2Gi"}}
+    assert "resources" not in build(TaskSpec(source="x"))["spec"]["containers"][0]
+
+
+def test_out_of_memory_resources_are_merged_over_the_default_resources_too() -> None:
+    task = TaskSpec.model_validate(
+        {"source": "x", "retry": {"outOfMemory": {"resources": {"limits": {"memory": "1Gi"}}}}}
+    )
+    resources = pods.attempt_resources(task, after_oom=True, default=DEFAULTS["default_resources"])
+    assert resources == {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}}
+    assert DEFAULTS["default_resources"]["limits"] == {"memory": "512Mi"}  # not changed by it
+
+
+def test_the_runner_network_policy_carries_the_spec_it_is_given() -> None:
+    spec = {"podSelector": {}, "policyTypes": ["Egress"], "egress": []}
+    policy = pods.runner_network_policy(namespace="ns1", spec=spec)
+    assert policy["metadata"] == {
+        "name": "kubetask-runner",
+        "namespace": "ns1",
+        "labels": {"app.kubernetes.io/managed-by": "kubetask"},
+    }
+    assert policy["spec"] == spec and policy["apiVersion"] == "networking.k8s.io/v1"

@@ -120,3 +120,104 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- end -}}
 {{- end -}}
+
+{{/* The operator's rights on namespaced resources: a ClusterRole's rules (the whole
+     cluster) or a Role's in each of watchNamespaces. Every verb is one the operator's
+     code uses (docs/security.md, "The operator's rights"). */}}
+{{- define "kubetask.namespacedRules" -}}
+# kopf watches Tasks, Runs, Queues and Schedules; the controller and the public API read them.
+- apiGroups: [kubetask.dev]
+  resources: [runs, tasks, queues, schedules]
+  verbs: [get, list, watch]
+# The public API pauses and resumes a Schedule (a patch of spec.paused) for callers allowed to.
+- apiGroups: [kubetask.dev]
+  resources: [schedules]
+  verbs: [patch]
+# The public API creates Runs (trigger, batch, replay, a durable run's children) and
+# cancels them (a patch of spec.cancel); the controller deletes finished Runs past their
+# TTL, the API a Run that lost its idempotencyKey to another (both with a uid precondition).
+- apiGroups: [kubetask.dev]
+  resources: [runs]
+  verbs: [create, patch, delete]
+# The public API's queue PATCH (pause, limits): a patch, or a create when the Queue is missing.
+- apiGroups: [kubetask.dev]
+  resources: [queues]
+  verbs: [create, patch]
+# The public API reads a Webhook to verify a delivery (and, below, its Secret).
+- apiGroups: [kubetask.dev]
+  resources: [webhooks]
+  verbs: [get]
+# The controller writes the status of Runs, Tasks, Queues and Schedules (merge patches).
+- apiGroups: [kubetask.dev]
+  resources: [runs/status, tasks/status, queues/status, schedules/status]
+  verbs: [patch]
+# Attempt pods: created, watched (label-selected), read, deleted.
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch, create, delete]
+# Token Secrets, one per attempt (create, or update a stale one); the resync lists them
+# (label-selected) and deletes those of attempts that are over. `get`: a Webhook's Secret.
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get, list, create, update, delete]
+# The ConfigMap of an inline Task's source (created once, owned by the Task).
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [create]
+{{- if .Values.networkPolicy.enabled }}
+# The runner NetworkPolicy (networkPolicy.enabled) of each namespace with attempt pods:
+# created, or replaced when the operator starts with other settings.
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [create, update]
+{{- end }}
+{{- if .Values.runner.serviceAccountName }}
+# The runner ServiceAccount (runner.serviceAccountName), created where it is missing: no
+# token, no binding.
+- apiGroups: [""]
+  resources: [serviceaccounts]
+  verbs: [create]
+{{- end }}
+# kopf reports handler errors as Events of the object.
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create]
+{{- end -}}
+
+
+{{/* The spec of the NetworkPolicy the operator keeps in each namespace with attempt pods
+     (KUBETASK_RUNNER_NETWORK_POLICY): nothing comes in; out, only the operator's runner
+     port, DNS and networkPolicy.runnerEgress. */}}
+{{- define "kubetask.runnerNetworkPolicy" -}}
+podSelector:
+  matchLabels:
+    app.kubernetes.io/managed-by: kubetask
+  matchExpressions:
+    - key: kubetask.dev/run-id
+      operator: Exists
+policyTypes: [Ingress, Egress]
+ingress: []
+egress:
+  - to:
+      - namespaceSelector:
+          matchLabels:
+            kubernetes.io/metadata.name: {{ .Release.Namespace }}
+        podSelector:
+          matchLabels:
+            {{- include "kubetask.selectorLabels" . | nindent 12 }}
+    ports:
+      - protocol: TCP
+        port: {{ .Values.api.runnerPort }}
+  - ports:
+      - protocol: UDP
+        port: 53
+      - protocol: TCP
+        port: 53
+    {{- with .Values.networkPolicy.dnsTo }}
+    to:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+  {{- with .Values.networkPolicy.runnerEgress }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- end -}}

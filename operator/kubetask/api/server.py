@@ -415,7 +415,7 @@ def make_public_app(
     app[SETTINGS] = settings
     app[LEADERSHIP] = leadership or STANDALONE
     own = kube is None
-    client = kube or Kube()
+    client = kube or Kube(settings.namespaces)
     app[RUNS] = Runs(kube=client, sessions=sessions, settings=settings)
     app[REVIEWER] = Reviewer(
         client.api,

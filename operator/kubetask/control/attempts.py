@@ -73,6 +73,10 @@ class Attempts:
         #: ConfigMaps known to exist, by namespace and full name (which carries the
         #: Task's uid and the source's hash: never a name alone).
         self._configmaps: set[tuple[str, str]] = set()
+        #: (namespace, Task uid) pairs whose namespace has the runner ServiceAccount and
+        #: NetworkPolicy as this process put them. By Task uid, not namespace alone: a
+        #: namespace deleted and created again loses them, and its Tasks are new ones.
+        self._runner_objects: set[tuple[str, str]] = set()
 
     # ---- the live attempt ----------------------------------------------------------------
 
@@ -151,6 +155,10 @@ class Attempts:
                 PodEnd(None, "TaskNotFound", f"Task {row.task} was deleted", permanent=True),
             )
             return
+        if (refusal := self.catalogue.policy.check(info.spec)) is not None:
+            # Not retried: the Task has to change (its Ready condition says so too).
+            await self.end(row.id, att.number, PodEnd(None, refusal.reason, refusal.message, permanent=True))
+            return
         run_body = {"metadata": {"name": row.name, "namespace": row.namespace, "uid": row.uid}}
         token = self.tokens.pop((row.id, att.number), None)
         fresh = token is not None
@@ -192,6 +200,8 @@ class Attempts:
                 row.name,
                 att.number,
             )
+        sa = self.settings.runner_service_account
+        await self._runner_objects_in(row.namespace, info.uid)
         manifest = pods.attempt_pod(
             run=run_body,
             run_id=row.id,
@@ -205,11 +215,19 @@ class Attempts:
             default_image=self.settings.runner_image,
             image_pull_policy=self.settings.image_pull_policy,
             after_oom=after_oom,
+            service_account=sa,
+            default_resources=self.settings.runner_resources,
+            tmp_size_limit=self.settings.runner_tmp_size_limit,
+            read_only_root_filesystem=self.settings.runner_read_only_root_filesystem,
         )
         try:
             created = await self.kube.create(manifest)
         except ApiException as e:
             message = api_message(e)
+            if e.status == 403 and "error looking up service account" in message:
+                # Deleted since we created it (or saw it): create it again on the retry.
+                self._runner_objects.discard((row.namespace, info.uid))
+                raise
             if e.status == 403 and "exceeded quota" in message:
                 # The Job controller's answer: wait and try again. The task never ran,
                 # so this does not use up an attempt.
@@ -244,6 +262,18 @@ class Attempts:
                 .limit(1)
             )
         return found is not None
+
+    async def _runner_objects_in(self, namespace: str, task_uid: str) -> None:
+        """The runner ServiceAccount (created when missing, never changed: an admin may add
+        imagePullSecrets to it) and NetworkPolicy (created, or replaced with this
+        process's settings) of the namespace, once per Task and process."""
+        if (namespace, task_uid) in self._runner_objects:
+            return
+        if sa := self.settings.runner_service_account:
+            await self.kube.create(pods.runner_service_account(name=sa, namespace=namespace))
+        if (policy := self.settings.runner_network_policy) is not None:
+            await self.kube.put_network_policy(pods.runner_network_policy(namespace=namespace, spec=policy))
+        self._runner_objects.add((namespace, task_uid))
 
     async def _record_pod(self, run_id: str, attempt: int, pod: dict[str, Any]) -> None:
         async with self.sessions.begin() as s:

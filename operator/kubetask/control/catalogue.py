@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from kubetask.admission import Admission, QueueLimits
 from kubetask.kube import Kube
+from kubetask.policy import TaskPolicy
 from kubetask.settings import Settings
 from kubetask.spec import QueueSpec, TaskSpec
 from kubetask.store.runs import iso
@@ -66,6 +67,8 @@ class Catalogue:
         self.kube = kube
         self.admission = admission
         self.settings = settings
+        #: Which images and tolerations Tasks may choose.
+        self.policy = TaskPolicy(tuple(settings.allowed_images), tuple(settings.forbidden_tolerations))
         #: Called with a queue's key when its limits changed (admission may grant more).
         self._queue_changed = queue_changed
         self.tasks: dict[tuple[str, str], TaskInfo] = {}
@@ -135,7 +138,11 @@ class Catalogue:
         """Write the Task's effective image, queue and limits (and a conflict, if any)."""
         conflict = self.queue_conflict(info)
         limits = await self.admission.limits(queue_key(info.namespace, info.queue))
-        conds = [condition("Ready", True, "Accepted", "the task is ready to run")]
+        refusal = self.policy.check(info.spec)
+        if refusal is not None:
+            conds = [condition("Ready", False, refusal.reason, f"{refusal.message}: its runs fail")]
+        else:
+            conds = [condition("Ready", True, "Accepted", "the task is ready to run")]
         if conflict:
             conds.append(condition("QueueConflict", True, "QueueResourceWins", conflict))
         previous = self._task_status.get((info.namespace, info.name)) or {}

@@ -82,7 +82,7 @@ class Controller:
             infra_limit=settings.infra_retry_limit,
             committed=self._committed,
         )
-        self.index = PodIndex(mine=self.mine, changed=self.runs.add)
+        self.index = PodIndex(mine=self.mine, changed=self.runs.add, scopes=self.kube.scopes)
         self.attempts = Attempts(
             sessions=sessions,
             kube=kube,

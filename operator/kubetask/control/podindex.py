@@ -7,7 +7,7 @@ here alone: it asks the API server first (a watch may lag, a relist may be under
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from kubetask import pods
@@ -26,12 +26,26 @@ def attempt_key(pod: dict[str, Any]) -> AttemptKey | None:
 
 
 class PodIndex:
-    def __init__(self, *, mine: Callable[[str], bool], changed: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        *,
+        mine: Callable[[str], bool],
+        changed: Callable[[str], None],
+        scopes: Sequence[str | None] = (None,),
+    ) -> None:
         self._mine = mine
         #: Called with the run id of every pod that changed (or vanished).
         self._changed = changed
         self._pods: dict[AttemptKey, dict[str, Any]] = {}
-        self.synced = False
+        #: What the pod watch lists, one relist each: namespaces, or None (the cluster).
+        self._scopes = set(scopes)
+        self._listed: set[str | None] = set()
+
+    @property
+    def synced(self) -> bool:
+        """Whether every scope was listed once: only then is a pod missing from here
+        worth asking the API server about."""
+        return self._listed >= self._scopes
 
     def get(self, run_id: str, attempt: int) -> dict[str, Any] | None:
         return self._pods.get((run_id, attempt))
@@ -88,15 +102,23 @@ class PodIndex:
                 return
         self._changed(key[0])
 
-    async def on_relist(self, listed: list[dict[str, Any]]) -> None:
-        """A complete list: pods missing from it are gone (their runs are looked at)."""
+    async def on_relist(self, listed: list[dict[str, Any]], namespace: str | None = None) -> None:
+        """A complete list of ``namespace`` (None: of the whole cluster): its pods
+        missing from it are gone (their runs are looked at)."""
         fresh: dict[AttemptKey, dict[str, Any]] = {}
         for pod in listed:
             key = attempt_key(pod)
             if key is not None and self._mine(pod["metadata"]["namespace"]):
                 fresh[key] = pod
-        gone = set(self._pods) - set(fresh)
-        self._pods = fresh
-        self.synced = True
+        in_scope = {
+            key
+            for key, pod in self._pods.items()
+            if namespace is None or pod["metadata"]["namespace"] == namespace
+        }
+        gone = in_scope - set(fresh)
+        for key in gone:
+            del self._pods[key]
+        self._pods.update(fresh)
+        self._listed.add(namespace)
         for run_id in {k[0] for k in gone} | {k[0] for k in fresh}:
             self._changed(run_id)

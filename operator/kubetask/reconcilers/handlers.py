@@ -46,6 +46,10 @@ async def startup(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) ->
     # kopf waits this long for more events of one object before handling them; our
     # handlers only enqueue, so react (almost) at once.
     settings.batching.batch_window = 0.01
+    # Watching some namespaces: kopf takes their names as given, rather than listing and
+    # watching the cluster's namespaces (and CRDs) to match them, which would need
+    # cluster-wide rights; the resources are found once, at start-up, by API discovery.
+    settings.scanning.disabled = bool(cfg.namespaces)
     identity = new_identity(cfg.operator_id or None)
     # What /healthz and /metrics say about leadership.
     leadership = Leadership(
@@ -59,7 +63,7 @@ async def startup(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) ->
     kube: Kube | None = None
     try:
         await load_config()
-        kube = Kube()
+        kube = Kube(cfg.namespaces)
         # Every replica serves the API; only the leader reconciles.
         memo.runner = await start_api(
             make_app(sessions=sessions, settings=cfg, leadership=leadership), cfg.api_host, cfg.api_port

@@ -13,7 +13,11 @@ def run_operator(*, namespaces: list[str] | None = None, verbose: bool = False) 
     from kubetask.settings import settings
 
     cfg = settings()
-    watched = namespaces or cfg.namespaces
+    if namespaces:
+        # `--namespace` is KUBETASK_NAMESPACES: the handlers, the controller and the API
+        # read the one settings object.
+        cfg.namespaces = list(namespaces)
+    watched = cfg.namespaces
     kopf.configure(verbose=verbose)  # the one logging setup (kopf's format, on the root logger)
     logging.getLogger().setLevel(
         logging.DEBUG if verbose else getattr(logging, cfg.log_level.upper(), logging.INFO)
