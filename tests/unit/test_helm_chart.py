@@ -104,6 +104,8 @@ NAMESPACED_RIGHTS = {
     "kubetask.dev/runs/status": {"patch"},
     "kubetask.dev/tasks/status": {"patch"},
     "kubetask.dev/queues/status": {"patch"},
+    "kubetask.dev/schedules": {"get", "list", "watch", "patch"},
+    "kubetask.dev/schedules/status": {"patch"},
     "/pods": {"get", "list", "watch", "create", "delete"},
     "/secrets": {"get", "list", "create", "update", "delete"},
     "/configmaps": {"create"},
