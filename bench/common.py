@@ -63,7 +63,7 @@ if os.environ.get(OPERATOR_REF):
 
 from kubernetes import client  # noqa: E402
 from kubernetes.client.rest import ApiException  # noqa: E402
-from sqlalchemy import create_engine, text  # noqa: E402
+from sqlalchemy import DateTime, create_engine, text  # noqa: E402
 from sqlalchemy.pool import NullPool  # noqa: E402
 from tests.databases import scratch_database  # noqa: E402
 from tests.e2e.harness import Operator, PodEvent, PodWatcher, Stack, hack, install_crds, namespace  # noqa: E402
@@ -571,3 +571,57 @@ class AllPods(PodWatcher):
             if ev.type == "ADDED":
                 out.setdefault(ev.uid, ev.at)
         return out
+
+
+def insert_copies(
+    url: str,
+    copies: list[tuple[Any, dict[str, str], str]],
+    series: str,
+    params: dict[str, Any],
+    *,
+    shift_times: str | None = None,
+) -> dict[str, int]:
+    """``INSERT ... SELECT`` copies of rows, one per row of ``series`` (a SQL set-returning
+    expression aliased ``g``): for each (table, overrides, where), every column but identity
+    ones is copied from the rows ``where`` selects (as ``src``), except the ``overrides``
+    (SQL over ``src`` and ``g``); with ``shift_times``, every other time column minus that
+    interval. Returns the rows inserted per table; ANALYZEs after."""
+    engine = create_engine(url, poolclass=NullPool)
+    out: dict[str, int] = {}
+    try:
+        with engine.begin() as conn:
+            for table, over, where in copies:
+                cols = [c for c in table.columns if c.identity is None]
+                exprs = [
+                    over.get(c.name)
+                    or (
+                        f"src.{c.name} - {shift_times}"
+                        if shift_times and isinstance(c.type, DateTime)
+                        else f"src.{c.name}"
+                    )
+                    for c in cols
+                ]
+                res = conn.execute(
+                    text(
+                        f"INSERT INTO {table.name} ({', '.join(c.name for c in cols)}) "
+                        f"SELECT {', '.join(exprs)} FROM {table.name} src, {series} WHERE {where}"
+                    ),
+                    params,
+                )
+                out[table.name] = res.rowcount
+            conn.execute(text("ANALYZE"))
+    finally:
+        engine.dispose()
+    return out
+
+
+def create_bare_run(st: Stack, ns: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """Create the Run ``ns/name`` (while no operator runs: it stays bare), retrying a few
+    times through API server hiccups (many are created in a row)."""
+    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Run", "metadata": {"name": name}, "spec": spec}
+    for _ in range(5):
+        with contextlib.suppress(ApiException):
+            out: dict[str, Any] = st.custom.create_namespaced_custom_object(GROUP, VERSION, ns, "runs", body)
+            return out
+        time.sleep(1)
+    raise RuntimeError(f"could not create Run {ns}/{name}")

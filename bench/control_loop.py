@@ -43,9 +43,6 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from kubernetes.client.rest import ApiException
-from sqlalchemy import DateTime, create_engine, text
-from sqlalchemy.pool import NullPool
 from tests.e2e.harness import GROUP, TERMINAL, VERSION, Operator, Stack, free_port
 
 from bench import opstats
@@ -56,7 +53,9 @@ from bench.common import (
     admin_database_url,
     bench_database,
     bench_namespace,
+    create_bare_run,
     holds_lease,
+    insert_copies,
     operator_code,
     print_table,
     ratio,
@@ -534,7 +533,7 @@ def seed_history(st: Stack, url: str, ns: str, history: int, resources: int) -> 
     # Run objects first (no operator runs): their uids go into the rows.
     names = [f"done-{i:05d}" for i in range(1, resources)]
     with ThreadPoolExecutor(8) as pool:
-        created = list(pool.map(lambda n: create_bare_run(st, ns, n), names))
+        created = list(pool.map(lambda n: create_bare_run(st, ns, n, {"task": TASK}), names))
     uids = [c["metadata"]["uid"] for c in created]
     ids = [f"run_{hashlib.sha1(u.encode()).hexdigest()[:20]}" for u in uids]
     n_old = history - resources
@@ -561,21 +560,6 @@ def seed_history(st: Stack, url: str, ns: str, history: int, resources: int) -> 
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(patch, range(len(names))))
     return {"seconds": round(time.monotonic() - t0, 1), "rows": counts, "run_objects": resources}
-
-
-def create_bare_run(st: Stack, ns: str, name: str) -> dict[str, Any]:
-    body = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "Run",
-        "metadata": {"name": name},
-        "spec": {"task": TASK},
-    }
-    for _ in range(5):
-        with contextlib.suppress(ApiException):
-            out: dict[str, Any] = st.custom.create_namespaced_custom_object(GROUP, VERSION, ns, "runs", body)
-            return out
-        time.sleep(1)
-    raise RuntimeError(f"could not create Run {ns}/{name}")
 
 
 def clone_rows(url: str, seed_id: str, rows: dict[str, list[Any]]) -> dict[str, int]:
@@ -611,29 +595,7 @@ def clone_rows(url: str, seed_id: str, rows: dict[str, list[Any]]) -> dict[str, 
         (t.LogLine.__table__, {"run_id": "g.id"}, "src.run_id = :seed"),
         (t.Timer.__table__, {"key": "g.id"}, "src.key = :seed AND NOT g.deleted"),
     ]
-    engine = create_engine(url, poolclass=NullPool)
-    out: dict[str, int] = {}
-    try:
-        with engine.begin() as conn:
-            for table, over, where in copies:
-                cols = [c for c in table.columns if c.identity is None]
-                exprs = [
-                    over.get(c.name)
-                    or (f"src.{c.name} - {age}" if isinstance(c.type, DateTime) else f"src.{c.name}")
-                    for c in cols
-                ]
-                res = conn.execute(
-                    text(
-                        f"INSERT INTO {table.name} ({', '.join(c.name for c in cols)}) "
-                        f"SELECT {', '.join(exprs)} FROM {table.name} src, {series} WHERE {where}"
-                    ),
-                    {**rows, "seed": seed_id},
-                )
-                out[table.name] = res.rowcount
-            conn.execute(text("ANALYZE"))
-    finally:
-        engine.dispose()
-    return out
+    return insert_copies(url, copies, series, {**rows, "seed": seed_id}, shift_times=age)
 
 
 STARTUP_COLUMNS = [

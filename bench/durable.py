@@ -56,7 +56,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
 
-from kubernetes.client.exceptions import ApiException
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 from tests.e2e.harness import GROUP, VERSION, Operator, Stack, service_account_token
@@ -69,7 +68,9 @@ from bench.common import (
     admin_database_url,
     bench_database,
     bench_namespace,
+    create_bare_run,
     holds_lease,
+    insert_copies,
     percentile,
     print_table,
     process_cpu_seconds,
@@ -512,7 +513,7 @@ def seed_waiting(st: Stack, url: str, ns: str, n: int) -> dict[str, Any]:
     names = [f"wait-{i:05d}" for i in range(1, n)]
 
     def create(i: int) -> dict[str, Any]:
-        return create_bare_run(st, ns, names[i], i + 1)
+        return create_bare_run(st, ns, names[i], {"task": WAITER, "payload": {"i": i + 1}})
 
     # Run objects first (no operator runs): their uids go into the rows.
     with ThreadPoolExecutor(8) as pool:
@@ -530,22 +531,6 @@ def seed_waiting(st: Stack, url: str, ns: str, n: int) -> dict[str, Any]:
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(patch, range(len(names))))
     return {"seconds": round(time.monotonic() - t0, 1), "rows": counts, "run_objects": n}
-
-
-def create_bare_run(st: Stack, ns: str, name: str, i: int) -> dict[str, Any]:
-    body = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "Run",
-        "metadata": {"name": name},
-        "spec": {"task": WAITER, "payload": {"i": i}},
-    }
-    for _ in range(5):
-        with contextlib.suppress(ApiException):
-            return cast(
-                dict[str, Any], st.custom.create_namespaced_custom_object(GROUP, VERSION, ns, "runs", body)
-            )
-        time.sleep(1)
-    raise RuntimeError(f"could not create Run {ns}/{name}")
 
 
 def clone_rows(url: str, seed_id: str, rows: dict[str, list[Any]]) -> dict[str, int]:
@@ -579,25 +564,7 @@ def clone_rows(url: str, seed_id: str, rows: dict[str, list[Any]]) -> dict[str, 
         ),
         (t.LogLine.__table__, {"run_id": "g.id"}, "src.run_id = :seed"),
     ]
-    engine = create_engine(url, poolclass=NullPool)
-    out: dict[str, int] = {}
-    try:
-        with engine.begin() as conn:
-            for table, over, where in copies:
-                cols = [c for c in table.columns if c.identity is None]
-                exprs = [over.get(c.name) or f"src.{c.name}" for c in cols]
-                res = conn.execute(
-                    text(
-                        f"INSERT INTO {table.name} ({', '.join(c.name for c in cols)}) "
-                        f"SELECT {', '.join(exprs)} FROM {table.name} src, {series} WHERE {where}"
-                    ),
-                    {**rows, "seed": seed_id},
-                )
-                out[table.name] = res.rowcount
-            conn.execute(text("ANALYZE"))
-    finally:
-        engine.dispose()
-    return out
+    return insert_copies(url, copies, series, {**rows, "seed": seed_id})
 
 
 def print_memory(res: dict[str, Any]) -> None:
