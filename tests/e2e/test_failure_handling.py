@@ -5,18 +5,14 @@ tree."""
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
 import pytest
-from kubernetes import client
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
-from tests.e2e.harness import Operator, PodWatcher, Stack, install_crds
+from tests.e2e.harness import Operator, PodWatcher, Stack
 
 pytestmark = pytest.mark.e2e
 
@@ -39,75 +35,23 @@ def inline(task_id: str, body: str, *, catch_error: str | None = None) -> str:
     )
 
 
-class TaskSchemaGuard:
-    """Keeps this tree's Task CRD installed while a test runs, and its Tasks whole.
-
-    The Task CRD is cluster-wide. An e2e or integration session of an older checkout on
-    the same cluster installs its own crds/, whose schema lacks spec.retry's
-    nonRetryableErrors and outOfMemory: the API server then prunes them from every Task
-    it returns, and for good from a Task written meanwhile (the operator's status patch).
-    The test would then see the old behaviour and fail for a reason that is not this
-    tree's. So a thread checks the CRD twice a second and, when it was replaced, installs
-    this tree's again and applies the test's Tasks again. With one checkout (CI) it never
-    acts."""
+class Tasks:
+    """Applies a test's Tasks and checks that the API server kept their spec.retry whole
+    (a Task CRD of another checkout on a shared cluster would prune the new fields; the
+    ``ns`` fixture installs this tree's CRDs before each test, see ``ensure_crds``)."""
 
     def __init__(self, stack: Stack) -> None:
         self.stack = stack
-        self.tasks: dict[tuple[str, str], dict[str, Any]] = {}
-        self.replaced = 0
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="task-crd-guard", daemon=True)
-
-    def __enter__(self) -> TaskSchemaGuard:
-        self._restore()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
 
     def apply_task(self, ns: str, name: str, spec: dict[str, Any]) -> None:
-        """Create the Task and check the API server kept its spec.retry whole."""
-        with self._lock:
-            self.tasks[(ns, name)] = spec
-            stored = self.stack.apply_task(ns, name, spec)
+        stored = self.stack.apply_task(ns, name, spec)
         kept = stored["spec"].get("retry") or {}
-        if {**kept, **spec["retry"]} != kept:
-            self._restore()
-            stored = self.stack.apply_task(ns, name, spec)
-            kept = stored["spec"].get("retry") or {}
-            assert {**kept, **spec["retry"]} == kept, (
-                f"the API server prunes spec.retry of Task {name}: {kept}"
-            )
-
-    def _current(self) -> bool:
-        crd = client.ApiextensionsV1Api().read_custom_resource_definition("tasks.kubetask.dev")
-        spec = crd.spec.versions[0].schema.open_apiv3_schema.properties["spec"]
-        return {"nonRetryableErrors", "outOfMemory"} <= set(spec.properties["retry"].properties)
-
-    def _restore(self) -> None:
-        with self._lock:
-            install_crds(self.stack.kubeconfig)
-            for (ns, name), spec in self.tasks.items():
-                self.stack.apply_task(ns, name, spec)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.5):
-            with contextlib.suppress(Exception):  # a hiccup of the API server: look again
-                if not self._current():
-                    self.replaced += 1
-                    print(
-                        f"the Task CRD was replaced by an older one ({self.replaced}x): installing this tree's"
-                    )
-                    self._restore()
+        assert {**kept, **spec["retry"]} == kept, f"the API server prunes spec.retry of Task {name}: {kept}"
 
 
 @pytest.fixture
-def tasks(stack: Stack) -> Iterator[TaskSchemaGuard]:
-    with TaskSchemaGuard(stack) as guard:
-        yield guard
+def tasks(stack: Stack) -> Tasks:
+    return Tasks(stack)
 
 
 def attempt_reports(database_url: str, run_id: str) -> list[dict[str, Any] | None]:
@@ -121,7 +65,7 @@ def attempt_reports(database_url: str, run_id: str) -> list[dict[str, Any] | Non
 
 
 def test_an_error_named_in_non_retryable_errors_fails_the_run_after_one_attempt(
-    stack: Stack, ns: str, operator: Operator, tasks: TaskSchemaGuard
+    stack: Stack, ns: str, operator: Operator, tasks: Tasks
 ) -> None:
     tasks.apply_task(
         ns,
@@ -150,7 +94,7 @@ def test_an_error_named_in_non_retryable_errors_fails_the_run_after_one_attempt(
 
 
 def test_catch_error_skip_fails_the_run_after_one_attempt(
-    stack: Stack, ns: str, operator: Operator, tasks: TaskSchemaGuard
+    stack: Stack, ns: str, operator: Operator, tasks: Tasks
 ) -> None:
     hook = (
         "def decide(error, ctx):\n    return RetryDecision.skip() if isinstance(error, KeyError) else None\n"
@@ -173,7 +117,7 @@ def test_catch_error_skip_fails_the_run_after_one_attempt(
 
 
 def test_catch_error_retry_after_delays_the_next_attempt_past_the_backoff(
-    stack: Stack, ns: str, operator: Operator, tasks: TaskSchemaGuard, e2e_database: str
+    stack: Stack, ns: str, operator: Operator, tasks: Tasks, e2e_database: str
 ) -> None:
     # The policy would retry after 0.2 s; the hook asks for 8 s on the first attempt.
     hook = (
@@ -208,7 +152,7 @@ def test_catch_error_retry_after_delays_the_next_attempt_past_the_backoff(
 
 
 def test_an_oom_killed_attempt_is_retried_with_the_out_of_memory_resources(
-    stack: Stack, ns: str, operator: Operator, tasks: TaskSchemaGuard
+    stack: Stack, ns: str, operator: Operator, tasks: Tasks
 ) -> None:
     # 200 MiB of touched memory: killed under 64 MiB, fine under 512 MiB. The task reports
     # the memory limit it ran under (cgroup v1, else v2), so the output proves the resources.

@@ -415,7 +415,8 @@ class Admission:
         attempt, record the slot and the attempt. The key's counters are the caller's."""
         run_id = run.id
         now = datetime.now(UTC)
-        tr = step(load_state(run), SlotGranted(), now=now, retry=retry_for(run), rand=lambda: 0.0)
+        before = load_state(run)
+        tr = step(before, SlotGranted(), now=now, retry=retry_for(run), rand=lambda: 0.0)
         state: RunState = tr.state
         save_state(run, state, now=now)
         run.wake_at = now + self._start_deadline if self._start_deadline is not None else None
@@ -427,7 +428,7 @@ class Admission:
                 number=state.attempt,
                 pod_name=self._pod_name(run.name, run.uid, state.attempt),
                 token_hash=hash_token(token),
-                resume=state.reason == "Resumed",
+                resume=before.resuming,  # this pod continues an attempt after a wait
             )
         )
         q.running += 1

@@ -136,9 +136,9 @@ async def post_wait(request: web.Request) -> web.Response:
     body = await read_model(request, WaitRequest, MAX_JOURNAL_BODY_BYTES)
     settings = request.app[SETTINGS]
     async with request.app[SESSIONS]() as s, s.begin():
-        caller = await _authenticate(s, token, lock=True)
-        run = await s.get(t.Run, caller.run_id)
-        assert run is not None
+        # The run's row is locked by the authenticating query, which also reads its namespace.
+        caller = await _authenticate(s, token, lock=True, extra=(t.Run.namespace,))
+        run = caller.row
         now = _now()
         cp = (
             await s.execute(
@@ -175,13 +175,15 @@ async def post_wait(request: web.Request) -> web.Response:
             .where(t.Attempt.run_id == run.id, t.Attempt.number == caller.attempt)
             .values(report={"suspended": True, "wait": cp.key})
         )
-        run.wait_key = cp.key
+        await s.execute(update(t.Run).where(t.Run.id == run.id).values(wait_key=cp.key))
     return _reply(WaitResponse(status="waiting", due_at=cp.due_at, suspend=True))
 
 
 async def _register(
-    s: AsyncSession, run: t.Run, body: WaitRequest, attempt: int, now: datetime, retention: float
+    s: AsyncSession, run: Any, body: WaitRequest, attempt: int, now: datetime, retention: float
 ) -> t.Checkpoint:
+    """A new wait checkpoint (``run``: the caller's row, its ``id`` and ``namespace``), satisfied
+    at once when what it waits for happened already."""
     cp = t.Checkpoint(
         run_id=run.id,
         key=body.key,

@@ -29,7 +29,7 @@ from sqlalchemy.sql import func
 
 from kubetask.api.errors import ApiError, read_json
 from kubetask.api.state import SESSIONS
-from kubetask.engine.machine import Phase
+from kubetask.engine.machine import Phase, counted_attempts
 from kubetask.protocol import (
     MAX_COMPLETE_BODY_BYTES,
     MAX_LOGS_BODY_BYTES,
@@ -168,7 +168,7 @@ async def get_attempt(request: web.Request) -> web.Response:
         # The attempt as the task counts it: pods that never ran the task, and pods that
         # resumed an attempt after a wait, are not attempts.
         attempt=AttemptRef(
-            number=max(1, caller.attempt - (run.infra_failures or 0) - (run.resumes or 0)),
+            number=max(1, counted_attempts(caller.attempt, run.infra_failures or 0, run.resumes or 0)),
             max_attempts=run.max_attempts,
         ),
         payload=run.payload if run.payload is not None else {},

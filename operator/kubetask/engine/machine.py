@@ -39,6 +39,13 @@ class Phase(enum.StrEnum):
     EXPIRED = "Expired"
 
 
+def counted_attempts(pods: int, infra_failures: int, resumes: int) -> int:
+    """Attempts as the task counts them (``ctx.attempt.number``): every pod is numbered,
+    but pods that never ran the task and pods that resumed an attempt after a wait are not
+    attempts."""
+    return pods - infra_failures - resumes
+
+
 TERMINAL = frozenset(
     {Phase.SUCCEEDED, Phase.FAILED, Phase.CANCELED, Phase.TIMED_OUT, Phase.DEDUPLICATED, Phase.EXPIRED}
 )
@@ -81,7 +88,7 @@ class RunState:
     def counted_attempts(self) -> int:
         """Attempts that count against max_attempts: pods in which the task ran, except
         those that resumed an attempt after a wait."""
-        return self.attempt - self.infra_failures - self.resumes
+        return counted_attempts(self.attempt, self.infra_failures, self.resumes)
 
 
 # ---- events -------------------------------------------------------------------------
@@ -341,7 +348,7 @@ def step(
                 return unchanged
             attempt = state.attempt + 1
             resumes = state.resumes + 1 if state.resuming else state.resumes
-            counted = attempt - state.infra_failures - resumes
+            counted = counted_attempts(attempt, state.infra_failures, resumes)
             what = f"attempt {counted} of {state.max_attempts}"
             return Transition(
                 _to(

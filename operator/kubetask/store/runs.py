@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from kubetask import protocol
-from kubetask.engine.machine import TERMINAL, Phase, RunError, RunState
+from kubetask.engine.machine import TERMINAL, Phase, RunError, RunState, counted_attempts
 from kubetask.store import tables as t
 
 
@@ -32,7 +32,7 @@ def counted_attempt(row: Any) -> int:
     """The run's attempt as its task counts it (``ctx.attempt.number``): pods that never
     ran the task and pods that resumed an attempt after a wait are not attempts.
     ``row.attempt`` is the number of the run's last pod."""
-    return max(0, int(row.attempt) - int(row.infra_failures or 0) - int(row.resumes or 0))
+    return max(0, counted_attempts(int(row.attempt), int(row.infra_failures or 0), int(row.resumes or 0)))
 
 
 def iso(ts: datetime | None) -> str | None:
