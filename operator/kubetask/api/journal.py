@@ -47,7 +47,7 @@ from kubetask.protocol import (
     WaitResponse,
     hash_token,
 )
-from kubetask.spec import API_VERSION, GROUP, VERSION
+from kubetask.spec import API_VERSION
 from kubetask.store import journal as j
 from kubetask.store import tables as t
 
@@ -348,13 +348,11 @@ async def _create_child(runs: Runs, parent: t.Run, body: ChildRequest) -> dict[s
         "spec": spec,
     }
     try:
-        created: dict[str, Any] = await runs.kube.custom.create_namespaced_custom_object(
-            GROUP, VERSION, parent.namespace, "runs", manifest
-        )
-        return created
+        created = await runs.kube.create_object("runs", parent.namespace, manifest)
     except ApiException as e:
-        if e.status != 409:
-            raise kube_error(e, f"create child Run {parent.namespace}/{name} of task {body.task}") from None
+        raise kube_error(e, f"create child Run {parent.namespace}/{name} of task {body.task}") from None
+    if created is not None:
+        return created
     # 409: created by an earlier try of this very call (same parent and key), or not ours.
     existing = await runs.kube.get_object("runs", parent.namespace, name)
     if existing is None or (existing["metadata"].get("labels") or {}).get(PARENT_RUN) != parent.id:
