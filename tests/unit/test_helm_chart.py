@@ -84,6 +84,10 @@ def test_a_second_release_gets_names_of_its_own() -> None:
     assert cluster_scoped
     assert all(o["metadata"]["name"].startswith("other-") for o in cluster_scoped)
     assert env_of(objects)["KUBETASK_LEASE_NAME"] == "other-operator"
+    # Token completion URLs (ctx.create_token) point at this release's public API Service.
+    assert env_of(objects)["KUBETASK_PUBLIC_URL"] == "http://other-api.other.svc:8080"
+    given = render(DB | {"api": {"publicUrl": "https://tasks.example.com"}})
+    assert env_of(given)["KUBETASK_PUBLIC_URL"] == "https://tasks.example.com"
 
 
 def rules(role: dict[str, Any]) -> dict[str, set[str]]:

@@ -42,6 +42,14 @@ url
 {{- end -}}
 
 {{/* The URL runner pods use to reach the runner listener. */}}
+{{- define "kubetask.publicUrl" -}}
+{{- if .Values.api.publicUrl -}}
+{{- .Values.api.publicUrl -}}
+{{- else -}}
+{{- printf "http://%s.%s.svc:%d" (include "kubetask.apiServiceName" .) .Release.Namespace (int .Values.api.port) -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "kubetask.apiUrl" -}}
 {{- if .Values.api.url -}}
 {{- .Values.api.url -}}
