@@ -107,6 +107,20 @@ class Kube:
                 return None
             raise
 
+    async def namespace_going(self, namespace: str) -> bool:
+        """Whether ``namespace`` is being deleted (or gone): its objects, Tasks and Runs
+        alike, are about to go, in no set order."""
+        try:
+            ns = await self.core.read_namespace(namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return True
+            if e.status == 403:  # RBAC without the right: not known to go
+                log.warning("cannot read namespace %s (403): grant get on namespaces", namespace)
+                return False
+            raise
+        return ns.metadata.deletion_timestamp is not None or (ns.status and ns.status.phase) == "Terminating"
+
     async def delete_pod(
         self, namespace: str, name: str, *, grace: int | None = None, uid: str | None = None
     ) -> None:

@@ -66,6 +66,7 @@ WATCHED_NAMESPACE_RIGHTS = {
 }
 #: Its rights everywhere: reviewing the public API's callers.
 CLUSTER_RIGHTS = {
+    "namespaces": {"get"},  # the watched namespace only (resourceNames)
     "tokenreviews.authentication.k8s.io": {"create"},
     "subjectaccessreviews.authorization.k8s.io": {"create"},
 }

@@ -118,6 +118,7 @@ NAMESPACED_RIGHTS = {
     "networking.k8s.io/networkpolicies": {"create", "update"},
 }
 REVIEWS = {
+    "/namespaces": {"get"},
     "authentication.k8s.io/tokenreviews": {"create"},
     "authorization.k8s.io/subjectaccessreviews": {"create"},
 }
@@ -139,7 +140,11 @@ def test_cluster_wide_the_operator_has_one_cluster_role_of_what_its_code_uses() 
 
 def test_watching_namespaces_the_operator_has_roles_in_them_and_only_reviews_cluster_wide() -> None:
     objects = render(DB | {"watchNamespaces": ["team-a", "team-b"]})
-    assert rules(one(objects, "ClusterRole", "kubetask-operator")) == REVIEWS
+    cluster_role = one(objects, "ClusterRole", "kubetask-operator")
+    assert rules(cluster_role) == REVIEWS
+    # Namespaces: only the watched ones may be read.
+    (ns_rule,) = [r for r in cluster_role["rules"] if r["resources"] == ["namespaces"]]
+    assert ns_rule["resourceNames"] == ["team-a", "team-b"]
     for ns in ("team-a", "team-b"):
         (role,) = [o for o in objects if o["kind"] == "Role" and o["metadata"].get("namespace") == ns]
         assert rules(role) == NAMESPACED_RIGHTS

@@ -148,6 +148,17 @@ class Attempts:
     async def _start(self, row: t.Run, att: t.Attempt) -> None:
         """Create the token Secret, the source ConfigMap and the attempt's pod."""
         info = await self.catalogue.task(row.namespace, row.task)
+        if info is None and await self._run_going(row):
+            # Its namespace is being deleted: the Task went first, the Run goes next (the
+            # namespace controller deletes them in no set order). Canceled, as when the Run
+            # goes first; the attempt, which has no pod, ends at the next reconcile.
+            await self.apply(
+                row.id,
+                m.CancelRequested(
+                    "RunDeleted", "the Run resource was deleted (its namespace is being deleted)"
+                ),
+            )
+            return
         if info is None:
             await self.end(
                 row.id,
@@ -247,6 +258,13 @@ class Attempts:
                 raise RuntimeError(f"pod {row.namespace}/{att.pod_name} belongs to another Run")
         self.index.put(created)
         await self._record_pod(row.id, att.number, created)
+
+    async def _run_going(self, row: t.Run) -> bool:
+        """Whether the Run resource is gone, being deleted, or in a namespace being deleted."""
+        run = await self.kube.get_object("runs", row.namespace, row.name)
+        if run is None or run["metadata"]["uid"] != row.uid or run["metadata"].get("deletionTimestamp"):
+            return True
+        return await self.kube.namespace_going(row.namespace)
 
     async def _oom_killed_before(self, run_id: str, attempt: int) -> bool:
         """Whether an earlier attempt of the run was OOM-killed. Any earlier one, not only

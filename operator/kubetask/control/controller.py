@@ -93,7 +93,11 @@ class Controller:
             wake=lambda due: self.timers.wake(due),
         )
         self.intake = Intake(
-            sessions=sessions, catalogue=self.catalogue, settings=settings, apply=self.transitions.apply
+            sessions=sessions,
+            catalogue=self.catalogue,
+            settings=settings,
+            apply=self.transitions.apply,
+            later=self.runs.add_after,
         )
         self.timers = TimerLoop(sessions, fire=self._fire, namespaces=settings.namespaces)
         self.schedules = Schedules(

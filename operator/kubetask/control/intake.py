@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import select, update
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -177,11 +177,14 @@ class Intake:
         catalogue: Catalogue,
         settings: Settings,
         apply: Apply,
+        later: Callable[[str, float], None] = lambda _run_id, _delay: None,
     ) -> None:
         self.sessions = sessions
         self.catalogue = catalogue
         self.settings = settings
         self.apply = apply
+        #: Reconcile a run again after a delay (the controller's run queue).
+        self.later = later
 
     async def record(self, body: dict[str, Any]) -> str:
         """The run id of this Run resource, inserting its row (Pending) if new."""
@@ -271,7 +274,14 @@ class Intake:
                 expires_at=row.expires_at,
             )
             if row.debounce:
-                await self.apply(row.id, debouncer(Debounce.model_validate(row.debounce), resolved))
+                spec = Debounce.model_validate(row.debounce)
+                if await self._earlier_trigger_pending(row, spec):
+                    # A trigger of the same key that reached the API server first is not
+                    # resolved yet: it goes first (leading runs the first trigger's payload,
+                    # trailing the last one's), and this one after it.
+                    self.later(row.id, 0.2)
+                    return
+                await self.apply(row.id, debouncer(spec, resolved))
             else:
                 await self.apply(row.id, resolved)
             return
@@ -295,6 +305,24 @@ class Intake:
                     f"{iso(deadline)} for it to appear",
                 ),
             )
+
+    async def _earlier_trigger_pending(self, row: t.Run, spec: Debounce) -> bool:
+        """Whether a recorded, unresolved (Pending) run of the same debounce key arrived
+        before ``row`` (arrival_order: the order of creation in the API server)."""
+        async with self.sessions() as s:
+            earlier = await s.execute(
+                select(t.Run.id)
+                .where(
+                    t.Run.namespace == row.namespace,
+                    t.Run.task == row.task,
+                    t.Run.phase == m.Phase.PENDING.value,
+                    t.Run.debounce["key"].astext == spec.key,
+                    t.Run.id != row.id,
+                    or_(t.Run.arrival < row.arrival, and_(t.Run.arrival == row.arrival, t.Run.id < row.id)),
+                )
+                .limit(1)
+            )
+            return earlier.first() is not None
 
     async def claim(self, row: t.Run) -> str | None:
         """Claim the run's idempotencyKey; the original run's id if another holds it.
