@@ -23,7 +23,7 @@ from kubernetes_asyncio.client.rest import ApiException
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from kubetask import pods
+from kubetask import metrics, pods
 from kubetask.control.catalogue import Catalogue
 from kubetask.control.podindex import PodIndex
 from kubetask.control.timers import set_run_timer, utcnow
@@ -234,6 +234,7 @@ class Attempts:
         try:
             created = await self.kube.create(manifest)
         except ApiException as e:
+            metrics.POD_CREATE_ERRORS.labels(str(e.status)).inc()
             message = api_message(e)
             if e.status == 403 and "error looking up service account" in message:
                 # Deleted since we created it (or saw it): create it again on the retry.
@@ -256,6 +257,10 @@ class Attempts:
                 raise RuntimeError(f"pod {att.pod_name} existed and vanished; trying again")
             if (created["metadata"].get("labels") or {}).get(pods.LABEL_RUN_UID) != row.uid:
                 raise RuntimeError(f"pod {row.namespace}/{att.pod_name} belongs to another Run")
+        elif att.number == 1:
+            metrics.START_LATENCY.labels(row.namespace, row.task).observe(
+                max(0.0, (utcnow() - row.created_at).total_seconds())
+            )
         self.index.put(created)
         await self._record_pod(row.id, att.number, created)
 

@@ -26,7 +26,7 @@ from typing import Any
 from sqlalchemy import and_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from kubetask import pods
+from kubetask import metrics, pods
 from kubetask.admission import Admission
 from kubetask.control.attempts import Attempts
 from kubetask.control.catalogue import Catalogue
@@ -205,6 +205,9 @@ class Controller:
                 ),
                 asyncio.create_task(self.timers.run(), name="timers"),
                 asyncio.create_task(self.resync.loop(), name="resync"),
+                asyncio.create_task(
+                    metrics.LiveGauges(self.sessions, list(self.settings.namespaces)).loop(), name="metrics"
+                ),
             ]
             self.ready.set()
             log.info(

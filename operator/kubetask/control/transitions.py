@@ -19,6 +19,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from kubetask import metrics
 from kubetask.admission import Admission
 from kubetask.admission.slots import Grant
 from kubetask.control.timers import utcnow
@@ -160,7 +161,7 @@ class Transitions:
             if grant is not None:
                 kept = tuple(a for a in tr.actions if not isinstance(a, m.Enqueue))
                 tr = m.Transition(load_state(row), (*kept, m.CreatePod(grant.attempt)))
-            namespace, name, waiting = row.namespace, row.name, q.queued
+            namespace, name, task, waiting = row.namespace, row.name, row.task, q.queued
         if tr.state.phase != before.phase or tr.state.reason != before.reason:
             log.info(
                 "run %s/%s (%s): %s -> %s (%s: %s)",
@@ -172,6 +173,7 @@ class Transitions:
                 tr.state.reason,
                 tr.state.message,
             )
+        metrics.transition(namespace, task, before, tr.state, event)
         applied = Applied(
             run_id=run_id, queue=queue, transition=tr, before=before, grant=grant, waiting=waiting
         )

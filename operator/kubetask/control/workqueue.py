@@ -22,6 +22,8 @@ import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from kubetask.metrics import RECONCILE_ERRORS
+
 log = logging.getLogger("kubetask.workqueue")
 
 Handler = Callable[[str], Awaitable[None]]
@@ -137,6 +139,7 @@ class WorkQueue:
                     raise
                 except Exception as e:
                     self.failed += 1
+                    RECONCILE_ERRORS.labels(self.name).inc()
                     n = self.backoff.count(key)
                     # The first failures of a key are usually a blip: say so quietly.
                     level = logging.WARNING if n >= 3 else logging.INFO

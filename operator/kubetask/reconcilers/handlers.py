@@ -13,6 +13,7 @@ from typing import Any, cast
 import kopf
 from kubernetes_asyncio import client
 
+from kubetask import metrics
 from kubetask.api import make_app, start_api
 from kubetask.control.controller import Controller
 from kubetask.control.leader import LeaderElector, LeaseSettings, new_identity
@@ -59,6 +60,7 @@ async def startup(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) ->
     # Migrations first, so every replica runs against the schema it was built for.
     await asyncio.to_thread(db.upgrade, cfg.database_url)
     engine = db.make_engine(cfg.database_url, pool_size=cfg.db_pool_size)
+    metrics.time_statements(engine)
     sessions = db.session_factory(engine)
     kube: Kube | None = None
     try:
