@@ -72,6 +72,8 @@ helm-crds: ## copy crds/*.yaml into the Helm chart (helm/kubetask/crds/)
 helm-check: ## the chart's CRDs are copies of crds/, and `helm lint` is clean
 	@diff -r crds helm/kubetask/crds >/dev/null || { echo "helm/kubetask/crds differs from crds/: run 'make helm-crds'" >&2; diff -r crds helm/kubetask/crds >&2; exit 1; }
 	@source hack/lib.sh && helm lint --strict helm/kubetask --set database.url=postgresql+psycopg://u:p@db:5432/kubetask
+	@source hack/lib.sh && helm lint --strict helm/kubetask --set database.url=postgresql+psycopg://u:p@db:5432/kubetask \
+		--set metrics.serviceMonitor.enabled=true,metrics.prometheusRule.enabled=true,metrics.grafanaDashboard.enabled=true >/dev/null
 
 .PHONY: api-url
 api-url: ## print the kubetask API's base URL, reachable from the host
