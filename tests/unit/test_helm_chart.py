@@ -245,6 +245,7 @@ def test_the_task_policy_reaches_the_operator() -> None:
 
 #: Values whose content is passed through as is (Kubernetes objects, maps): one row each.
 OPAQUE = {
+    "metrics.grafanaDashboard.labels",
     "resources",
     "runner.resources",
     "api.service.annotations",
