@@ -5,8 +5,10 @@
 #   hack/images.sh base      Debian minimal base image ($BASE_IMAGE) from debootstrap
 #   hack/images.sh runner    runner image ($RUNNER_IMAGE)     from runner-image/Containerfile
 #   hack/images.sh operator  operator image ($OPERATOR_IMAGE) from runner-image/operator.Containerfile
-#   hack/images.sh import    import the runner and operator archives into $CONTAINERD_SOCK
-#   hack/images.sh all       base runner operator import
+#   hack/images.sh postgres  PostgreSQL for the chart's bundled database ($POSTGRES_IMAGE)
+#                            from runner-image/postgres.Containerfile
+#   hack/images.sh import    import the runner, operator and postgres archives into $CONTAINERD_SOCK
+#   hack/images.sh all       base runner operator postgres import
 #
 # Everything is cached under $KUBETASK_CACHE/images: a step whose inputs did not change
 # reuses its archive and returns at once. Inputs are
@@ -203,16 +205,31 @@ show_build() {
   if [[ ${KUBETASK_VERBOSE:-0} == 1 ]]; then cat >&2; else grep --line-buffered '^STEP ' | cut -c1-120 >&2 || true; fi
 }
 
-build_app() { # name ref containerfile
-  local name="$1" ref="$2" cf="$3"
+# The archive of an image: runner and operator per KUBETASK_IMAGE_TAG, postgres once.
+archive_of() { # name
+  if [[ $1 == postgres ]]; then echo "$IMG_CACHE/postgres-15.oci.tar"; else echo "$IMG_CACHE/$1-$IMAGE_TAG.oci.tar"; fi
+}
+
+# Hash of what the postgres build reads: the base, its Containerfile and entrypoint.
+postgres_inputs_hash() { # containerfile
+  {
+    echo "base=$(image_id "$BASE_IMAGE")"
+    sha256sum <"$1"
+    sha256sum <"$REPO_ROOT/runner-image/postgres-entrypoint.sh"
+  } | sha256sum | cut -c1-64
+}
+
+build_app() { # name ref containerfile [inputs-hash function]
+  local name="$1" ref="$2" cf="$3" hasher="${4:-app_inputs_hash}"
   need buildah
   image_exists "$BASE_IMAGE" || cmd_base
   [[ -f $CONTEXT/pyproject.toml && -d $CONTEXT/operator/kubetask ]] ||
     die "$CONTEXT is not a kubetask source tree (pyproject.toml, operator/kubetask)"
-  local archive="$IMG_CACHE/$name-$IMAGE_TAG.oci.tar"
+  local archive
+  archive="$(archive_of "$name")"
   local stamp="$archive.inputs"
   local hash
-  hash="$(app_inputs_hash "$cf")"
+  hash="$("$hasher" "$cf")"
   if [[ $REBUILD != 1 && -s $archive && -f $stamp && "$(cat "$stamp")" == "$hash" ]]; then
     log "$name: $ref is up to date (${hash:0:12}), archive $archive"
     return
@@ -258,6 +275,7 @@ build_app() { # name ref containerfile
 
 cmd_runner() { build_app runner "$RUNNER_IMAGE" "$REPO_ROOT/runner-image/Containerfile"; }
 cmd_operator() { build_app operator "$OPERATOR_IMAGE" "$REPO_ROOT/runner-image/operator.Containerfile"; }
+cmd_postgres() { build_app postgres "$POSTGRES_IMAGE" "$REPO_ROOT/runner-image/postgres.Containerfile" postgres_inputs_hash; }
 
 # ---------------------------------------------------------------- import
 
@@ -268,12 +286,13 @@ cmd_import() {
   fi
   need ctr
   local name ref archive want have
-  for name in runner operator; do
+  for name in runner operator postgres; do
     case $name in
     runner) ref="$RUNNER_IMAGE" ;;
     operator) ref="$OPERATOR_IMAGE" ;;
+    postgres) ref="$POSTGRES_IMAGE" ;;
     esac
-    archive="$IMG_CACHE/$name-$IMAGE_TAG.oci.tar"
+    archive="$(archive_of "$name")"
     [[ -s $archive ]] || die "import: $archive missing: run 'hack/images.sh $name' first"
     want="$(archive_digest "$archive")"
     have="$(ctr --address "$CONTAINERD_SOCK" -n k8s.io images ls "name==$ref" | awk 'NR == 2 {print $3}')"
@@ -294,13 +313,14 @@ cmd_all() {
   timed base cmd_base
   timed runner cmd_runner
   timed operator cmd_operator
+  timed postgres cmd_postgres
   cmd_import
 }
 
 case "${1:-}" in
-base | runner | operator | import | all) "cmd_$1" ;;
+base | runner | operator | postgres | import | all) "cmd_$1" ;;
 *)
-  echo "usage: $0 base|runner|operator|import|all" >&2
+  echo "usage: $0 base|runner|operator|postgres|import|all" >&2
   exit 2
   ;;
 esac

@@ -22,6 +22,9 @@ IMAGE_PREFIX="localhost/kubetask"
 IMAGE_TAG="${KUBETASK_IMAGE_TAG:-$PROJECT_VERSION}"
 RUNNER_IMAGE="$IMAGE_PREFIX/runner:$IMAGE_TAG"
 OPERATOR_IMAGE="$IMAGE_PREFIX/operator:$IMAGE_TAG"
+# The chart's bundled PostgreSQL (postgresql.enabled) on the local stack: Debian's package,
+# not tied to kubetask's version (runner-image/postgres.Containerfile).
+POSTGRES_IMAGE="$IMAGE_PREFIX/postgres:15"
 PAUSE_IMAGE="$IMAGE_PREFIX/pause:$PAUSE_VERSION"
 COREDNS_IMAGE="$IMAGE_PREFIX/coredns:$COREDNS_VERSION"
 BASE_IMAGE="$IMAGE_PREFIX/debian-base:$DEBIAN_SUITE"

@@ -11,6 +11,7 @@ attempt had. Times are printed, never asserted."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -19,9 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kubernetes.client.exceptions import ApiException
+from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
 
 from tests.e2e.conftest import wait_for
-from tests.e2e.harness import PodWatcher, Stack, namespace
+from tests.e2e.harness import GROUP, VERSION, PodWatcher, Stack, namespace
 from tests.e2e.helm import (
     LIMIT,
     Release,
@@ -155,3 +159,109 @@ def test_the_leader_sigkilled_mid_burst_is_replaced_and_every_run_ends_within_li
     # The kill hit the operator's container, which the kubelet restarted.
     restarted: Any = stack.core.read_namespaced_pod(leader.metadata.name, ha.ns)
     assert sum(s.restart_count for s in restarted.status.container_statuses or []) >= 1
+
+
+def leader_pod(ha: Release) -> Any:
+    holder = ha.holder()
+    return next(p for p in ha.operator_pods() if p.metadata.name == pod_of(holder))
+
+
+def assert_ran_once(done: dict[str, dict[str, Any]]) -> None:
+    """Every run's task ran once: one attempt, one pod (sleepers never fail, so a second
+    attempt could only come from the operator losing track of the first)."""
+    attempts = {n: len(r["status"]["attempts"]) for n, r in done.items()}
+    assert set(attempts.values()) == {1}, attempts
+
+
+def test_the_leaders_pod_deleted_mid_burst_every_run_ends_once_within_limits(
+    stack: Stack, ha: Release
+) -> None:
+    """``kubectl delete pod`` of the leader, as a node drain or a user does: it stops
+    gracefully (releasing the Lease), the standby leads, the Deployment makes a new pod."""
+    stack.apply_task(ha.work_ns, "deleted", sleeper("deleted"))
+    wait_for(lambda: len([p for p in ha.operator_pods() if ready(p)]) == 2, 90, "both replicas to be Ready")
+    with PodWatcher(stack, ha.work_ns) as watcher:
+        runs = [stack.create_run(ha.work_ns, "deleted", payload={"s": 3}) for _ in range(RUNS)]
+        wait_for(lambda: len(watcher.first_created()) > LIMIT, 90, "the second wave of pods")
+        old = leader_pod(ha)
+        stack.core.delete_namespaced_pod(old.metadata.name, ha.ns)
+        deleted = time.monotonic()
+        wait_for(lambda: pod_of(ha.holder()) not in ("", old.metadata.name), 30, "the standby to take over")
+        takeover = time.monotonic() - deleted
+        done = stack.wait_all(ha.work_ns, runs, timeout=150)
+    print(f"\nleader pod {old.metadata.name} deleted; {ha.holder()} led {takeover:.2f}s later")
+    assert old.metadata.name not in {p.metadata.name for p in ha.operator_pods()}
+    assert_runs_within_limits(watcher, "deleted", done)
+    assert_ran_once(done)
+    wait_for(lambda: len([p for p in ha.operator_pods() if ready(p)]) == 2, 120, "a new second replica")
+
+
+def test_the_leader_frozen_past_its_lease_then_thawed_never_acts_as_leader_again(
+    stack: Stack, ha: Release
+) -> None:
+    """SIGSTOP of the leader's process (a long GC pause, a frozen VM) for three lease
+    durations: the standby takes over; thawed, the old leader finds its term over and
+    steps down, and no attempt gets a second pod."""
+    stack.apply_task(ha.work_ns, "frozen", sleeper("frozen"))
+    wait_for(lambda: len([p for p in ha.operator_pods() if ready(p)]) == 2, 90, "both replicas to be Ready")
+    with PodWatcher(stack, ha.work_ns) as watcher:
+        runs = [stack.create_run(ha.work_ns, "frozen", payload={"s": 3}) for _ in range(RUNS)]
+        wait_for(lambda: len(watcher.first_created()) > LIMIT, 90, "the second wave of pods")
+        holder = ha.holder()
+        frozen = leader_pod(ha)
+        pid = operator_pid(frozen.metadata.uid)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            wait_for(lambda: ha.holder() not in ("", holder), 30, "the standby to take over")
+            successor = ha.holder()
+            time.sleep(3 * LEASE["leaseDurationSeconds"] - LEASE["leaseDurationSeconds"])
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        done = stack.wait_all(ha.work_ns, runs, timeout=150)
+    assert ha.holder() == successor, "the thawed replica took the Lease back"
+    assert_runs_within_limits(watcher, "frozen", done)
+    assert_ran_once(done)
+    # The thawed process said it stopped leading, and did not restart (no crash loop).
+    log = ha.logs(frozen.metadata.name, tail=-1)
+    assert "stopped leading" in log, log[-3000:]
+    restarted: Any = stack.core.read_namespaced_pod(frozen.metadata.name, ha.ns)
+    print(
+        f"\nthawed replica restarts: {[s.restart_count for s in restarted.status.container_statuses or []]}"
+    )
+
+
+def test_a_run_deleted_and_created_again_under_its_name_gets_a_pod_of_its_own(
+    stack: Stack, ha: Release
+) -> None:
+    """A Run deleted while its pod runs, and a new Run of the same name created at once
+    (a GitOps tool re-applying it): the old pod goes, the old run ends Canceled, the new
+    Run runs in a pod of its own (never adopting the old one)."""
+    stack.apply_task(ha.work_ns, "again", sleeper("again"))
+    with PodWatcher(stack, ha.work_ns) as watcher:
+        stack.create_run(ha.work_ns, "again", name="same-name", payload={"s": 60})
+        old = stack.wait_run(ha.work_ns, "same-name", {"Running"}, timeout=90)
+        wait_for(lambda: bool(watcher.alive), 60, "the first run's pod")
+        old_id = old["status"]["runId"]
+        stack.custom.delete_namespaced_custom_object(GROUP, VERSION, ha.work_ns, "runs", "same-name")
+        wait_for(lambda: not run_exists(stack, ha.work_ns, "same-name"), 30, "the Run to go")
+        stack.create_run(ha.work_ns, "again", name="same-name", payload={"s": 2})
+        new = stack.wait_run(ha.work_ns, "same-name", timeout=120)
+        wait_for(lambda: not watcher.alive, 60, "every pod to go")
+    assert new["status"]["phase"] == "Succeeded", new["status"]
+    assert new["status"]["runId"] != old_id
+    uids = watcher.uids_by_name
+    assert len(uids) == 2 and all(len(u) == 1 for u in uids.values()), uids
+    assert new["status"]["attempts"][0]["pod"] in uids
+    with contextlib.closing(create_engine(ha.database_url, poolclass=NullPool).connect()) as db:
+        ended = db.execute(text("SELECT phase, reason FROM runs WHERE id = :id"), {"id": old_id}).one()
+    assert tuple(ended) == ("Canceled", "RunDeleted"), ended
+
+
+def run_exists(stack: Stack, ns: str, name: str) -> bool:
+    try:
+        stack.get_run(ns, name)
+    except ApiException as e:
+        if e.status == 404:
+            return False
+        raise
+    return True

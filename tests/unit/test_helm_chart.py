@@ -245,6 +245,8 @@ def test_the_task_policy_reaches_the_operator() -> None:
 
 #: Values whose content is passed through as is (Kubernetes objects, maps): one row each.
 OPAQUE = {
+    "postgresql.resources",
+    "postgresql.settings",
     "metrics.grafanaDashboard.labels",
     "resources",
     "runner.resources",
@@ -314,3 +316,55 @@ def test_extra_volumes_reach_the_operators_pod() -> None:
     ]["spec"]
     assert pod["volumes"][1:] == [volume]
     assert pod["containers"][0]["volumeMounts"][1:] == [mount]
+
+
+def test_the_bundled_postgresql_is_a_restricted_statefulset_the_operators_url_points_at() -> None:
+    objects = render({"postgresql": {"enabled": True}}, release="kt", namespace="kt-system")
+    statefulset = one(objects, "StatefulSet", "kubetask-postgresql")
+    pod = statefulset["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 999
+    (container,) = pod["containers"]
+    assert container["image"] == "docker.io/library/postgres:16-bookworm"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["args"] == ["postgres", "-c", "max_connections=100", "-c", "shared_buffers=128MB"]
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+    assert env["POSTGRES_PASSWORD"] == {"secretKeyRef": {"name": "kubetask-database", "key": "password"}}
+    (claim,) = statefulset["spec"]["volumeClaimTemplates"]
+    assert (
+        claim["spec"]["resources"]["requests"]["storage"] == "8Gi" and "storageClassName" not in claim["spec"]
+    )
+    # The operator's URL: the Service, the generated password, the database.
+    secret = one(objects, "Secret", "kubetask-database")["stringData"]
+    assert len(secret["password"]) == 32
+    assert secret["url"] == (
+        f"postgresql+psycopg://kubetask:{secret['password']}@kubetask-postgresql.kt-system.svc:5432/kubetask"
+    )
+    assert env_of(objects)["KUBETASK_DATABASE_URL"] == {
+        "secretKeyRef": {"name": "kubetask-database", "key": "url"}
+    }
+    service = one(objects, "Service", "kubetask-postgresql")
+    assert service["spec"]["selector"] == statefulset["spec"]["template"]["metadata"]["labels"]
+    # The operator's Services and selectors never match the database's pod.
+    for name in ("kubetask-api", "kubetask-runner"):
+        selector = one(objects, "Service", name)["spec"]["selector"]
+        assert not selector.items() <= statefulset["spec"]["template"]["metadata"]["labels"].items()
+    # Only the operator's pods may reach it.
+    policy = one(objects, "NetworkPolicy", "kubetask-postgresql")
+    (rule,) = policy["spec"]["ingress"]
+    assert (
+        rule["from"][0]["podSelector"]["matchLabels"]
+        == one(objects, "Deployment")["spec"]["selector"]["matchLabels"]
+    )
+
+
+def test_the_bundled_postgresql_without_persistence_keeps_its_data_in_an_empty_dir() -> None:
+    objects = render({"postgresql": {"enabled": True, "persistence": {"enabled": False}}})
+    statefulset = one(objects, "StatefulSet", "kubetask-postgresql")
+    assert "volumeClaimTemplates" not in statefulset["spec"]
+    volumes = {v["name"]: v for v in statefulset["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["data"] == {"name": "data", "emptyDir": {}}
+
+
+def test_the_bundled_postgresql_and_a_database_url_are_refused_together() -> None:
+    with pytest.raises(RenderError, match="choose the bundled PostgreSQL or your own"):
+        render(DB | {"postgresql": {"enabled": True}})

@@ -33,6 +33,26 @@
 {{- end -}}
 {{- end -}}
 
+{{- define "kubetask.postgresqlName" -}}
+{{- printf "%s-postgresql" (include "kubetask.fullname" .) -}}
+{{- end -}}
+
+{{/* Labels of the bundled PostgreSQL's objects (kubetask.labels but component=database:
+     the operator's selectors never match them). */}}
+{{- define "kubetask.databaseSelectorLabels" -}}
+app.kubernetes.io/name: kubetask
+app.kubernetes.io/component: database
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "kubetask.databaseLabels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/part-of: kubetask
+{{ include "kubetask.databaseSelectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
 {{- define "kubetask.databaseSecretKey" -}}
 {{- if .Values.database.existingSecret -}}
 {{- default "url" .Values.database.existingSecretKey -}}
@@ -112,6 +132,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{/* Settings that would make the operator unsafe or fail at start-up, refused at
      install time. */}}
 {{- define "kubetask.validate" -}}
+{{- if and .Values.postgresql.enabled (or .Values.database.url .Values.database.existingSecret) -}}
+{{- fail "postgresql.enabled=true and database.url/database.existingSecret are both set: choose the bundled PostgreSQL or your own, not both" -}}
+{{- end -}}
 {{- $le := .Values.leaderElection -}}
 {{- if and (not $le.enabled) (gt (int .Values.replicaCount) 1) -}}
 {{- fail "leaderElection.enabled=false needs replicaCount 1: without an elected leader every replica would reconcile and create pods" -}}
