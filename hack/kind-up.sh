@@ -4,7 +4,8 @@
 #   2. docker build the runner and operator images from runner-image/ (default base image
 #      python:3.11-slim-bookworm), tagged as on the local stack
 #   3. kind load docker-image
-# It does not start PostgreSQL: see docs/kind.md. KIND_CLUSTER overrides the name.
+# The chart's bundled PostgreSQL (postgresql.enabled) gives a database: docs/kind.md.
+# KIND_CLUSTER overrides the name.
 source "$(dirname "$0")/lib.sh"
 
 KIND_CLUSTER="${KIND_CLUSTER:-kubetask}"
@@ -35,14 +36,11 @@ kind cluster "$KIND_CLUSTER" is ready (kubectl context kind-$KIND_CLUSTER), with
   $RUNNER_IMAGE
   $OPERATOR_IMAGE
 
-Next (docs/kind.md):
-  1. PostgreSQL: kubetask needs one that the cluster's pods reach. For example, on the
-     kind network:
-       docker run -d --name kubetask-postgres --network kind \\
-         -e POSTGRES_USER=kubetask -e POSTGRES_PASSWORD=kubetask -e POSTGRES_DB=kubetask postgres:15
-     and the URL postgresql+psycopg://kubetask:kubetask@<its address>:5432/kubetask, where
-       docker inspect -f '{{.NetworkSettings.Networks.kind.IPAddress}}' kubetask-postgres
-     gives the address.
-  2. Install the CRDs and the operator with the Helm chart in helm/, passing that
-     database URL and the image references above.
+Next (docs/kind.md, "Step by step"):
+  kubectl apply -f crds/
+  helm upgrade --install kubetask helm/kubetask --namespace kubetask-system --create-namespace \\
+    --set postgresql.enabled=true --wait --timeout 5m
+  kubectl create namespace kubetask-demo
+  kubectl -n kubetask-demo apply -f examples/hello/task.yaml
+  kubectl -n kubetask-demo create -f examples/hello/run.yaml
 NEXT
