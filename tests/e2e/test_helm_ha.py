@@ -15,13 +15,13 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from kubernetes.client.exceptions import ApiException
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, make_url, text
 from sqlalchemy.pool import NullPool
 
 from tests.e2e.conftest import wait_for
@@ -35,6 +35,9 @@ from tests.e2e.helm import (
     ready,
     sleeper,
 )
+from tests.e2e.test_control_loop import token_secrets
+from tests.e2e.test_faults import apiserver_pid, leftovers, stopped
+from tests.faults.tcp import TcpProxy
 
 pytestmark = pytest.mark.e2e
 
@@ -44,9 +47,20 @@ RUNS = 12
 
 
 @pytest.fixture(scope="module")
-def release(stack: Stack, e2e_database: str) -> Iterator[Release]:
+def db_proxy(stack: Stack) -> Iterator[TcpProxy]:
+    """A fault-injecting TCP proxy in front of PostgreSQL, on the pod bridge's address:
+    the release's pods reach the database through it."""
+    url = make_url(stack.database_url)
+    assert url.host and url.port
+    with TcpProxy(url.host, url.port, listen_host=stack.host_ip) as proxy:
+        yield proxy
+
+
+@pytest.fixture(scope="module")
+def release(stack: Stack, e2e_database: str, db_proxy: TcpProxy) -> Iterator[Release]:
     """The chart installed as ``kt-ha-<random>``, 2 replicas, watching a namespace of its
-    own; uninstalled, and its namespace deleted, at the end whatever happened."""
+    own, its database behind :func:`db_proxy`; uninstalled, and its namespace deleted, at
+    the end whatever happened."""
     with (
         namespace(stack, "e2e-helm-ha") as work_ns,
         installed_release(
@@ -56,6 +70,7 @@ def release(stack: Stack, e2e_database: str) -> Iterator[Release]:
             work_namespaces=[work_ns],
             replicaCount=2,
             leaderElection=LEASE,
+            database={"url": db_proxy.url_for(e2e_database)},
         ) as rel,
     ):
         yield rel
@@ -265,3 +280,54 @@ def run_exists(stack: Stack, ns: str, name: str) -> bool:
             return False
         raise
     return True
+
+
+EMPTY = {"slots": 0, "running": 0, "live_attempts": 0}
+
+
+def burst_through_a_fault(stack: Stack, ha: Release, task: str, fault: Callable[[], None]) -> dict[str, Any]:
+    """A burst of sleepers; ``fault`` once the first wave of pods exists; then every run
+    ends once, within its limit, and nothing is left behind (slots, attempts, Secrets)."""
+    stack.apply_task(ha.work_ns, task, sleeper(task))
+    wait_for(lambda: len([p for p in ha.operator_pods() if ready(p)]) == 2, 90, "both replicas to be Ready")
+    with PodWatcher(stack, ha.work_ns) as watcher:
+        runs = [stack.create_run(ha.work_ns, task, payload={"s": 3}) for _ in range(RUNS)]
+        wait_for(lambda: len(watcher.first_created()) >= LIMIT, 90, "the first wave of pods")
+        fault()
+        runs += [stack.create_run(ha.work_ns, task, payload={"s": 1}) for _ in range(2)]
+        done = stack.wait_all(ha.work_ns, runs, timeout=240)
+        wait_for(lambda: not watcher.alive, 60, "every attempt pod to go")
+    assert_runs_within_limits(watcher, task, done)
+    assert_ran_once(done)
+    wait_for(lambda: leftovers(ha.database_url, ha.work_ns) == EMPTY, 30, "every slot to be released")
+    assert token_secrets(stack, ha.work_ns) == []
+    return done
+
+
+@pytest.mark.parametrize("mode", ["blackhole", "reject"])
+def test_postgresql_unreachable_for_twenty_seconds_every_run_ends_once(
+    stack: Stack, ha: Release, db_proxy: TcpProxy, mode: str
+) -> None:
+    """The database behind the proxy cut for 20 s (blackhole: packets vanish; reject:
+    connections reset) while pods run, end and new Runs arrive."""
+
+    def cut() -> None:
+        getattr(db_proxy, mode)()
+        try:
+            time.sleep(20)
+        finally:
+            db_proxy.heal()
+
+    burst_through_a_fault(stack, ha, f"db-{mode}", cut)
+
+
+def test_the_api_server_stopped_for_ten_seconds_every_run_ends_once(stack: Stack, ha: Release) -> None:
+    """SIGSTOP of the real kube-apiserver for 10 s, longer than the lease: neither replica
+    can renew, the leader stops acting, and once the server is back one replica leads."""
+    pid = apiserver_pid()
+
+    def pause() -> None:
+        with stopped(pid):
+            time.sleep(10)
+
+    burst_through_a_fault(stack, ha, "apiserver", pause)

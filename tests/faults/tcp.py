@@ -71,10 +71,19 @@ def _reset(writer: asyncio.StreamWriter) -> None:
 
 
 class TcpProxy:
-    """Forwards 127.0.0.1:<port> to ``target_host:target_port``; see the module docstring."""
+    """Forwards ``listen_host``:<port> (127.0.0.1 by default; the pod bridge's address for
+    clients in pods) to ``target_host:target_port``; see the module docstring."""
 
-    def __init__(self, target_host: str, target_port: int, *, connect_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        target_host: str,
+        target_port: int,
+        *,
+        connect_timeout: float = 5.0,
+        listen_host: str = "127.0.0.1",
+    ) -> None:
         self.target_host, self.target_port = target_host, target_port
+        self.listen_host = listen_host
         self.connect_timeout = connect_timeout
         self._loop = LoopThread(f"tcp-proxy-{target_host}:{target_port}")
         self._server: asyncio.Server | None = None
@@ -106,7 +115,7 @@ class TcpProxy:
 
     def url_for(self, database_url: str) -> str:
         """``database_url`` (a SQLAlchemy or libpq URL) with its host and port replaced by the proxy's."""
-        url = make_url(database_url).set(host="127.0.0.1", port=self.port)
+        url = make_url(database_url).set(host=self.listen_host, port=self.port)
         return url.render_as_string(hide_password=False)
 
     # ---- faults (from any thread; each returns once it is in effect) ----------------------
@@ -136,7 +145,7 @@ class TcpProxy:
     # ---- inside the loop -------------------------------------------------------------------
 
     async def _start(self) -> int:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._handle, self.listen_host, 0)
         return int(self._server.sockets[0].getsockname()[1])
 
     async def _close(self) -> None:
