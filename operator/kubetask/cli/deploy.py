@@ -22,7 +22,9 @@ def _default_runner_image() -> str:
 def deploy(
     path: Annotated[
         Path,
-        typer.Argument(help="A package (directory with __init__.py), a module (.py), or a directory of them."),
+        typer.Argument(
+            help="A package (directory with __init__.py), a module (.py), or a directory of them."
+        ),
     ],
     image: Annotated[
         str | None,
@@ -44,10 +46,15 @@ def deploy(
             show_default=False,
         ),
     ] = None,
-    builder: Annotated[str, typer.Option("--builder", help="auto (buildah, else docker), buildah or docker.")] = "auto",
-    push: Annotated[bool, typer.Option("--push", help="Push the image after building it (a remote cluster).")] = False,
+    builder: Annotated[
+        str, typer.Option("--builder", help="auto (buildah, else docker), buildah or docker.")
+    ] = "auto",
+    push: Annotated[
+        bool, typer.Option("--push", help="Push the image after building it (a remote cluster).")
+    ] = False,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Print the Tasks (YAML; JSON with --json); build and apply nothing.")
+        bool,
+        typer.Option("--dry-run", help="Print the Tasks (YAML; JSON with --json); build and apply nothing."),
     ] = False,
     namespace: Namespace = None,
     as_json: JsonFlag = False,
@@ -56,8 +63,8 @@ def deploy(
     with the package (tagged by content: unchanged code builds nothing), then apply one
     Task per function, its spec from the decorator (retry, queue, max_duration_seconds).
     On any error nothing is applied."""
-    from kubetask.deploy import DeployError
-    from kubetask.deploy import discover, image as images, manifests
+    from kubetask.deploy import DeployError, discover, manifests
+    from kubetask.deploy import image as images
 
     try:
         package = discover.find_package(path)
@@ -110,7 +117,7 @@ def deploy(
     extra += ", pushed" if result["pushed"] else ""
     typer.echo(f"image {ref} ({how}{extra})")
     for t in result["tasks"]:
-        typer.echo(f"task.{manifests.GROUP}/{t['name']} {t['outcome']} ({t['entrypoint']}) in {ns}")
+        typer.echo(f"task.kubetask.dev/{t['name']} {t['outcome']} ({t['entrypoint']}) in {ns}")
 
 
 def _maybe_kubeconfig() -> Any:

@@ -30,7 +30,9 @@ from kubetask.deploy import DeployError
 from kubetask.spec import TaskSpec
 
 #: Never part of a package's image (nor of its content hash).
-IGNORED_DIRS = frozenset({"__pycache__", ".git", ".hg", ".mypy_cache", ".pytest_cache", ".ruff_cache", ".venv"})
+IGNORED_DIRS = frozenset(
+    {"__pycache__", ".git", ".hg", ".mypy_cache", ".pytest_cache", ".ruff_cache", ".venv"}
+)
 IGNORED_SUFFIXES = (".pyc", ".pyo")
 #: Seconds the import of the package may take.
 IMPORT_TIMEOUT = 120.0
@@ -73,9 +75,15 @@ def _walk(root: Path, top: Path) -> tuple[list[str], list[str]]:
     for dirpath, dirnames, filenames in os.walk(top):
         here = Path(dirpath)
         dirnames[:] = sorted(
-            d for d in dirnames if d not in IGNORED_DIRS and not d.startswith(".") and not d.endswith(".egg-info")
+            d
+            for d in dirnames
+            if d not in IGNORED_DIRS and not d.startswith(".") and not d.endswith(".egg-info")
         )
-        if (here / "__init__.py").is_file() and here.name.isidentifier() and (here == top or here.parent in packages):
+        if (
+            (here / "__init__.py").is_file()
+            and here.name.isidentifier()
+            and (here == top or here.parent in packages)
+        ):
             packages.add(here)
         dotted = ".".join(here.relative_to(root).parts)
         for f in sorted(filenames):
@@ -91,7 +99,9 @@ def find_package(path: Path) -> Package:
     """The package at ``path`` (see the module's docstring), or :class:`DeployError`."""
     path = path.resolve()
     if not path.exists():
-        raise DeployError(f"{path} does not exist: give a package directory, a module (.py) or a directory of them")
+        raise DeployError(
+            f"{path} does not exist: give a package directory, a module (.py) or a directory of them"
+        )
     if path.is_file():
         if path.suffix != ".py" or not path.stem.isidentifier():
             raise DeployError(f"{path} is not a Python module: give a package directory or a .py file")
@@ -140,7 +150,14 @@ def find_tasks(package: Package) -> list[FoundTask]:
         env.pop("PYTHONPATH", None)
         try:
             child = subprocess.run(
-                [sys.executable, "-m", "kubetask.deploy.index", str(package.root), str(out), *package.modules],
+                [
+                    sys.executable,
+                    "-m",
+                    "kubetask.deploy.index",
+                    str(package.root),
+                    str(out),
+                    *package.modules,
+                ],
                 env=env,
                 cwd=tmp,
                 capture_output=True,

@@ -64,8 +64,12 @@ def pick_builder(wanted: str = "auto") -> Builder:
         if shutil.which(name):
             return "buildah" if name == "buildah" else "docker"
     if wanted == "auto":
-        raise DeployError("neither buildah nor docker is installed: install one, or pass --image IMAGE to skip the build")
-    raise DeployError(f"{wanted} is not installed (not on PATH): install it, or pass --image IMAGE to skip the build")
+        raise DeployError(
+            "neither buildah nor docker is installed: install one, or pass --image IMAGE to skip the build"
+        )
+    raise DeployError(
+        f"{wanted} is not installed (not on PATH): install it, or pass --image IMAGE to skip the build"
+    )
 
 
 def _run(args: list[str], *, what: str, timeout: float = 900) -> str:
@@ -74,7 +78,9 @@ def _run(args: list[str], *, what: str, timeout: float = 900) -> str:
     except subprocess.TimeoutExpired:
         raise DeployError(f"{what}: `{' '.join(args[:3])} ...` took more than {timeout:.0f}s") from None
     if done.returncode != 0:
-        raise DeployError(f"{what} failed (`{' '.join(args[:3])} ...`, exit {done.returncode}):\n{done.stderr.strip()[-3000:]}")
+        raise DeployError(
+            f"{what} failed (`{' '.join(args[:3])} ...`, exit {done.returncode}):\n{done.stderr.strip()[-3000:]}"
+        )
     return done.stdout
 
 
@@ -106,7 +112,9 @@ def content_tag(package: Package, runner_identity: str, recipe: str) -> str:
     return h.hexdigest()[:TAG_LENGTH]
 
 
-def image_ref(package: Package, *, runner_image: str, builder: Builder | None, repository: str | None = None) -> str:
+def image_ref(
+    package: Package, *, runner_image: str, builder: Builder | None, repository: str | None = None
+) -> str:
     """``repository:content-tag`` of the package's image."""
     identity = (local_image_id(builder, runner_image) if builder else None) or runner_image
     tag = content_tag(package, identity, containerfile(runner_image, package))
@@ -173,7 +181,16 @@ def ensure_image(package: Package, *, ref: str, runner_image: str, builder: Buil
             else:
                 args = ["docker", "build"]
             _run(
-                [*args, "--label", f"{LABEL_INPUTS}={tag}", "-f", str(ctx / "Containerfile"), "-t", ref, str(ctx)],
+                [
+                    *args,
+                    "--label",
+                    f"{LABEL_INPUTS}={tag}",
+                    "-f",
+                    str(ctx / "Containerfile"),
+                    "-t",
+                    ref,
+                    str(ctx),
+                ],
                 what=f"building {ref} FROM {runner_image} with {builder}",
             )
         built = True

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -35,14 +36,18 @@ def index(root: Path, modules: list[str]) -> dict[str, Any]:
     for name in modules:
         try:
             module = importlib.import_module(name)
-        except BaseException as e:  # noqa: BLE001 (SystemExit too: the user's code, reported)
+        except BaseException as e:  # SystemExit too: the user's code, reported
             what = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-            return {"error": f"cannot import module {name} of the package under {root}: {what}{_where(e, root)}"}
+            return {
+                "error": f"cannot import module {name} of the package under {root}: {what}{_where(e, root)}"
+            }
         for attr, value in sorted(vars(module).items()):
             if not isinstance(value, TaskDefinition):
                 continue
             entrypoint = f"{name}:{attr}"
-            home = getattr(value.fn, "__module__", None) == name and getattr(value.fn, "__name__", None) == attr
+            home = (
+                getattr(value.fn, "__module__", None) == name and getattr(value.fn, "__name__", None) == attr
+            )
             known = found.get(id(value))
             # A function re-exported elsewhere (from .tasks import hello) keeps the
             # entrypoint of the module that defines it.
@@ -81,6 +86,4 @@ if __name__ == "__main__":
     # The user's modules may have started threads; their work is not ours to wait for.
     sys.stdout.flush()
     sys.stderr.flush()
-    import os
-
     os._exit(0)

@@ -42,7 +42,9 @@ def task_manifest(found: FoundTask, *, image: str, namespace: str, package: str)
         problems = "; ".join(
             f"{'.'.join(to_snake(str(p)) for p in err['loc'])}: {err['msg']}" for err in e.errors()
         )
-        raise DeployError(f"task {found.name} ({found.entrypoint}): the Task spec is invalid: {problems}") from None
+        raise DeployError(
+            f"task {found.name} ({found.entrypoint}): the Task spec is invalid: {problems}"
+        ) from None
     return {
         "apiVersion": API_VERSION,
         "kind": "Task",
@@ -61,7 +63,9 @@ def kubeconfig() -> KubeConfig:
     except CredentialsError as e:
         raise DeployError(str(e)) from None
     if kube is None:
-        raise DeployError("no kubeconfig (KUBECONFIG or ~/.kube/config): on the local stack, `export KUBECONFIG=$(make -s kubeconfig)`")
+        raise DeployError(
+            "no kubeconfig (KUBECONFIG or ~/.kube/config): on the local stack, `export KUBECONFIG=$(make -s kubeconfig)`"
+        )
     return kube
 
 
@@ -84,7 +88,9 @@ class Applier:
             headers = kube.auth_headers()
             verify = kube.ssl_context()
         except (CredentialsError, OSError) as e:
-            raise DeployError(f"cannot use the kubeconfig {kube.path} (context {kube.context}): {e}") from None
+            raise DeployError(
+                f"cannot use the kubeconfig {kube.path} (context {kube.context}): {e}"
+            ) from None
         self.http = httpx.Client(base_url=kube.server, verify=verify, headers=headers, timeout=30)
 
     def close(self) -> None:
@@ -97,7 +103,9 @@ class Applier:
         try:
             return self.http.request(method, path, **kwargs)
         except httpx.HTTPError as e:
-            raise DeployError(f"cannot reach the Kubernetes API server {self.kube.server}: {type(e).__name__}: {e}") from None
+            raise DeployError(
+                f"cannot reach the Kubernetes API server {self.kube.server}: {type(e).__name__}: {e}"
+            ) from None
 
     def _error(self, response: httpx.Response, name: str) -> str:
         try:
@@ -131,7 +139,9 @@ class Applier:
             if not response.is_success:
                 problems.append(self._error(response, manifest["metadata"]["name"]))
         if problems:
-            raise DeployError("the cluster refuses the Tasks (nothing was applied):\n  " + "\n  ".join(problems))
+            raise DeployError(
+                "the cluster refuses the Tasks (nothing was applied):\n  " + "\n  ".join(problems)
+            )
 
     def apply(self, manifests: list[dict[str, Any]]) -> list[Applied]:
         done = []
