@@ -62,7 +62,9 @@ def images() -> Iterator[list[str]]:
     for ref in refs:
         subprocess.run(["buildah", "rmi", ref], capture_output=True)
         if sock:
-            subprocess.run(["ctr", "--address", sock, "-n", "k8s.io", "images", "rm", ref], capture_output=True)
+            subprocess.run(
+                ["ctr", "--address", sock, "-n", "k8s.io", "images", "rm", ref], capture_output=True
+            )
 
 
 def test_deploy_examples_then_runs_succeed_and_a_redeploy_builds_nothing(
@@ -105,10 +107,12 @@ def test_deploy_examples_then_runs_succeed_and_a_redeploy_builds_nothing(
 
     # Trigger from Python (the README's way) and as a Run resource.
     counted = stack.create_run(ns, "word-count", payload={"text": "To be, or not to be."})
-    with service_account_token(stack, ns, "app", cluster_rules=TRIGGER_RULES) as token:
-        with Client(operator.api, token, namespace=ns) as client:
-            made = trigger_when_allowed(client, "greet", {"name": "deploy"})
-            run = client.runs.wait(made.id, timeout=180)
+    with (
+        service_account_token(stack, ns, "app", cluster_rules=TRIGGER_RULES) as token,
+        Client(operator.api, token, namespace=ns) as client,
+    ):
+        made = trigger_when_allowed(client, "greet", {"name": "deploy"})
+        run = client.runs.wait(made.id, timeout=180)
     assert run.phase == "Succeeded", run
     assert run.output == {"message": "Hello, deploy!", "attempt": 1}
     words = stack.wait_run(ns, counted)
@@ -164,7 +168,9 @@ def test_a_run_keeps_the_task_version_it_started_with(
     )
     generation = get_task(stack, ns, "versioned")["metadata"]["generation"]
     wait_for(
-        lambda: (get_task(stack, ns, "versioned").get("status") or {}).get("observedGeneration") == generation,
+        lambda: (
+            (get_task(stack, ns, "versioned").get("status") or {}).get("observedGeneration") == generation
+        ),
         30,
         "the operator to see the changed Task",
     )
