@@ -83,6 +83,10 @@ def test_deploy_examples_then_runs_succeed_and_a_redeploy_builds_nothing(
     root = tmp_path / "examples"
     shutil.copytree(REPO / "examples" / "codefirst", root / "codefirst")
     (root / "codefirst" / "e2e-nonce.txt").write_text(uuid.uuid4().hex)
+    # The cluster refuses (no such namespace): checked before building, nothing applied.
+    refused = kubetask_deploy(stack, str(root), "-n", f"{ns}-missing")
+    assert refused.returncode == 1
+    assert "nothing was applied" in refused.stderr and "create the namespace first" in refused.stderr
     first = deployed(stack, str(root), "-n", ns)
     images.append(first["image"])
     assert first["built"] is True and first["namespace"] == ns

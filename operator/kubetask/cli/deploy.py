@@ -77,6 +77,8 @@ def deploy(
             except DeployError:
                 if not dry_run:
                     raise
+        if chosen is not None and not dry_run:
+            images.ensure_runner(chosen, runner)
         ref = image or images.image_ref(package, runner_image=runner, builder=chosen, repository=repository)
         kube = _maybe_kubeconfig() if dry_run else manifests.kubeconfig()
         ns = namespace or manifests.default_namespace(kube)

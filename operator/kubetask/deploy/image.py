@@ -96,6 +96,20 @@ def local_image_id(builder: Builder, ref: str) -> str | None:
     return _quiet(["docker", "image", "inspect", "--format", "{{.Id}}", ref])
 
 
+def ensure_runner(builder: Builder, runner_image: str) -> None:
+    """Have the runner image in the builder's store (pull it when missing), so that its
+    image id, part of every tag, is the same at the first deploy and the next ones."""
+    if local_image_id(builder, runner_image) is not None:
+        return
+    pulled = _quiet([builder, "pull", "--quiet" if builder == "docker" else "-q", runner_image])
+    if pulled is None or local_image_id(builder, runner_image) is None:
+        raise DeployError(
+            f"the runner image {runner_image} is not in {builder}'s store and cannot be pulled: build it "
+            "(on the local stack: make images, and KUBETASK_RUNNER_IMAGE=$(make -s runner-image)) or "
+            "name another one with --runner-image"
+        )
+
+
 def repository_for(package: Package) -> str:
     name = re.sub(r"[^a-z0-9]+", "-", package.label.lower()).strip("-") or "app"
     return f"localhost/kubetask-tasks/{name}"
@@ -176,8 +190,8 @@ def ensure_image(package: Package, *, ref: str, runner_image: str, builder: Buil
             _context(package, ctx, recipe)
             tag = ref.rsplit(":", 1)[-1]
             if builder == "buildah":
-                pull = "--pull=never" if local_image_id(builder, runner_image) else "--pull=true"
-                args = ["buildah", "bud", "--isolation", "chroot", pull, "--layers=false"]
+                # ensure_runner() has it: never pull (a local-only runner image has no registry).
+                args = ["buildah", "bud", "--isolation", "chroot", "--pull=never", "--layers=false"]
             else:
                 args = ["docker", "build"]
             _run(
