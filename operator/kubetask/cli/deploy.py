@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import yaml
 
 from kubetask.cli.common import JsonFlag, Namespace, app, fail, print_json
+
+if TYPE_CHECKING:
+    from kubetask.sdk.credentials import KubeConfig
 
 
 def _default_runner_image() -> str:
@@ -122,7 +125,7 @@ def deploy(
         typer.echo(f"task.kubetask.dev/{t['name']} {t['outcome']} ({t['entrypoint']}) in {ns}")
 
 
-def _maybe_kubeconfig() -> Any:
+def _maybe_kubeconfig() -> KubeConfig | None:
     """For --dry-run: the kubeconfig's namespace if there is one, never an error."""
     from kubetask.deploy import DeployError, manifests
 
