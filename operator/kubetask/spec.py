@@ -86,6 +86,16 @@ class RetrySpec(_Model):
         }
     )
 
+    @model_validator(mode="after")
+    def _max_not_below_min(self) -> Self:
+        # The CEL rule above, for the SDK's and the operator's own parse.
+        if self.max_timeout_ms < self.min_timeout_ms:
+            raise ValueError(
+                f"maxTimeoutMs ({self.max_timeout_ms}) must be greater than or equal to "
+                f"minTimeoutMs ({self.min_timeout_ms})"
+            )
+        return self
+
 
 class QueueRef(_Model):
     """The queue a Task's runs wait in, with optional inline limits.

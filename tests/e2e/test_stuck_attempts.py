@@ -16,7 +16,7 @@ import pytest
 from kubernetes.client.rest import ApiException
 
 from tests.e2e.conftest import wait_for
-from tests.e2e.harness import GROUP, VERSION, Operator, PodWatcher, Stack
+from tests.e2e.harness import Operator, PodWatcher, Stack
 from tests.e2e.test_control_loop import assert_one_pod_per_attempt, source, token_secrets
 
 pytestmark = pytest.mark.e2e
@@ -88,34 +88,52 @@ def released_at_the_end(stack: Stack, ns: str) -> Iterator[list[str]]:
                 stack.core.patch_namespaced_pod(name, ns, {"metadata": {"finalizers": None}})
 
 
+@contextlib.contextmanager
+def node_label_at_the_end(stack: Stack, label: str) -> Iterator[list[str]]:
+    """Names of the nodes the test gave ``label``; it is removed from them at the end."""
+    nodes: list[str] = []
+    try:
+        yield nodes
+    finally:
+        for node in nodes:
+            with contextlib.suppress(ApiException):
+                stack.core.patch_node(node, {"metadata": {"labels": {label: None}}})
+
+
 def test_a_pod_stuck_terminating_ends_its_attempt_after_the_timeout_and_the_run_goes_on(
     stack: Stack, ns: str, start_operator: Callable[..., Operator]
 ) -> None:
     start_operator(KUBETASK_TERMINATING_TIMEOUT_SECONDS="3")
-    # Attempt 1 cannot be scheduled, so no kubelet ever owns its pod: once deleted, nothing
-    # can confirm that it is gone.
+    # Attempt 1 cannot be scheduled (no node has this test's label yet), so no kubelet
+    # ever owns its pod: once deleted, nothing can confirm that it is gone.
+    label = f"kubetask.dev/e2e-{ns}"
     stack.apply_task(
         ns,
         "held",
         {
             **echo("held"),
-            "podTemplate": {"nodeSelector": {"kubetask.dev/no-such-node": "true"}},
+            "podTemplate": {"nodeSelector": {label: "true"}},
             "retry": FAST_RETRY,
         },
     )
-    with PodWatcher(stack, ns) as watcher, released_at_the_end(stack, ns) as held:
+    with (
+        PodWatcher(stack, ns) as watcher,
+        released_at_the_end(stack, ns) as held,
+        node_label_at_the_end(stack, label) as nodes,
+    ):
         name = stack.create_run(ns, "held", payload={"n": 4})
         wait_for(lambda: bool(stack.pods(ns)), 60, "the first attempt's pod")
         [first] = stack.pods(ns)
         stack.core.patch_namespaced_pod(first.metadata.name, ns, {"metadata": {"finalizers": [HOLD]}})
         held.append(first.metadata.name)
-        # The next attempt may run anywhere.
-        stack.custom.patch_namespaced_custom_object(
-            GROUP, VERSION, ns, "tasks", "held", {"spec": {"podTemplate": None}}
-        )
         stack.core.delete_namespaced_pod(first.metadata.name, ns)
         deleting = stack.core.read_namespaced_pod(first.metadata.name, ns).metadata.deletion_timestamp
         assert deleting is not None
+        # The next attempt may run: the run keeps its Task's nodeSelector (the Task version
+        # it started with), so the node gets the label (the deleted pod is not scheduled).
+        for node in stack.core.list_node().items:
+            stack.core.patch_node(node.metadata.name, {"metadata": {"labels": {label: "true"}}})
+            nodes.append(node.metadata.name)
 
         status = stack.wait_run(ns, name, timeout=90)["status"]
         # The run did not wait for the stuck pod: it is still there, held.

@@ -17,7 +17,7 @@ import pytest
 import kubetask
 from kubetask import AbortRun, OutOfMemory, Queue, Retry, RetryDecision, TaskContext, logger, task
 from kubetask.sdk import TaskDefinition, validate_task_id
-from kubetask.spec import RetrySpec
+from kubetask.spec import QueueRef, RetrySpec, TaskSpec
 
 
 def ctx() -> TaskContext:
@@ -252,17 +252,38 @@ def test_queue_fields_are_optional() -> None:
     assert Queue() == Queue(name=None, concurrency_limit=None, per_key_concurrency_limit=None)
 
 
-def test_retry_hint_knows_the_failure_handling_fields_of_the_task_spec() -> None:
+def test_the_decorator_options_are_the_task_specs_models() -> None:
     retry = Retry(
-        non_retryable_errors=("ValueError", "billing.errors.Declined"),
+        non_retryable_errors=["ValueError", "billing.errors.Declined"],
         out_of_memory=OutOfMemory(resources={"limits": {"memory": "1Gi"}}),
     )
-    # The hint says what a Task's spec.retry would: same fields, same rules.
-    spec = RetrySpec.model_validate(retry.model_dump())
-    assert spec.non_retryable_errors == ["ValueError", "billing.errors.Declined"]
-    assert spec.out_of_memory is not None and spec.out_of_memory.resources == {"limits": {"memory": "1Gi"}}
+    # One model: Retry, Queue and OutOfMemory are the Task spec's (no second mapping).
+    assert isinstance(retry, RetrySpec) and issubclass(Queue, QueueRef)
     assert set(Retry.model_fields) == set(RetrySpec.model_fields)
-    assert Retry().non_retryable_errors == () and Retry().out_of_memory is None
+
+    @task(id="billing", retry=retry, queue=Queue(name="money", concurrency_limit=2), max_duration_seconds=90)
+    def billing(payload, ctx): ...
+
+    assert isinstance(billing.spec, TaskSpec)
+    assert billing.spec.model_dump(by_alias=True, exclude_none=True, mode="json") == {
+        "retry": {
+            "maxAttempts": 3,
+            "factor": 2.0,
+            "minTimeoutMs": 1000,
+            "maxTimeoutMs": 60000,
+            "randomize": True,
+            "nonRetryableErrors": ["ValueError", "billing.errors.Declined"],
+            "outOfMemory": {"resources": {"limits": {"memory": "1Gi"}}},
+        },
+        "queue": {"name": "money", "concurrencyLimit": 2},
+        "maxDurationSeconds": 90,
+    }
+    assert Retry().non_retryable_errors == [] and Retry().out_of_memory is None
+
+
+def test_options_the_task_spec_rejects_raise_at_decoration_with_the_field() -> None:
+    with pytest.raises(ValueError, match=r"max_duration_seconds: Input should be greater than or equal to 5"):
+        task(id="short", max_duration_seconds=3)(lambda payload, ctx: None)
 
 
 @pytest.mark.parametrize("name", ["", "Not A Class", "1Error", "a..b", ".Error", "x" * 257])

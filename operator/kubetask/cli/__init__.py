@@ -1,5 +1,5 @@
 """The ``kubetask`` command (typer + rich), one module per command group: ``admin``
-(operator, db, crds), ``runs`` (list, get, logs, watch, cancel, replay, bulk), ``schedules``, ``catalog``
+(operator, db, crds), ``deploy``, ``runs`` (list, get, logs, watch, cancel, replay, bulk), ``schedules``, ``catalog``
 (trigger, tasks, queues); ``common`` holds the options, the client and the formatting.
 docs/cli.md describes every command.
 
@@ -9,7 +9,7 @@ that need them, so ``kubetask --help`` is quick.
 
 from __future__ import annotations
 
-from kubetask.cli import admin, catalog, runs, schedules  # noqa: F401  (they register their commands)
+from kubetask.cli import admin, catalog, deploy, runs, schedules  # noqa: F401  (they register their commands)
 from kubetask.cli.common import app
 
 

@@ -24,7 +24,7 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from kubetask import metrics, pods
-from kubetask.control.catalogue import Catalogue
+from kubetask.control.catalogue import Catalogue, pinned
 from kubetask.control.podindex import PodIndex
 from kubetask.control.timers import set_run_timer, utcnow
 from kubetask.control.transitions import Applied, EventSource
@@ -166,7 +166,11 @@ class Attempts:
                 PodEnd(None, "TaskNotFound", f"Task {row.task} was deleted", permanent=True),
             )
             return
-        if (refusal := self.catalogue.policy.check(info.spec)) is not None:
+        # The Task as the run resolved it (a Task edited since changes no attempt of it);
+        # the live Task still owns the source ConfigMap.
+        version = pinned(row.task_version, info.spec, self.settings.runner_image)
+        spec = version.spec
+        if (refusal := self.catalogue.policy.check(spec)) is not None:
             # Not retried: the Task has to change (its Ready condition says so too).
             await self.end(row.id, att.number, PodEnd(None, refusal.reason, refusal.message, permanent=True))
             return
@@ -189,21 +193,19 @@ class Attempts:
                 await self.kube.replace_secret(secret)
         else:
             await self.kube.replace_secret(secret)
-        if info.spec.source is not None:
-            cm = pods.source_configmap_name(info.name, info.uid, info.spec.source)
+        if spec.source is not None:
+            cm = pods.source_configmap_name(info.name, info.uid, spec.source)
             if (row.namespace, cm) not in self._configmaps:
                 await self.kube.create(
                     pods.source_configmap(
                         task_name=info.name,
                         namespace=row.namespace,
-                        source=info.spec.source,
+                        source=spec.source,
                         task_owner=info.owner(),
                     )
                 )
                 self._configmaps.add((row.namespace, cm))
-        after_oom = (
-            await self._oom_killed_before(row.id, att.number) if info.spec.retry.out_of_memory else False
-        )
+        after_oom = await self._oom_killed_before(row.id, att.number) if spec.retry.out_of_memory else False
         if after_oom:
             log.info(
                 "run %s/%s: an earlier attempt was OOM-killed; attempt %d gets retry.outOfMemory's resources",
@@ -218,12 +220,12 @@ class Attempts:
             run_id=row.id,
             task_name=info.name,
             task_uid=info.uid,
-            task=info.spec,
+            task=spec,
             queue=info.queue,
             attempt=att.number,
             max_attempts=row.max_attempts,
             api_url=self.settings.api_url,
-            default_image=self.settings.runner_image,
+            default_image=version.image,
             image_pull_policy=self.settings.image_pull_policy,
             after_oom=after_oom,
             service_account=sa,

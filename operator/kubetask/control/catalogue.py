@@ -46,6 +46,7 @@ class TaskInfo:
     namespace: str
     uid: str
     spec: TaskSpec
+    generation: int | None = None
 
     @property
     def queue(self) -> str:
@@ -53,6 +54,38 @@ class TaskInfo:
 
     def owner(self) -> dict[str, Any]:
         return {"apiVersion": "kubetask.dev/v1alpha1", "kind": "Task", "name": self.name, "uid": self.uid}
+
+    def version(self, default_image: str) -> dict[str, Any]:
+        """What a run keeps of its Task when it is resolved (``runs.task_version``): the
+        spec, the image its pods run (``spec.image``, else the operator's default at that
+        moment, so a later change of the default does not change the run either), the
+        uid and generation."""
+        return {
+            "uid": self.uid,
+            "generation": self.generation,
+            "image": self.spec.image or default_image,
+            "spec": self.spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+        }
+
+
+@dataclass(frozen=True)
+class Pinned:
+    """The Task version a run's attempts use."""
+
+    spec: TaskSpec
+    image: str
+
+
+def pinned(version: dict[str, Any] | None, current: TaskSpec, default_image: str) -> Pinned:
+    """The spec and image of a run's attempts: the Task version it resolved against
+    (:meth:`TaskInfo.version`), else (runs resolved before versions were kept) the
+    Task's current spec and the operator's default image."""
+    if version is not None:
+        try:
+            return Pinned(TaskSpec.model_validate(version["spec"]), str(version["image"]))
+        except (ValidationError, KeyError, TypeError):
+            log.warning("a run's task_version does not parse; using the Task's current spec")
+    return Pinned(current, current.image or default_image)
 
 
 class Catalogue:
@@ -92,7 +125,7 @@ class Catalogue:
             spec = TaskSpec.model_validate(body.get("spec") or {})
         except ValidationError:
             return None
-        info = TaskInfo(meta["name"], meta["namespace"], meta["uid"], spec)
+        info = TaskInfo(meta["name"], meta["namespace"], meta["uid"], spec, meta.get("generation"))
         self.tasks[(info.namespace, info.name)] = info
         return info
 

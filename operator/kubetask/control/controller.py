@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from kubetask import metrics, pods
 from kubetask.admission import Admission
 from kubetask.control.attempts import Attempts
-from kubetask.control.catalogue import Catalogue
+from kubetask.control.catalogue import Catalogue, pinned
 from kubetask.control.intake import Intake
 from kubetask.control.podindex import PodIndex
 from kubetask.control.resync import TERMINAL_NAMES, Resync
@@ -41,7 +41,7 @@ from kubetask.control.workqueue import WorkQueue
 from kubetask.engine import machine as m
 from kubetask.kube import Kube
 from kubetask.settings import Settings
-from kubetask.spec import RetrySpec
+from kubetask.spec import RetrySpec, TaskSpec
 from kubetask.store import journal
 from kubetask.store import tables as t
 
@@ -128,8 +128,11 @@ class Controller:
         return not self.settings.namespaces or namespace in self.settings.namespaces
 
     def retry_for(self, row: t.Run) -> RetrySpec:
+        """The retry policy of the Task version the run resolved against (a Task edited
+        since does not change it), else of the Task as it is."""
         info = self.catalogue.tasks.get((row.namespace, row.task))
-        return info.spec.retry if info else RetrySpec()
+        current = info.spec if info else TaskSpec()
+        return pinned(row.task_version, current, self.settings.runner_image).spec.retry
 
     def ttl_for(self, row: t.Run) -> int | None:
         """ttlSecondsAfterFinished: the Run's, else its Task's, else the operator's."""

@@ -259,13 +259,20 @@ class Intake:
         info = await self.catalogue.task(row.namespace, row.task)
         if info is not None:
             queue = queue_key(row.namespace, info.queue)
-            if queue != row.queue:  # not in any queue yet: safe to move
-                async with self.sessions.begin() as s:
+            async with self.sessions.begin() as s:
+                if queue != row.queue:  # not in any queue yet: safe to move
                     await s.execute(
                         update(t.Run)
                         .where(t.Run.id == row.id, t.Run.phase == m.Phase.PENDING)
                         .values(queue=queue)
                     )
+                # The Task version this run keeps to its end (its pods, its retries), set
+                # once: a debounced run resolved again keeps the first.
+                await s.execute(
+                    update(t.Run)
+                    .where(t.Run.id == row.id, t.Run.phase == m.Phase.PENDING, t.Run.task_version.is_(None))
+                    .values(task_version=info.version(self.settings.runner_image))
+                )
             await self.catalogue.configure_queue(row.namespace, info.queue)
             # max_attempts 0 means "from the Task", which may have been unknown at intake.
             resolved = m.TaskResolved(

@@ -9,11 +9,14 @@ return value (any JSON) becomes the run's output::
     async def hello(payload: dict, ctx: TaskContext) -> dict:
         return {"greeting": f"hello {payload['name']}"}
 
-The Task *resource* in the cluster is authoritative for retries, queues and deadlines;
-the values given to the decorator are hints that tooling (e.g. ``kubetask`` commands that
-generate a Task from code) may copy into it. The runner uses the decorator's ``id``, to
-check it names the Task the pod was started for, and its ``catch_error`` hook (code, not
-a hint: it runs in the pod when the task raises; :mod:`kubetask.sdk.retry`).
+The decorator's ``retry``, ``queue`` and ``max_duration_seconds`` are the Task's spec:
+``@task`` builds a :class:`kubetask.spec.TaskSpec` from them (:attr:`TaskDefinition.spec`,
+the same pydantic models the operator and the CRD schema use, so a value the cluster
+would refuse raises here), and ``kubetask deploy`` writes it into the Task resource with
+the image and entrypoint it built. The Task resource in the cluster is what the operator
+reads: code that was not deployed changes nothing. The runner uses the decorator's
+``id``, to check it names the Task the pod was started for, and its ``catch_error`` hook
+(code: it runs in the pod when the task raises; :mod:`kubetask.sdk.retry`).
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ import functools
 import inspect
 import re
 from collections.abc import Callable
-from typing import Annotated, Any, Self, overload
+from typing import Any, overload
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import ValidationError
+from pydantic.alias_generators import to_snake
 
 from kubetask.sdk.context import TaskContext
 from kubetask.sdk.retry import CatchError, RetryDecision
+from kubetask.spec import OutOfMemorySpec, QueueRef, RetrySpec, TaskSpec
 
 __all__ = [
     "OutOfMemory",
@@ -45,8 +50,6 @@ TaskFunction = Callable[[dict[str, Any], TaskContext], Any]
 
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _MAX_ID_LENGTH = 63
-# The same rules as kubetask.spec (which the SDK does not import: it needs no operator).
-_ERROR_TYPE = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
 
 
 def validate_task_id(value: str) -> str:
@@ -65,63 +68,34 @@ def validate_task_id(value: str) -> str:
     return value
 
 
-class _Hint(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+class OutOfMemory(OutOfMemorySpec):
+    """What changes for the attempts after one that was OOM-killed (``Retry.out_of_memory``):
+    ``resources`` (e.g. ``{"limits": {"memory": "1Gi"}}``) merged over the pod template's,
+    key by key. The Task's ``spec.retry.outOfMemory``: the same model."""
 
 
-class OutOfMemory(_Hint):
-    """What changes for the attempts after one that was OOM-killed (``Retry.out_of_memory``)."""
-
-    resources: dict[str, Any]
-    """Container resources merged over the pod template's, key by key, e.g.
-    ``{"limits": {"memory": "1Gi"}}``."""
-
-
-class Retry(_Hint):
-    """How failed attempts should be retried (a hint; the Task resource's ``spec.retry`` wins).
+class Retry(RetrySpec):
+    """How failed attempts are retried: the Task's ``spec.retry`` (the same model,
+    :class:`kubetask.spec.RetrySpec`; ``kubetask deploy`` writes it into the Task, and the
+    Task resource in the cluster wins over code that was not deployed).
 
     The delay before attempt n+1 is ``min(max_timeout_ms, min_timeout_ms * factor**(n-1))``,
     multiplied by a random factor in [1, 2) when ``randomize``, and capped at
     ``max_timeout_ms``.
     """
 
-    max_attempts: int = Field(3, ge=1, le=100)
-    """Attempts in all, the first one included (1 means never retry)."""
-    factor: float = Field(2.0, ge=1, le=100)
-    """Growth of the delay from one retry to the next."""
-    min_timeout_ms: int = Field(1000, ge=0, le=86_400_000)
-    """Delay before the second attempt, in milliseconds."""
-    max_timeout_ms: int = Field(60000, ge=0, le=86_400_000)
-    """Upper bound of any delay, in milliseconds; at least ``min_timeout_ms``."""
-    randomize: bool = True
-    """Multiply each delay by a random factor in [1, 2) to spread retries out."""
-    non_retryable_errors: tuple[
-        Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=_ERROR_TYPE)], ...
-    ] = Field((), max_length=64)
-    """Exception classes that fail the run at once: a class name (``ValueError``) or
-    ``module.QualifiedName``, matched against the raised exception's class and its bases."""
-    out_of_memory: OutOfMemory | None = None
-    """Resources for the attempts after an OOM-killed one (the Task's ``retry.outOfMemory``)."""
 
-    @model_validator(mode="after")
-    def _max_not_below_min(self) -> Self:
-        if self.max_timeout_ms < self.min_timeout_ms:
-            raise ValueError(
-                f"max_timeout_ms ({self.max_timeout_ms}) must be >= min_timeout_ms ({self.min_timeout_ms})"
-            )
-        return self
+class Queue(QueueRef):
+    """The queue runs of the task wait in: the Task's ``spec.queue`` (the same model,
+    :class:`kubetask.spec.QueueRef`; the Task resource wins, and a Queue resource of the
+    same name wins over inline limits). ``name`` defaults to the task's id."""
 
 
-class Queue(_Hint):
-    """The queue runs of the task wait in (a hint; the Task resource's ``spec.queue`` wins,
-    and a Queue resource of the same name wins over inline limits)."""
-
-    name: str | None = Field(None, min_length=1, max_length=63, pattern=_DNS1123_LABEL.pattern)
-    """Queue name (a DNS-1123 label); default: the task's id."""
-    concurrency_limit: int | None = Field(None, ge=1, le=100_000)
-    """Most runs of the queue with a live pod at once, all concurrency keys together."""
-    per_key_concurrency_limit: int | None = Field(None, ge=1, le=100_000)
-    """Most runs with a live pod at once for each concurrency key."""
+def _errors(error: ValidationError) -> str:
+    """``max_duration_seconds: Input should be greater than or equal to 5; ...``"""
+    return "; ".join(
+        f"{'.'.join(to_snake(str(p)) for p in e['loc']) or 'options'}: {e['msg']}" for e in error.errors()
+    )
 
 
 class TaskDefinition:
@@ -138,12 +112,15 @@ class TaskDefinition:
     """The task id: the name of the Task resource that runs this function."""
     explicit_id: bool
     """True when the id was given to the decorator (the runner checks it against the Task)."""
-    retry: Retry
-    """Retry hint (defaults to ``Retry()``)."""
-    queue: Queue | None
-    """Queue hint, if any."""
+    retry: RetrySpec
+    """The retry policy (defaults to ``Retry()``)."""
+    queue: QueueRef | None
+    """The queue, if any."""
     max_duration_seconds: int | None
-    """Wall-clock limit hint for one attempt, in seconds."""
+    """Wall-clock limit of one attempt, in seconds."""
+    spec: TaskSpec
+    """The Task spec these options make: ``retry``, ``queue`` and ``maxDurationSeconds``,
+    without code or image (``kubetask deploy`` adds ``image`` and ``entrypoint``)."""
     catch_error: CatchError | None
     """Called by the runner with ``(error, ctx)`` when the task raises (:meth:`decide`)."""
 
@@ -171,13 +148,19 @@ class TaskDefinition:
                 f"not {type(catch_error).__name__}"
             )
         if max_duration_seconds is not None and (
-            isinstance(max_duration_seconds, bool)
-            or not isinstance(max_duration_seconds, int)
-            or not 5 <= max_duration_seconds <= 604_800
+            isinstance(max_duration_seconds, bool) or not isinstance(max_duration_seconds, int)
         ):
-            raise ValueError(
-                f"max_duration_seconds must be an int in 5..604800, got {max_duration_seconds!r}"
+            raise TypeError(f"max_duration_seconds must be an int, not {type(max_duration_seconds).__name__}")
+        try:
+            # The Task spec's own model checks the options (bounds, cross-field rules):
+            # what the cluster would refuse fails here, at import time, with its field name.
+            spec = TaskSpec(
+                retry=retry if retry is not None else Retry(),
+                queue=queue,
+                max_duration_seconds=max_duration_seconds,
             )
+        except ValidationError as e:
+            raise ValueError(f"invalid @task options: {_errors(e)}") from None
         functools.update_wrapper(self, fn)  # first: it copies fn.__dict__ into ours
         self.fn = fn
         self.explicit_id = id is not None
@@ -194,9 +177,10 @@ class TaskDefinition:
                 ) from None
         else:
             self.id = validate_task_id(id)
-        self.retry = retry if retry is not None else Retry()
-        self.queue = queue
-        self.max_duration_seconds = max_duration_seconds
+        self.spec = spec
+        self.retry = spec.retry
+        self.queue = spec.queue
+        self.max_duration_seconds = spec.max_duration_seconds
         self.catch_error = catch_error
 
     def __call__(self, payload: dict[str, Any], ctx: TaskContext) -> Any:
@@ -271,9 +255,10 @@ def task(
 
     :param id: the task id (the Task resource's name, a DNS-1123 label). Default: the
         function's name with ``_`` replaced by ``-``.
-    :param retry: retry hint (:class:`Retry`).
-    :param queue: queue hint (:class:`Queue`).
-    :param max_duration_seconds: hint for the wall-clock limit of one attempt (5..604800).
+    :param retry: the retry policy (:class:`Retry`): the Task's ``spec.retry``.
+    :param queue: the queue (:class:`Queue`): the Task's ``spec.queue``.
+    :param max_duration_seconds: the wall-clock limit of one attempt (5..604800): the
+        Task's ``spec.maxDurationSeconds``.
     :param catch_error: ``fn(error, ctx)``, sync or async, called in the pod when the task
         raises; it returns a :class:`~kubetask.sdk.retry.RetryDecision` (skip, retry
         after/at) or None for the retry policy's default (docs/retries.md).

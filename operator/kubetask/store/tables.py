@@ -88,6 +88,11 @@ class Run(Base):
     expires_at: Mapped[datetime | None] = mapped_column()
     #: spec.debounce (key, delaySeconds, mode, maxDelaySeconds), as the spec has it.
     debounce: Mapped[dict[str, Any] | None] = mapped_column()
+    #: The Task version the run resolved against: {"uid", "generation", "image", "spec"}
+    #: (the image its pods run; the spec as TaskSpec dumps it). Every attempt's pod and
+    #: the retry policy come from it, so editing (or re-deploying) the Task while the run
+    #: is under way does not change the run (control.catalogue.pinned).
+    task_version: Mapped[dict[str, Any] | None] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     started_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()

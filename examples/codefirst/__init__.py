@@ -1,0 +1,1 @@
+"""codefirst: tasks deployed from code with ``kubetask deploy examples/`` (README.md)."""

@@ -1,0 +1,189 @@
+"""End to end: ``kubetask deploy`` of examples/codefirst with the real CLI into a fresh
+namespace (buildah build FROM the runner image, import into the cluster's containerd,
+server-side apply), runs of the deployed tasks in real pods, a re-deploy that builds
+nothing, a broken package that applies nothing, and a run that keeps its Task version
+when the Task changes between its attempts."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubetask import Client
+from kubetask.deploy.image import containerd_socket
+from kubetask.spec import GROUP, VERSION
+from tests.e2e.conftest import wait_for
+from tests.e2e.harness import REPO, Operator, Stack, service_account_token
+from tests.e2e.test_trigger import TRIGGER_RULES, trigger_when_allowed
+
+pytestmark = pytest.mark.e2e
+
+
+def kubetask_deploy(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    """The real CLI, as a user runs it."""
+    env = {**os.environ, "KUBECONFIG": stack.kubeconfig, "KUBETASK_RUNNER_IMAGE": stack.runner_image}
+    return subprocess.run(
+        [sys.executable, "-m", "kubetask.cli", "deploy", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def deployed(stack: Stack, *args: str) -> dict[str, Any]:
+    done = kubetask_deploy(stack, *args, "--json")
+    assert done.returncode == 0, done.stderr
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def get_task(stack: Stack, ns: str, name: str) -> dict[str, Any]:
+    return stack.custom.get_namespaced_custom_object(GROUP, VERSION, ns, "tasks", name)  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def images() -> Iterator[list[str]]:
+    """Images a test built: removed from buildah's store and containerd at the end (each
+    test builds fresh ones, tagged by a nonce in the package)."""
+    refs: list[str] = []
+    yield refs
+    sock = containerd_socket()
+    for ref in refs:
+        subprocess.run(["buildah", "rmi", ref], capture_output=True)
+        if sock:
+            subprocess.run(
+                ["ctr", "--address", sock, "-n", "k8s.io", "images", "rm", ref], capture_output=True
+            )
+
+
+def test_deploy_examples_then_runs_succeed_and_a_redeploy_builds_nothing(
+    stack: Stack, ns: str, operator: Operator, tmp_path: Path, images: list[str]
+) -> None:
+    # A broken package first: an error that says what to fix, and nothing applied.
+    broken = tmp_path / "broken"
+    shutil.copytree(REPO / "examples" / "codefirst", broken / "codefirst")
+    (broken / "codefirst" / "extra.py").write_text("import no_such_dependency\n")
+    failed = kubetask_deploy(stack, str(broken), "-n", ns)
+    assert failed.returncode == 1
+    assert "cannot import module codefirst.extra" in failed.stderr and "no_such_dependency" in failed.stderr
+    assert stack.custom.list_namespaced_custom_object(GROUP, VERSION, ns, "tasks")["items"] == []
+
+    # examples/codefirst, with a nonce file so that this test builds a fresh image.
+    root = tmp_path / "examples"
+    shutil.copytree(REPO / "examples" / "codefirst", root / "codefirst")
+    (root / "codefirst" / "e2e-nonce.txt").write_text(uuid.uuid4().hex)
+    # The cluster refuses (no such namespace): checked before building, nothing applied.
+    refused = kubetask_deploy(stack, str(root), "-n", f"{ns}-missing")
+    assert refused.returncode == 1
+    assert "nothing was applied" in refused.stderr and "create the namespace first" in refused.stderr
+    first = deployed(stack, str(root), "-n", ns)
+    images.append(first["image"])
+    assert first["built"] is True and first["namespace"] == ns
+    assert first["imported"] is (containerd_socket() is not None)
+    assert {t["name"]: t["outcome"] for t in first["tasks"]} == {"greet": "created", "word-count": "created"}
+
+    greet = get_task(stack, ns, "greet")
+    assert greet["spec"]["image"] == first["image"]
+    assert greet["spec"]["entrypoint"] == "codefirst.tasks:greet"
+    # The decorator's options are the Task's spec.
+    assert greet["spec"]["retry"] == {
+        "maxAttempts": 4,
+        "factor": 3,
+        "minTimeoutMs": 500,
+        "maxTimeoutMs": 5000,
+        "randomize": False,
+        "nonRetryableErrors": [],
+    }
+    assert greet["spec"]["queue"] == {"name": "greetings", "concurrencyLimit": 2}
+    assert greet["spec"]["maxDurationSeconds"] == 120
+    assert greet["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "kubetask-deploy"
+
+    # Trigger from Python (the README's way) and as a Run resource.
+    counted = stack.create_run(ns, "word-count", payload={"text": "To be, or not to be."})
+    with (
+        service_account_token(stack, ns, "app", cluster_rules=TRIGGER_RULES) as token,
+        Client(operator.api, token, namespace=ns) as client,
+    ):
+        made = trigger_when_allowed(client, "greet", {"name": "deploy"})
+        run = client.runs.wait(made.id, timeout=180)
+    assert run.phase == "Succeeded", run
+    assert run.output == {"message": "Hello, deploy!", "attempt": 1}
+    words = stack.wait_run(ns, counted)
+    assert words["status"]["phase"] == "Succeeded", words["status"]
+    assert words["status"]["output"] == {"words": 6, "top": [["to", 2], ["be", 2], ["or", 1]]}
+    pods_images = {c.image for p in stack.pods(ns) for c in p.spec.containers}
+    assert pods_images <= {first["image"]}
+
+    # Unchanged code: the same image, nothing built or imported, the Tasks unchanged.
+    again = deployed(stack, str(root), "-n", ns)
+    assert again["image"] == first["image"]
+    assert (again["built"], again["imported"]) == (False, False)
+    assert {t["outcome"] for t in again["tasks"]} == {"unchanged"}
+    assert get_task(stack, ns, "greet")["metadata"]["resourceVersion"] == greet["metadata"]["resourceVersion"]
+
+
+VERSIONED = """
+    from kubetask import Retry, task
+
+
+    @task(id="versioned", retry=Retry(max_attempts=2, min_timeout_ms=6000, max_timeout_ms=6000, randomize=False))
+    def versioned(payload, ctx):
+        if ctx.attempt.number == 1:
+            raise RuntimeError("the first attempt fails on purpose")
+        return {"version": 1, "attempt": ctx.attempt.number}
+
+
+    def versioned_v2(payload, ctx):
+        return {"version": 2, "attempt": ctx.attempt.number}
+"""
+
+
+def test_a_run_keeps_the_task_version_it_started_with(
+    stack: Stack, ns: str, operator: Operator, tmp_path: Path, images: list[str]
+) -> None:
+    package = tmp_path / "versions"
+    package.mkdir()
+    (package / "__init__.py").write_text(f"# {uuid.uuid4().hex}\n")
+    (package / "tasks.py").write_text(textwrap.dedent(VERSIONED))
+    result = deployed(stack, str(package), "-n", ns)
+    images.append(result["image"])
+
+    first = stack.create_run(ns, "versioned")
+    stack.wait_run(ns, first, {"Retrying"}, timeout=120)
+    # Between its attempts the Task changes: other code, another retry policy.
+    stack.custom.patch_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        ns,
+        "tasks",
+        "versioned",
+        {"spec": {"entrypoint": "versions.tasks:versioned_v2", "retry": {"maxAttempts": 1}}},
+    )
+    generation = get_task(stack, ns, "versioned")["metadata"]["generation"]
+    wait_for(
+        lambda: (
+            (get_task(stack, ns, "versioned").get("status") or {}).get("observedGeneration") == generation
+        ),
+        30,
+        "the operator to see the changed Task",
+    )
+    second = stack.create_run(ns, "versioned")
+    done = stack.wait_run(ns, first, timeout=120)
+    # The run's second attempt ran the version it started with.
+    assert done["status"]["phase"] == "Succeeded", done["status"]
+    assert done["status"]["output"] == {"version": 1, "attempt": 2}
+    # A run created after the change runs the new version.
+    later = stack.wait_run(ns, second, timeout=120)
+    assert later["status"]["phase"] == "Succeeded", later["status"]
+    assert later["status"]["output"] == {"version": 2, "attempt": 1}
