@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from collections import Counter
+from datetime import datetime
+
+from croniter import croniter
 
 from kubetask import Queue, Retry, TaskContext, logger, task
 
@@ -25,3 +28,12 @@ async def greet(payload: dict, ctx: TaskContext) -> dict:
 def word_count(payload: dict, ctx: TaskContext) -> dict:
     counts = Counter(words(payload.get("text", "")))
     return {"words": sum(counts.values()), "top": counts.most_common(3)}
+
+
+@task(id="next-fires", retry=Retry(max_attempts=1))
+def next_fires(payload: dict, ctx: TaskContext) -> list[str]:
+    """The next ``n`` times a cron expression fires after ``after`` (ISO 8601). croniter is
+    a third-party dependency (requirements.txt), installed in the image by deploy."""
+    after = datetime.fromisoformat(payload.get("after", "2026-01-01T00:00:00+00:00"))
+    fires = croniter(payload.get("cron", "*/15 * * * *"), after)
+    return [fires.get_next(datetime).isoformat() for _ in range(int(payload.get("n", 3)))]

@@ -91,7 +91,11 @@ def test_deploy_examples_then_runs_succeed_and_a_redeploy_builds_nothing(
     images.append(first["image"])
     assert first["built"] is True and first["namespace"] == ns
     assert first["imported"] is (containerd_socket() is not None)
-    assert {t["name"]: t["outcome"] for t in first["tasks"]} == {"greet": "created", "word-count": "created"}
+    assert {t["name"]: t["outcome"] for t in first["tasks"]} == {
+        "greet": "created",
+        "word-count": "created",
+        "next-fires": "created",
+    }
 
     greet = get_task(stack, ns, "greet")
     assert greet["spec"]["image"] == first["image"]
@@ -109,8 +113,10 @@ def test_deploy_examples_then_runs_succeed_and_a_redeploy_builds_nothing(
     assert greet["spec"]["maxDurationSeconds"] == 120
     assert greet["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "kubetask-deploy"
 
-    # Trigger from Python (the README's way) and as a Run resource.
+    # Trigger from Python (the README's way) and as Run resources; next-fires needs
+    # croniter, which only the package's requirements.txt put in the image.
     counted = stack.create_run(ns, "word-count", payload={"text": "To be, or not to be."})
+    fires = stack.create_run(ns, "next-fires", payload={"after": "2026-01-01T00:00:00+00:00", "n": 2})
     with (
         service_account_token(stack, ns, "app", cluster_rules=TRIGGER_RULES) as token,
         Client(operator.api, token, namespace=ns) as client,
@@ -122,6 +128,9 @@ def test_deploy_examples_then_runs_succeed_and_a_redeploy_builds_nothing(
     words = stack.wait_run(ns, counted)
     assert words["status"]["phase"] == "Succeeded", words["status"]
     assert words["status"]["output"] == {"words": 6, "top": [["to", 2], ["be", 2], ["or", 1]]}
+    next_fires = stack.wait_run(ns, fires)
+    assert next_fires["status"]["phase"] == "Succeeded", next_fires["status"]
+    assert next_fires["status"]["output"] == ["2026-01-01T00:15:00+00:00", "2026-01-01T00:30:00+00:00"]
     pods_images = {c.image for p in stack.pods(ns) for c in p.spec.containers}
     assert pods_images <= {first["image"]}
 

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from kubetask.cli import app
 from kubetask.deploy import DeployError
 from kubetask.deploy.discover import find_package, find_tasks
-from kubetask.deploy.image import image_ref
+from kubetask.deploy.image import containerfile, image_ref
 from kubetask.spec import TaskSpec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,7 +48,7 @@ def test_dry_run_prints_a_task_per_function_with_the_decorators_spec() -> None:
     result = deploy(str(EXAMPLES), "--dry-run", "--image", "registry.example/shop:v1", "-n", "shop")
     assert result.exit_code == 0, result.stderr
     docs = {d["metadata"]["name"]: d for d in yaml.safe_load_all(result.stdout)}
-    assert sorted(docs) == ["greet", "word-count"]
+    assert sorted(docs) == ["greet", "next-fires", "word-count"]
     greet = docs["greet"]
     assert greet["apiVersion"] == "kubetask.dev/v1alpha1" and greet["kind"] == "Task"
     assert greet["metadata"]["namespace"] == "shop"
@@ -91,6 +91,44 @@ def test_dry_run_json_and_the_content_tag(tmp_path: Path) -> None:
     )
     assert image_ref(find_package(tmp_path / "codefirst"), runner_image=RUNNER, builder=None) != image
     assert image_ref(package, runner_image=RUNNER + "-2", builder=None) != image
+
+
+def test_requirements_files_are_installed_in_the_image_and_change_its_tag(tmp_path: Path) -> None:
+    shutil.copytree(EXAMPLES / "codefirst", tmp_path / "codefirst")
+    # The package's own requirements.txt, found whether the package or its parent is given.
+    for given in (tmp_path / "codefirst", tmp_path):
+        package = find_package(given)
+        assert package.requirements == ((tmp_path / "codefirst" / "requirements.txt").resolve(),)
+    recipe = containerfile(RUNNER, package)
+    lines = recipe.splitlines()
+    install = next(i for i, line in enumerate(lines) if line.startswith("RUN pip install"))
+    # As root, into the runner's virtualenv, before the package's files; then the runner's user.
+    assert lines[install - 2 : install + 2] == [
+        "USER 0:0",
+        "COPY .kubetask-requirements/ /tmp/kubetask-requirements/",
+        "RUN pip install --no-cache-dir -r /tmp/kubetask-requirements/0.txt && rm -rf /tmp/kubetask-requirements",
+        "USER 65532:65532",
+    ]
+    assert install < lines.index("COPY . /opt/kubetask-app/")
+    image = image_ref(package, runner_image=RUNNER, builder=None)
+    (tmp_path / "codefirst" / "requirements.txt").write_text("croniter==6.0.0\n")
+    assert image_ref(find_package(tmp_path), runner_image=RUNNER, builder=None) != image
+    # An import root's requirements.txt joins its packages'; --requirements replaces both.
+    (tmp_path / "requirements.txt").write_text("humanize\n")
+    assert len(find_package(tmp_path).requirements) == 2
+    mine = tmp_path / "mine.txt"
+    mine.write_text("humanize\n")
+    assert find_package(tmp_path, mine).requirements == (mine.resolve(),)
+    # No requirements: no install step.
+    (tmp_path / "codefirst" / "requirements.txt").unlink()
+    (tmp_path / "requirements.txt").unlink()
+    assert "pip install" not in containerfile(RUNNER, find_package(tmp_path))
+
+
+def test_a_missing_requirements_file_is_an_error_that_names_it(tmp_path: Path) -> None:
+    shutil.copytree(EXAMPLES / "codefirst", tmp_path / "codefirst")
+    message = error_of(deploy(str(tmp_path), "--dry-run", "--requirements", str(tmp_path / "nope.txt")))
+    assert "nope.txt: no such file" in message
 
 
 def test_the_package_files_and_modules(tmp_path: Path) -> None:

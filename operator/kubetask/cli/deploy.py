@@ -49,6 +49,16 @@ def deploy(
             show_default=False,
         ),
     ] = None,
+    requirements: Annotated[
+        Path | None,
+        typer.Option(
+            "--requirements",
+            "-r",
+            help="A pip requirements file installed in the image. Default: requirements.txt in PATH "
+            "(or beside the module PATH), if present.",
+            show_default=False,
+        ),
+    ] = None,
     builder: Annotated[
         str, typer.Option("--builder", help="auto (buildah, else docker), buildah or docker.")
     ] = "auto",
@@ -70,7 +80,7 @@ def deploy(
     from kubetask.deploy import image as images
 
     try:
-        package = discover.find_package(path)
+        package = discover.find_package(path, requirements)
         found = discover.find_tasks(package)
         runner = runner_image or _default_runner_image()
         chosen: images.Builder | None = None

@@ -7,6 +7,11 @@
 - a directory of those (an import root, such as ``examples/``): its top-level modules
   and packages; directories without ``__init__.py`` (and hidden ones) are skipped.
 
+Third-party dependencies: pip requirements files are installed in the image:
+``--requirements FILE``, or by default each ``requirements.txt`` found in the directory
+given (beside the module given), and in each top-level package deployed. Discovery imports the package on this machine, so they must be
+installed here too (as they are where its tests run).
+
 Each module is imported (in a child process) with the import root first on
 ``sys.path``, as the runner image will import it; the functions are found by the
 :class:`~kubetask.sdk.task.TaskDefinition` objects the modules hold. Importing runs a
@@ -47,6 +52,8 @@ class Package:
     names: tuple[str, ...]
     files: tuple[str, ...]
     modules: tuple[str, ...]
+    #: pip requirements files installed in the image (none: no third-party dependencies).
+    requirements: tuple[Path, ...] = ()
 
     @property
     def label(self) -> str:
@@ -95,13 +102,23 @@ def _walk(root: Path, top: Path) -> tuple[list[str], list[str]]:
     return files, modules
 
 
-def find_package(path: Path) -> Package:
-    """The package at ``path`` (see the module's docstring), or :class:`DeployError`."""
+REQUIREMENTS = "requirements.txt"
+
+
+def find_package(path: Path, requirements: Path | None = None) -> Package:
+    """The package at ``path`` (see the module's docstring), or :class:`DeployError`.
+    ``requirements``: a pip requirements file; None: each ``requirements.txt`` in the
+    directory given (or beside the module given) and in the top-level packages."""
     path = path.resolve()
     if not path.exists():
         raise DeployError(
             f"{path} does not exist: give a package directory, a module (.py) or a directory of them"
         )
+    given: Path | None = None
+    if requirements is not None:
+        given = requirements.resolve()
+        if not given.is_file():
+            raise DeployError(f"--requirements {given}: no such file (a pip requirements file)")
     if path.is_file():
         if path.suffix != ".py" or not path.stem.isidentifier():
             raise DeployError(f"{path} is not a Python module: give a package directory or a .py file")
@@ -137,7 +154,14 @@ def find_package(path: Path) -> Package:
         names=tuple(t.stem if t.is_file() else t.name for t in tops),
         files=tuple(files),
         modules=tuple(modules),
+        requirements=(given,) if given is not None else _requirements_files(path, tops),
     )
+
+
+def _requirements_files(path: Path, tops: list[Path]) -> tuple[Path, ...]:
+    here = path if path.is_dir() else path.parent
+    candidates = [here / REQUIREMENTS, *(top / REQUIREMENTS for top in tops if top.is_dir())]
+    return tuple(dict.fromkeys(c for c in candidates if c.is_file()))
 
 
 def find_tasks(package: Package) -> list[FoundTask]:
