@@ -131,11 +131,15 @@ def seconds(values: list[float]) -> dict[str, float]:
 
 def kind_of(path: str) -> str:
     """Which bucket a code path's statements go to: the runner's log batches and the
-    periodic resync are reported apart from the run's own statements."""
+    periodic background work (the resync, the metrics' readings of live runs and queues:
+    a fixed number per period, however many runs) are reported apart from the run's own
+    statements."""
     if path.startswith("post_logs"):
         return "log batches"
     if path.startswith("Resync.loop"):
         return "periodic resync"
+    if path.startswith("LiveGauges.loop"):
+        return "periodic metrics"
     return "run"
 
 
@@ -193,7 +197,7 @@ def statements_part(st: Stack, args: argparse.Namespace, ref: str | None) -> dic
         "commits_per_run": round(sum(commits.values()) / n, 2),
         "apart_per_run": {
             k: round(sum(r["to_quiet"].get(k, 0) for r in measured) / n, 2)
-            for k in ("log batches", "periodic resync")
+            for k in ("log batches", "periodic resync", "periodic metrics")
         },
         "by_path_per_run": {p: round(c / n, 2) for p, c in paths.most_common()},
         "by_outer_inner_per_run": {p: round(c / n, 2) for p, c in opstats.by_outer_inner(paths).items()},
@@ -274,7 +278,7 @@ def print_statements(parts: list[dict[str, Any]]) -> None:
         rows.append([f"ratio to {p['operator']} (same run)", ratio(mean, base), "", ""])
     print_table(
         f"statements per run, created one at a time ({mine['runs']} runs; log batches and the "
-        "periodic resync not included)",
+        "periodic resync and metrics not included)",
         ["", "mean", "min", "max"],
         rows,
     )

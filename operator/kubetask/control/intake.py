@@ -90,6 +90,19 @@ def debouncer(spec: Debounce, resolved: m.TaskResolved) -> EventSource:
     return decide
 
 
+def keeping_version(version: dict[str, Any], event: m.Event | EventSource) -> EventSource:
+    """``event`` (a run's resolution), which also records the Task version the run keeps to
+    its end (its pods, its retries): in the same transaction and UPDATE of the run's row,
+    once (a debounced run resolved again keeps the first)."""
+
+    async def decide(s: AsyncSession, row: t.Run) -> m.Event | None:
+        if row.phase == m.Phase.PENDING and row.task_version is None:
+            row.task_version = version
+        return await event(s, row) if callable(event) else event
+
+    return decide
+
+
 def _cap(spec: Debounce, seconds: float) -> float:
     return seconds if spec.max_delay_seconds is None else min(seconds, spec.max_delay_seconds)
 
@@ -259,21 +272,15 @@ class Intake:
         info = await self.catalogue.task(row.namespace, row.task)
         if info is not None:
             queue = queue_key(row.namespace, info.queue)
-            async with self.sessions.begin() as s:
-                if queue != row.queue:  # not in any queue yet: safe to move
+            if queue != row.queue:  # not in any queue yet: safe to move
+                async with self.sessions.begin() as s:
                     await s.execute(
                         update(t.Run)
                         .where(t.Run.id == row.id, t.Run.phase == m.Phase.PENDING)
                         .values(queue=queue)
                     )
-                # The Task version this run keeps to its end (its pods, its retries), set
-                # once: a debounced run resolved again keeps the first.
-                await s.execute(
-                    update(t.Run)
-                    .where(t.Run.id == row.id, t.Run.phase == m.Phase.PENDING, t.Run.task_version.is_(None))
-                    .values(task_version=info.version(self.settings.runner_image))
-                )
             await self.catalogue.configure_queue(row.namespace, info.queue)
+            version = info.version(self.settings.runner_image)
             # max_attempts 0 means "from the Task", which may have been unknown at intake.
             resolved = m.TaskResolved(
                 max_attempts=row.max_attempts or info.spec.retry.max_attempts,
@@ -288,9 +295,9 @@ class Intake:
                     # trailing the last one's), and this one after it.
                     self.later(row.id, 0.2)
                     return
-                await self.apply(row.id, debouncer(spec, resolved))
+                await self.apply(row.id, keeping_version(version, debouncer(spec, resolved)))
             else:
-                await self.apply(row.id, resolved)
+                await self.apply(row.id, keeping_version(version, resolved))
             return
         grace = self.settings.task_grace_seconds
         deadline = row.created_at + timedelta(seconds=grace)
