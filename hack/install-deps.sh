@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the local stack needs (containerd, runc, buildah, the CNI
-# plugins, iptables, PostgreSQL, a C compiler for the pause binary, ...).
+# plugins, iptables, PostgreSQL, a C compiler for the pause binary, Chromium for the
+# dashboard's browser tests, ...).
 # Idempotent: when every package is already installed it only runs dpkg-query and exits.
 # shellcheck source-path=SCRIPTDIR
 source "$(dirname "$0")/lib.sh"
 
 pkgs=(containerd runc buildah containernetworking-plugins iptables conntrack socat ebtables
-  ethtool debootstrap postgresql gcc libc6-dev openssl ca-certificates)
+  ethtool debootstrap postgresql gcc libc6-dev openssl ca-certificates chromium)
 
 missing=()
 for p in "${pkgs[@]}"; do

@@ -294,6 +294,17 @@ async def authenticate(request: web.Request) -> User:
     return user
 
 
+async def authenticate_token(request: web.Request, token: str) -> User:
+    """The caller of ``token`` (``401`` unless the cluster accepts it), remembered for the
+    request as :func:`authenticate` would: for credentials that come another way than the
+    headers (the dashboard's cookie)."""
+    if len(token) > MAX_TOKEN_CHARS:
+        raise ApiError(401, "invalid_token", "the token is not valid (too long)")
+    user = await request.app[REVIEWER].authenticate(token)
+    request[_USER] = user
+    return user
+
+
 async def authorize(request: web.Request, verb: str, resource: str, namespace: str = "") -> User:
     """The caller, if they may ``verb`` ``resource`` in ``namespace``; else ``403`` naming
     the missing permission."""

@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
+from multidict import MultiMapping
 from pydantic import BaseModel
 from sqlalchemy import ColumnElement, Select, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -59,29 +60,31 @@ _RELATIVE_PART = re.compile(r"(\d+)([smhdw])")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
-def _check_params(request: web.Request, known: Iterable[str]) -> None:
+def _check_params(query: MultiMapping[str], known: Iterable[str]) -> None:
     known = sorted(known)
-    for name, value in request.query.items():
+    for name, value in query.items():
         if name not in known:
             bad("unknown_parameter", f"unknown query parameter {name!r}; known: {', '.join(known)}")
         if not storable(value):
             bad("invalid_parameter", f"{name} has a NUL character or invalid Unicode; no run can match it")
 
 
-def _values(request: web.Request, name: str) -> list[str]:
+def _values(query: MultiMapping[str], name: str) -> list[str]:
     """All values of a repeatable, comma-separable query parameter."""
-    return [v.strip() for raw in request.query.getall(name, []) for v in raw.split(",") if v.strip()]
+    return [v.strip() for raw in query.getall(name, []) for v in raw.split(",") if v.strip()]
 
 
-def _one(request: web.Request, name: str) -> str | None:
-    values = request.query.getall(name, [])
+def _one(query: MultiMapping[str], name: str) -> str | None:
+    values = query.getall(name, [])
     if len(values) > 1:
         bad("invalid_parameter", f"{name} may be given once, got {len(values)} values")
     return values[0] if values else None
 
 
-def _int_param(request: web.Request, name: str, *, default: int | None, low: int, high: int) -> int | None:
-    raw = _one(request, name)
+def _int_param(
+    query: MultiMapping[str], name: str, *, default: int | None, low: int, high: int
+) -> int | None:
+    raw = _one(query, name)
     if raw is None or raw == "":
         return default
     try:
@@ -96,9 +99,9 @@ def _int_param(request: web.Request, name: str, *, default: int | None, low: int
 _PHASES = {p.value.lower(): p.value for p in Phase}
 
 
-def _phases(request: web.Request) -> list[str]:
+def _phases(query: MultiMapping[str]) -> list[str]:
     out = []
-    for value in _values(request, "phase"):
+    for value in _values(query, "phase"):
         phase = _PHASES.get(value.lower())
         if phase is None:
             bad(
@@ -109,8 +112,8 @@ def _phases(request: web.Request) -> list[str]:
     return out
 
 
-def _time_param(request: web.Request, name: str, now: datetime) -> datetime | None:
-    return parse_time_field(name, _one(request, name), now)
+def _time_param(query: MultiMapping[str], name: str, now: datetime) -> datetime | None:
+    return parse_time_field(name, _one(query, name), now)
 
 
 def dns_label(kind: str, value: str) -> str:
@@ -285,27 +288,32 @@ def reply(model: BaseModel, status: int = 200) -> web.Response:
     return web.json_response(model.model_dump(by_alias=True, mode="json"), status=status)
 
 
-async def list_runs(request: web.Request) -> web.Response:
-    """``GET /api/v1/runs``: runs, newest first, one keyset page at a time (``list runs``)."""
-    _check_params(
-        request, ("task", "phase", "tag", "namespace", "since", "until", "parent", "limit", "cursor")
-    )
+#: The query parameters of ``GET /api/v1/runs`` (the dashboard's runs list takes the same).
+LIST_PARAMS = ("task", "phase", "tag", "namespace", "since", "until", "parent", "limit", "cursor")
+
+
+async def run_list(request: web.Request, query: MultiMapping[str] | None = None) -> RunList:
+    """One keyset page of runs, newest first, that the caller may list, filtered by
+    ``query`` (default: the request's; :data:`LIST_PARAMS`). The list endpoint and the
+    dashboard both read runs through this."""
+    query = request.query if query is None else query
+    _check_params(query, LIST_PARAMS)
     now = datetime.now(UTC)
     filters = RunFilter(
-        tasks=_values(request, "task"),
-        phases=_phases(request),
-        tags=[t for t in request.query.getall("tag", []) if t],
-        since=_time_param(request, "since", now),
-        until=_time_param(request, "until", now),
-        parent=_one(request, "parent"),
+        tasks=_values(query, "task"),
+        phases=_phases(query),
+        tags=[t for t in query.getall("tag", []) if t],
+        since=_time_param(query, "since", now),
+        until=_time_param(query, "until", now),
+        parent=_one(query, "parent"),
     )
-    limit = _int_param(request, "limit", default=RUNS_LIMIT_DEFAULT, low=1, high=RUNS_LIMIT_MAX)
+    limit = _int_param(query, "limit", default=RUNS_LIMIT_DEFAULT, low=1, high=RUNS_LIMIT_MAX)
     assert limit is not None
-    cursor = _one(request, "cursor")
+    cursor = _one(query, "cursor")
     position = decode_cursor(cursor) if cursor else None
-    allowed = await scope(request, "list", _values(request, "namespace"))
+    allowed = await scope(request, "list", _values(query, "namespace"))
     if allowed.namespaces is not None and not allowed.namespaces:
-        return reply(RunList(items=[], next_cursor=None))
+        return RunList(items=[], next_cursor=None)
     conditions = RunFilter(
         **{**filters.__dict__, "namespaces": sorted(allowed.namespaces or ())}
     ).conditions()
@@ -318,7 +326,12 @@ async def list_runs(request: web.Request) -> web.Response:
         rows = (await session.execute(stmt)).all()
     page = rows[:limit]
     next_cursor = encode_cursor(page[-1].created_at, page[-1].id) if len(rows) > limit else None
-    return reply(RunList.model_validate({"items": [run_summary(r) for r in page], "nextCursor": next_cursor}))
+    return RunList.model_validate({"items": [run_summary(r) for r in page], "nextCursor": next_cursor})
+
+
+async def list_runs(request: web.Request) -> web.Response:
+    """``GET /api/v1/runs``: runs, newest first, one keyset page at a time (``list runs``)."""
+    return reply(await run_list(request))
 
 
 def not_found(run_id: str) -> ApiError:
@@ -338,10 +351,8 @@ async def find_run(request: web.Request, verb: str) -> Run:
     return run
 
 
-async def get_run(request: web.Request) -> web.Response:
-    """``GET /api/v1/runs/{id}``: one run with its payload, output and attempts (``get runs``)."""
-    _check_params(request, ())
-    run = await find_run(request, "get")
+async def run_detail(request: web.Request, run: Run) -> RunDetail:
+    """``run`` (from :func:`find_run`) with its payload, output, attempts and checkpoints."""
     async with request.app[SESSIONS]() as session:
         attempts = (
             await session.execute(select(Attempt).where(Attempt.run_id == run.id).order_by(Attempt.number))
@@ -363,7 +374,13 @@ async def get_run(request: web.Request) -> web.Response:
         if run.phase == Phase.WAITING and run.wait_key:
             waiting = next((cp for cp in body["checkpoints"] if cp["key"] == run.wait_key), None)
             body["waitingFor"] = run.message if waiting is not None else None
-    return reply(RunDetail.model_validate(body))
+    return RunDetail.model_validate(body)
+
+
+async def get_run(request: web.Request) -> web.Response:
+    """``GET /api/v1/runs/{id}``: one run with its payload, output and attempts (``get runs``)."""
+    _check_params(request.query, ())
+    return reply(await run_detail(request, await find_run(request, "get")))
 
 
 #: How often ``follow`` looks for new lines and the run's end.
@@ -384,12 +401,13 @@ def _log_line(line: LogLineRow) -> LogLine:
 async def get_logs(request: web.Request) -> web.StreamResponse:
     """``GET /api/v1/runs/{id}/logs``: a run's log lines in the order they arrived (``get
     runs``); with ``follow=true``, NDJSON lines as they arrive until the run ends."""
-    _check_params(request, ("attempt", "after", "limit", "follow"))
-    attempt = _int_param(request, "attempt", default=None, low=1, high=1_000_000)
-    after = _int_param(request, "after", default=None, low=0, high=2**63 - 1)
-    limit = _int_param(request, "limit", default=LOGS_LIMIT_DEFAULT, low=1, high=LOGS_LIMIT_MAX)
+    query = request.query
+    _check_params(query, ("attempt", "after", "limit", "follow"))
+    attempt = _int_param(query, "attempt", default=None, low=1, high=1_000_000)
+    after = _int_param(query, "after", default=None, low=0, high=2**63 - 1)
+    limit = _int_param(query, "limit", default=LOGS_LIMIT_DEFAULT, low=1, high=LOGS_LIMIT_MAX)
     assert limit is not None
-    follow = (_one(request, "follow") or "false").lower()
+    follow = (_one(query, "follow") or "false").lower()
     if follow not in ("true", "false", "1", "0"):
         bad("invalid_parameter", f"follow must be true or false, got {follow!r}")
     run = await find_run(request, "get")

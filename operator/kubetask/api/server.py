@@ -69,6 +69,7 @@ from kubetask.apimodels import (
     TriggerResponse,
 )
 from kubetask.control.leadership import Leadership
+from kubetask.dashboard import add_dashboard
 from kubetask.kube import Kube
 from kubetask.protocol import MAX_LOGS_BODY_BYTES
 from kubetask.settings import Settings
@@ -428,6 +429,7 @@ def make_public_app(
     app[WEBHOOKS] = Webhooks(app[RUNS])
     for ep in PUBLIC_ENDPOINTS:
         app.router.add_route(ep.method, ep.path, ep.handler)
+    add_dashboard(app, PUBLIC_ENDPOINTS)
     if own:
 
         async def close(_: web.Application) -> AsyncIterator[None]:

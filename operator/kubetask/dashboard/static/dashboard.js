@@ -1,0 +1,211 @@
+// kubetask dashboard: progressive enhancement of the server-rendered pages. No framework,
+// no build step, no request to another origin: the pages work without it (links and forms),
+// and this adds live updates, keyboard navigation, the logs viewer and the action buttons,
+// which call the public API under <prefix>/api/v1 with the sign-in cookie.
+"use strict";
+
+const prefix = document.body.dataset.prefix || "/dashboard";
+const CSRF = { "X-Kubetask-Dashboard": "1" };
+const POLL_MS = 5000;
+
+// ---- theme ------------------------------------------------------------------------------
+const savedTheme = localStorage.getItem("kubetask-theme");
+if (savedTheme) document.documentElement.dataset.theme = savedTheme;
+function toggleTheme() {
+  const dark = document.documentElement.dataset.theme
+    ? document.documentElement.dataset.theme === "dark"
+    : matchMedia("(prefers-color-scheme: dark)").matches;
+  const next = dark ? "light" : "dark";
+  document.documentElement.dataset.theme = next;
+  localStorage.setItem("kubetask-theme", next);
+}
+
+// ---- the API ----------------------------------------------------------------------------
+async function api(method, path, body) {
+  const init = { method, headers: { ...CSRF }, credentials: "same-origin" };
+  if (body !== undefined) {
+    init.headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  const resp = await fetch(`${prefix}/api/v1${path}`, init);
+  const data = await resp.json().catch(() => ({}));
+  if (!resp.ok) {
+    const err = data.error || { code: String(resp.status), message: resp.statusText };
+    throw new Error(`${err.code}: ${err.message}`);
+  }
+  return data;
+}
+
+// ---- runs list: live updates and keyboard -----------------------------------------------
+function rows() { return Array.from(document.querySelectorAll("#rows tr[data-href]")); }
+let selected = -1;
+function select(i) {
+  const all = rows();
+  if (!all.length) return;
+  selected = Math.max(0, Math.min(i, all.length - 1));
+  all.forEach((r, j) => r.classList.toggle("selected", j === selected));
+  all[selected].scrollIntoView({ block: "nearest" });
+}
+
+function setupRuns() {
+  const tbody = document.getElementById("rows");
+  if (!tbody) return;
+  tbody.addEventListener("click", (e) => {
+    const tr = e.target.closest("tr[data-href]");
+    if (tr && !e.target.closest("a")) location.href = tr.dataset.href;
+  });
+  const range = document.getElementById("range");
+  const customs = document.querySelectorAll(".filters .custom");
+  const showCustom = () => customs.forEach((c) => (c.hidden = range.value !== "custom"));
+  range.addEventListener("change", showCustom);
+  showCustom();
+
+  const live = document.getElementById("live");
+  if (!live || live.dataset.state === "off") return;
+  const text = document.getElementById("live-text");
+  const toggle = document.getElementById("live-toggle");
+  let paused = false;
+  toggle.addEventListener("click", () => {
+    paused = !paused;
+    toggle.textContent = paused ? "Resume" : "Pause";
+    live.dataset.state = paused ? "paused" : "on";
+    text.textContent = paused ? "Paused" : "Live";
+  });
+  async function refresh() {
+    if (paused || document.hidden) return;
+    const url = new URL(location.href);
+    url.searchParams.set("partial", "rows");
+    try {
+      const resp = await fetch(url, { credentials: "same-origin" });
+      if (!resp.ok) throw new Error(String(resp.status));
+      const keep = rows()[selected]?.dataset.runId;
+      tbody.innerHTML = await resp.text();
+      const again = rows().findIndex((r) => r.dataset.runId === keep);
+      if (again >= 0) select(again);
+      live.dataset.state = "on";
+      text.textContent = `Live · updated ${new Date().toLocaleTimeString()}`;
+    } catch (e) {
+      live.dataset.state = "error";
+      text.textContent = `Not updating (${e.message}); retrying`;
+    }
+  }
+  setInterval(refresh, POLL_MS);
+}
+
+// ---- a run's page -------------------------------------------------------------------------
+function setupRun() {
+  const head = document.getElementById("run");
+  if (!head) return;
+  const id = head.dataset.runId;
+  const status = document.getElementById("action-status");
+  const say = (msg, bad) => { status.textContent = msg; status.className = bad ? "error" : ""; };
+
+  const cancel = document.getElementById("cancel");
+  if (cancel) cancel.addEventListener("click", async () => {
+    if (!confirm(`Cancel run ${id}?`)) return;
+    cancel.disabled = true;
+    try {
+      await api("POST", `/runs/${encodeURIComponent(id)}/cancel`);
+      say("Cancel requested.");
+      setTimeout(() => location.reload(), 1500);
+    } catch (e) { say(e.message, true); cancel.disabled = false; }
+  });
+  const replay = document.getElementById("replay");
+  if (replay) replay.addEventListener("click", async () => {
+    replay.disabled = true;
+    try {
+      const made = await api("POST", `/runs/${encodeURIComponent(id)}/replay`);
+      location.href = `${prefix}/runs/${encodeURIComponent(made.id)}`;
+    } catch (e) { say(e.message, true); replay.disabled = false; }
+  });
+  const editToggle = document.getElementById("replay-edit-toggle");
+  const edit = document.getElementById("replay-edit");
+  if (editToggle) editToggle.addEventListener("click", () => { edit.hidden = !edit.hidden; });
+  if (edit) edit.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    let payload;
+    try { payload = JSON.parse(document.getElementById("replay-payload").value); }
+    catch (err) { say(`The payload is not JSON: ${err.message}`, true); return; }
+    try {
+      const ns = encodeURIComponent(head.dataset.namespace), task = encodeURIComponent(head.dataset.task);
+      const made = await api("POST", `/namespaces/${ns}/tasks/${task}/trigger`, { payload, tags: ["replay"] });
+      location.href = `${prefix}/runs/${encodeURIComponent(made.id)}`;
+    } catch (err) { say(err.message, true); }
+  });
+
+  document.querySelectorAll("button.copy").forEach((b) => b.addEventListener("click", async () => {
+    const text = document.getElementById(b.dataset.copy).textContent;
+    try { await navigator.clipboard.writeText(text); b.textContent = "Copied"; }
+    catch { b.textContent = "Select and copy"; }
+    setTimeout(() => (b.textContent = "Copy"), 1500);
+  }));
+
+  setupLogs(id, head.dataset.finished === "true");
+}
+
+function setupLogs(id, finished) {
+  const pre = document.getElementById("logs");
+  const attempt = document.getElementById("log-attempt");
+  const search = document.getElementById("log-search");
+  const follow = document.getElementById("log-follow");
+  const count = document.getElementById("log-count");
+  let lines = [], after = null, timer = null, generation = 0;
+
+  function draw() {
+    const q = search.value.toLowerCase();
+    const shown = q ? lines.filter((l) => l.message.toLowerCase().includes(q)) : lines;
+    const atBottom = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
+    pre.replaceChildren(...shown.map((l) => {
+      const span = document.createElement("span");
+      span.className = `l-${l.level.toLowerCase()} l-${l.stream}`;
+      span.dataset.attempt = l.attempt;
+      span.textContent = `${l.ts.slice(11, 23)} #${l.attempt} ${l.level.padEnd(7)} ${l.message}\n`;
+      return span;
+    }));
+    count.textContent = q ? `${shown.length} of ${lines.length} lines` : `${lines.length} lines`;
+    if (follow.checked && atBottom) pre.scrollTop = pre.scrollHeight;
+  }
+  async function load() {
+    const mine = generation;
+    const params = new URLSearchParams({ limit: "5000" });
+    if (attempt.value) params.set("attempt", attempt.value);
+    if (after !== null) params.set("after", String(after));
+    try {
+      const page = await api("GET", `/runs/${encodeURIComponent(id)}/logs?${params}`);
+      if (mine !== generation) return;
+      lines.push(...page.items);
+      after = page.next;
+      draw();
+      if (page.items.length === 5000) return load();
+    } catch (e) { count.textContent = e.message; }
+  }
+  function schedule() {
+    clearInterval(timer);
+    if (follow.checked && !finished) timer = setInterval(load, 2000);
+  }
+  attempt.addEventListener("change", () => { generation++; lines = []; after = null; load(); });
+  search.addEventListener("input", draw);
+  follow.addEventListener("change", () => { schedule(); if (follow.checked) pre.scrollTop = pre.scrollHeight; });
+  load().then(() => { pre.scrollTop = pre.scrollHeight; });
+  schedule();
+}
+
+// ---- keys -------------------------------------------------------------------------------
+document.addEventListener("keydown", (e) => {
+  const typing = e.target.closest("input, textarea, select");
+  if (typing || e.ctrlKey || e.metaKey || e.altKey) return;
+  if (e.key === "/") {
+    const s = document.getElementById("search") || document.getElementById("log-search");
+    if (s) { e.preventDefault(); s.focus(); }
+  } else if (e.key === "j") { select(selected + 1); }
+  else if (e.key === "k") { select(selected - 1); }
+  else if (e.key === "Enter" && selected >= 0 && rows()[selected]) { location.href = rows()[selected].dataset.href; }
+  else if (e.key === "g") { location.href = `${prefix}/runs`; }
+  else if (e.key === "t") { toggleTheme(); }
+});
+
+document.addEventListener("DOMContentLoaded", () => {
+  document.getElementById("theme-toggle")?.addEventListener("click", toggleTheme);
+  setupRuns();
+  setupRun();
+});
