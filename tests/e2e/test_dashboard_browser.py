@@ -1,0 +1,246 @@
+"""The dashboard in a real browser (Debian's Chromium, driven by Playwright) against a real
+operator process, PostgreSQL and cluster: runs in real pods from the runner image.
+
+One scenario per module run (the operator, the runs and the browser are shared by its
+steps, which is most of the cost): sign in, filter, open a failed run, read its logs and
+stack, replay it, cancel a running run, check that a user without ``patch`` sees no cancel
+button and is refused by the API, and reach the dashboard through ``kubetask dashboard``.
+
+Screenshots of the main pages go to ``KUBETASK_TEST_LOGS``, and to
+``KUBETASK_DASHBOARD_SCREENSHOTS`` when set (``docs/img`` for the README's).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client as k8s
+
+from tests.e2e.conftest import wait_for
+from tests.e2e.harness import Operator, Stack, token_for
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM = os.environ.get("KUBETASK_CHROMIUM", "/usr/bin/chromium")
+GROUP = "kubetask.dev"
+
+SOURCE = """
+from kubetask import task, logger
+import asyncio
+
+@task(id="work")
+async def work(payload: dict, ctx) -> dict:
+    logger.info("working on order %s", payload.get("order"))
+    if payload.get("mode") == "fail":
+        logger.error("about to fail")
+        raise ValueError(f"order {payload.get('order')} is broken")
+    if payload.get("mode") == "sleep":
+        for i in range(600):
+            logger.info("still sleeping %d", i)
+            await asyncio.sleep(1)
+    return {"order": payload.get("order"), "ok": True}
+"""
+
+
+def _role(stack: Stack, ns: str, name: str, verbs: list[str]) -> str:
+    stack.core.create_namespaced_service_account(ns, {"metadata": {"name": name}})
+    rbac = k8s.RbacAuthorizationV1Api()
+    rbac.create_namespaced_role(
+        ns,
+        {
+            "metadata": {"name": name},
+            "rules": [{"apiGroups": [GROUP], "resources": ["runs"], "verbs": verbs}],
+        },
+    )
+    rbac.create_namespaced_role_binding(
+        ns,
+        {
+            "metadata": {"name": name},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "namespace": ns, "name": name}],
+        },
+    )
+    user = f"system:serviceaccount:{ns}:{name}"
+    authz = k8s.AuthorizationV1Api()
+    review = {
+        "spec": {
+            "user": user,
+            "groups": ["system:serviceaccounts", f"system:serviceaccounts:{ns}"],
+            "resourceAttributes": {"group": GROUP, "resource": "runs", "verb": verbs[-1], "namespace": ns},
+        }
+    }
+    wait_for(lambda: bool(authz.create_subject_access_review(review).status.allowed), 30, f"RBAC for {user}")
+    return token_for(stack, ns, name)
+
+
+def _run_id(stack: Stack, ns: str, name: str, phases: set[str]) -> str:
+    run = stack.wait_run(ns, name, phases, timeout=180)
+    return str(run["status"]["runId"])
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: hack/install-deps.sh installs Debian's chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        # --no-sandbox: the tests run as root, where Chromium's sandbox cannot start.
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def _screenshot(page: Any, log_dir: Path, name: str, *, dark: bool = False) -> None:
+    if dark:
+        page.emulate_media(color_scheme="dark")
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=str(log_dir / f"dashboard-{name}.png"))
+    page.emulate_media(color_scheme="light")
+    target = os.environ.get("KUBETASK_DASHBOARD_SCREENSHOTS")
+    if target:
+        Path(target).mkdir(parents=True, exist_ok=True)
+        shutil.copy(log_dir / f"dashboard-{name}.png", Path(target) / f"dashboard-{name}.png")
+
+
+def _sign_in(page: Any, base: str, token: str) -> None:
+    page.goto(f"{base}/dashboard/runs")
+    assert "/dashboard/signin" in page.url
+    page.fill("#token", token)
+    page.click("button[type=submit]")
+    page.wait_for_url(re.compile(r".*/dashboard/runs$"))
+
+
+def test_dashboard_sign_in_filter_logs_replay_cancel_and_rbac(
+    stack: Stack,
+    ns: str,
+    start_operator: Callable[..., Operator],
+    browser: Any,
+    log_dir: Path,
+) -> None:
+    from playwright.sync_api import expect
+
+    stack.apply_task(ns, "work", {"source": SOURCE, "retry": {"maxAttempts": 1}})
+    ops_token = _role(stack, ns, "ops", ["get", "list", "create", "patch"])
+    viewer_token = _role(stack, ns, "viewer", ["get", "list"])
+    operator = start_operator()
+    failed_name = stack.create_run(ns, "work", payload={"order": 7, "mode": "fail"}, tags=["web"])
+    sleeper_name = stack.create_run(ns, "work", payload={"order": 8, "mode": "sleep"})
+    other_sleeper = stack.create_run(ns, "work", payload={"order": 9, "mode": "sleep"})
+    ok_name = stack.create_run(ns, "work", payload={"order": 10})
+    failed = _run_id(stack, ns, failed_name, {"Failed"})
+    sleeper = _run_id(stack, ns, sleeper_name, {"Running"})
+    other = _run_id(stack, ns, other_sleeper, {"Running"})
+    _run_id(stack, ns, ok_name, {"Succeeded"})
+    base = operator.api
+
+    context = browser.new_context(viewport={"width": 1360, "height": 860})
+    page = context.new_page()
+    outside: list[str] = []
+    page.on("request", lambda r: None if r.url.startswith(base) else outside.append(r.url))
+
+    # Sign in; the list shows this namespace's runs, live.
+    _sign_in(page, base, ops_token)
+    expect(page.locator("#rows")).to_contain_text(failed)
+    expect(page.locator("#rows")).to_contain_text(sleeper)
+    expect(page.locator("#live")).to_contain_text("updated", timeout=15_000)  # polled at least once
+    _screenshot(page, log_dir, "runs")
+    _screenshot(page, log_dir, "runs-dark", dark=True)
+
+    # Filter by status: only the failed run.
+    page.select_option("select[name=phase]", "Failed")
+    page.select_option("select[name=namespace]", ns)
+    page.click("#filters button[type=submit]")
+    expect(page.locator("#rows tr[data-run-id]")).to_have_count(1)
+    expect(page.locator("#rows")).to_contain_text(failed)
+
+    # Open it with the keyboard: its page has its id in the URL, the stack and the logs.
+    page.keyboard.press("j")
+    page.keyboard.press("Enter")
+    page.wait_for_url(f"**/dashboard/runs/{failed}")
+    expect(page.locator("#phase")).to_have_text("Failed")
+    expect(page.locator("#timeline")).to_contain_text("attempt 1 ended: ValueError")
+    page.click("text=Stack of attempt 1")
+    expect(page.locator("tr.stack pre")).to_contain_text("order 7 is broken")
+    expect(page.locator("#payload")).to_contain_text('"order": 7')
+    expect(page.locator("#logs")).to_contain_text("about to fail")
+    page.fill("#log-search", "working on")
+    expect(page.locator("#log-count")).to_contain_text("1 of")
+    expect(page.locator("#logs")).not_to_contain_text("about to fail")
+    expect(page.locator("#cancel")).to_have_count(0)  # finished: nothing to cancel
+    _screenshot(page, log_dir, "run")
+
+    # Replay it: a new run of the same task and payload, whose page we land on.
+    page.click("#replay")
+    page.wait_for_url(lambda url: "/dashboard/runs/run_" in url and not url.endswith(failed))
+    replayed = page.url.rsplit("/", 1)[1]
+    assert replayed != failed
+    assert operator.get(f"/api/v1/runs/{replayed}")["payload"] == {"order": 7, "mode": "fail"}
+
+    # Cancel the running run from its page; its logs were followed while it ran.
+    page.goto(f"{base}/dashboard/runs/{sleeper}")
+    expect(page.locator("#logs")).to_contain_text("still sleeping")
+    page.once("dialog", lambda d: d.accept())
+    page.click("#cancel")
+    expect(page.locator("#action-status")).to_contain_text("Cancel requested")
+    assert stack.wait_run(ns, sleeper_name, {"Canceled"}, timeout=120)["status"]["phase"] == "Canceled"
+    page.reload()
+    expect(page.locator("#phase")).to_have_text("Canceled")
+
+    # A user who may not patch runs sees no cancel button, and the API refuses them.
+    viewer = browser.new_context().new_page()
+    _sign_in(viewer, base, viewer_token)
+    viewer.goto(f"{base}/dashboard/runs/{other}")
+    expect(viewer.locator("#phase")).to_have_text("Running")
+    expect(viewer.locator("#cancel")).to_have_count(0)
+    expect(viewer.locator("#replay")).to_have_count(0)
+    refused = viewer.evaluate(
+        """async (id) => {
+            const r = await fetch(`/dashboard/api/v1/runs/${id}/cancel`,
+                                  {method: "POST", headers: {"X-Kubetask-Dashboard": "1"}});
+            return [r.status, (await r.json()).error.message];
+        }""",
+        other,
+    )
+    assert refused[0] == 403 and "may not patch runs" in refused[1]
+    assert stack.get_run(ns, other_sleeper)["status"]["phase"] == "Running"
+
+    # `kubetask dashboard`: a local address signed in with the CLI's credentials.
+    env = {**os.environ, "KUBETASK_TOKEN": ops_token, "KUBECONFIG": stack.kubeconfig}
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "kubetask.cli", "dashboard", "--no-browser", "--api-url", base],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert cli.stdout is not None
+        line = cli.stdout.readline()
+        url = line.split(": ", 1)[1].strip()
+        assert url.startswith("http://127.0.0.1:"), line
+        local = browser.new_context().new_page()
+        local.goto(url)
+        local.wait_for_url(re.compile(r"http://127\.0\.0\.1:\d+/dashboard/runs$"))
+        expect(local.locator("#rows")).to_contain_text(other)
+        local.goto(f"{url.split('/_kubetask')[0]}/dashboard/runs/{other}")
+        expect(local.locator("#cancel")).to_have_count(1)  # ops may patch
+        # Without the printed URL's secret, the local address refuses.
+        stranger = browser.new_context().new_page()
+        stranger.goto(f"{url.split('/_kubetask')[0]}/dashboard/runs")
+        expect(stranger.locator("body")).to_contain_text("open the URL")
+    finally:
+        cli.terminate()
+        cli.wait(10)
+    stack.patch_run(ns, other_sleeper, {"cancel": True})
+    assert outside == [], f"the dashboard requested other origins: {outside}"
