@@ -570,6 +570,10 @@ class BulkRequest(_Request):
     limit: int = Field(
         BULK_MAX_RUNS, ge=1, le=BULK_MAX_RUNS, description="Most runs to act on, newest first."
     )
+    dry_run: bool = Field(
+        False,
+        description="Change nothing: answer only the summary, whose matched counts the runs it would act on.",
+    )
 
     @field_validator("task", "phase", "tag", "namespace", mode="before")
     @classmethod

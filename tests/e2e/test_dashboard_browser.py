@@ -3,7 +3,7 @@ operator process, PostgreSQL and cluster: runs in real pods from the runner imag
 
 One scenario per module run (the operator, the runs and the browser are shared by its
 steps, which is most of the cost): sign in, filter, open a failed run, read its logs and
-stack, replay it, cancel a running run, check that a user without ``patch`` sees no cancel
+stack, replay it, cancel a running run, cancel runs in bulk by filter, check that a user without ``patch`` sees no cancel
 button and is refused by the API, and reach the dashboard through ``kubetask dashboard``.
 
 Screenshots of the main pages go to ``KUBETASK_TEST_LOGS``, and to
@@ -138,6 +138,10 @@ def test_dashboard_sign_in_filter_logs_replay_cancel_and_rbac(
     sleeper_name = stack.create_run(ns, "work", payload={"order": 8, "mode": "sleep"})
     other_sleeper = stack.create_run(ns, "work", payload={"order": 9, "mode": "sleep"})
     ok_name = stack.create_run(ns, "work", payload={"order": 10})
+    bulk_names = [
+        stack.create_run(ns, "work", payload={"order": 20 + i, "mode": "sleep"}, tags=["bulk"])
+        for i in range(2)
+    ]
     failed = _run_id(stack, ns, failed_name, {"Failed"})
     sleeper = _run_id(stack, ns, sleeper_name, {"Running"})
     other = _run_id(stack, ns, other_sleeper, {"Running"})
@@ -196,6 +200,22 @@ def test_dashboard_sign_in_filter_logs_replay_cancel_and_rbac(
     assert stack.wait_run(ns, sleeper_name, {"Canceled"}, timeout=120)["status"]["phase"] == "Canceled"
     page.reload()
     expect(page.locator("#phase")).to_have_text("Canceled")
+
+    # Bulk cancel by filter: the confirmation states how many, then the progress.
+    page.goto(f"{base}/dashboard/runs?tag=bulk&namespace={ns}")
+    expect(page.locator("#rows tr[data-run-id]")).to_have_count(2)
+    asked: list[str] = []
+
+    def confirm(dialog: Any) -> None:
+        asked.append(dialog.message)
+        dialog.accept()
+
+    page.once("dialog", confirm)
+    page.click("#bulk-cancel")
+    expect(page.locator("#bulk-status")).to_contain_text("Done: 2 canceled, 0 skipped, 0 failed")
+    assert asked and asked[0].startswith("Cancel 2 runs matching these filters"), asked
+    for name in bulk_names:
+        assert stack.wait_run(ns, name, {"Canceled"}, timeout=120)["status"]["phase"] == "Canceled"
 
     # A user who may not patch runs sees no cancel button, and the API refuses them.
     viewer = browser.new_context().new_page()

@@ -222,6 +222,27 @@ async def test_run_page_shows_the_run_and_only_the_buttons_rbac_allows(
     )
 
 
+async def test_bulk_buttons_need_a_filter_and_the_permission_to_act(
+    web: Client, world: World, sessions: Sessions
+) -> None:
+    await add_run(sessions, world.a, phase="Running")
+    unfiltered = await html(await web.get("/dashboard/runs", headers=cookie(world.ops)))
+    assert 'id="bulk-cancel"' not in unfiltered and "Filter to act on every matching run" in unfiltered
+    filtered = await html(
+        await web.get(f"/dashboard/runs?tag=dash&namespace={world.a}", headers=cookie(world.ops))
+    )
+    assert 'id="bulk-cancel"' in filtered and 'id="bulk-replay"' in filtered
+    # The filter the buttons send is the list's, as the bulk API's body.
+    assert (
+        f'data-filter="{{&#34;tag&#34;: [&#34;dash&#34;], &#34;namespace&#34;: [&#34;{world.a}&#34;]}}"'
+        in filtered
+    )
+    viewer = await html(
+        await web.get(f"/dashboard/runs?tag=dash&namespace={world.a}", headers=cookie(world.viewer))
+    )
+    assert 'id="bulk-cancel"' not in viewer and 'id="bulk-replay"' not in viewer
+
+
 async def test_the_pages_scripts_use_the_api_with_the_cookie_and_changes_need_the_csrf_header(
     web: Client, world: World, sessions: Sessions
 ) -> None:

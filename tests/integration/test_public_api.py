@@ -492,6 +492,22 @@ async def test_bulk_cancel_streams_progress(api: Client, world: World, cluster: 
     err = await error_of(await api.post("/api/v1/runs/cancel", json={}, headers=bearer(world.ops)), 400)
     assert "at least one filter" in err["message"]
 
+    # A dry run counts what would be canceled (a confirmation's number) and changes nothing.
+    dry = await api.post(
+        "/api/v1/runs/cancel", json={"tag": [tag], "dryRun": True, "limit": 4}, headers=bearer(world.ops)
+    )
+    assert [json.loads(line) for line in (await dry.text()).splitlines()] == [
+        {
+            "done": 0,
+            "total": 4,
+            "summary": {
+                "matched": 4, "succeeded": 0, "skipped": 0, "failed": 0, "truncated": True,
+                "deniedNamespaces": [],
+            },
+        }
+    ]  # fmt: skip
+    assert not any(run_resource(cluster, world.a, r["name"])["spec"].get("cancel") for r in runs)
+
     resp = await api.post("/api/v1/runs/cancel", json={"tag": [tag]}, headers=bearer(world.ops))
     assert resp.status == 200 and resp.headers["Content-Type"].startswith("application/x-ndjson")
     lines = [json.loads(line) for line in (await resp.text()).splitlines()]

@@ -26,7 +26,7 @@ from typing import Any
 
 from aiohttp import web
 from kubernetes_asyncio.client.rest import ApiException
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from kubetask.admission import Admission
@@ -405,25 +405,45 @@ async def _bulk(
         conditions.append(t.Run.phase.not_in(sorted(TERMINAL_PHASES)))
     matched: list[t.Run] = []
     denied: list[str] = []
+    found = 0
     if allowed.namespaces is None or allowed.namespaces:
         async with request.app[SESSIONS]() as s:
-            matched = list(
-                (
-                    await s.execute(
-                        select(t.Run)
-                        .where(*conditions)
-                        .order_by(t.Run.created_at.desc(), t.Run.id.desc())
-                        .limit(body.limit + 1)
-                    )
-                ).scalars()
-            )
+            if body.dry_run:  # counted, not loaded (a run's row holds its payload and output)
+                ids = select(t.Run.id).where(*conditions).limit(body.limit + 1).subquery()
+                found = (await s.execute(select(func.count()).select_from(ids))).scalar_one()
+            else:
+                matched = list(
+                    (
+                        await s.execute(
+                            select(t.Run)
+                            .where(*conditions)
+                            .order_by(t.Run.created_at.desc(), t.Run.id.desc())
+                            .limit(body.limit + 1)
+                        )
+                    ).scalars()
+                )
+                found = len(matched)
     if allowed.denied:
         denied_filter = RunFilter(**{**filters.__dict__, "namespaces": sorted(allowed.denied)}).conditions()
         async with request.app[SESSIONS]() as s:
             denied = sorted(
                 (await s.execute(select(t.Run.namespace).where(*denied_filter).distinct())).scalars()
             )
-    truncated = len(matched) > body.limit
+    if body.dry_run:
+        would = BulkCounts(
+            matched=min(found, body.limit),
+            succeeded=0,
+            skipped=0,
+            failed=0,
+            truncated=found > body.limit,
+            denied_namespaces=denied,
+        )
+        dry = BulkSummary(done=0, total=would.matched, summary=would)
+        return web.Response(
+            body=dry.model_dump_json(by_alias=True).encode() + b"\n",
+            content_type="application/x-ndjson",
+        )
+    truncated = found > body.limit
     matched = matched[: body.limit]
     total = len(matched)
 

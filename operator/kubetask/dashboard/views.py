@@ -248,6 +248,31 @@ async def readable_namespaces(request: web.Request) -> list[str]:
     return sorted(allowed.namespaces)
 
 
+def bulk_filter(query: MultiMapping[str]) -> dict[str, Any]:
+    """The list's filters as the body of a bulk action (``BulkRequest``); empty without any."""
+    body: dict[str, Any] = {}
+    for key in ("task", "phase", "tag", "namespace", "parent"):
+        values = [v for raw in query.getall(key, []) for v in raw.split(",") if v.strip()]
+        if values:
+            body[key] = values if key != "parent" else values[0]
+    for key in ("since", "until"):
+        if query.get(key):
+            body[key] = query[key]
+    return body
+
+
+async def may_act(request: web.Request, verb: str, namespaces: list[str]) -> bool:
+    """Whether the caller may ``verb`` runs in some of ``namespaces`` (every one, when
+    named), as a bulk action would check."""
+    try:
+        allowed = await scope(request, verb, namespaces)
+    except ApiError as e:
+        if e.status == 403:
+            return False
+        raise
+    return allowed.namespaces is None or bool(allowed.namespaces)
+
+
 @page
 async def runs_page(request: web.Request) -> web.StreamResponse:
     """``/dashboard/runs``: the filtered list, one keyset page; ``partial=rows`` answers the
@@ -258,8 +283,9 @@ async def runs_page(request: web.Request) -> web.StreamResponse:
     if run_id:
         return redirect(f"{PREFIX}/runs/{quote(run_id, safe='')}")
     error = ""
+    api_query = _list_query(query)
     try:
-        listing = await run_list(request, _list_query(query))
+        listing = await run_list(request, api_query)
     except ApiError as e:
         if e.status != 400:
             raise
@@ -279,7 +305,17 @@ async def runs_page(request: web.Request) -> web.StreamResponse:
     }
     if query.get("partial") == "rows":
         return render("_rows.html", context)
-    context.update(namespaces=await readable_namespaces(request), phases=PHASES, ranges=RANGES, form=query)
+    bulk = bulk_filter(api_query) if not error else {}
+    named = list(bulk.get("namespace", []))
+    context.update(
+        namespaces=await readable_namespaces(request),
+        phases=PHASES,
+        ranges=RANGES,
+        form=query,
+        bulk=json.dumps(bulk),
+        can_bulk_cancel=bool(bulk) and await may_act(request, "patch", named),
+        can_bulk_replay=bool(bulk) and await may_act(request, "create", named),
+    )
     return render("runs.html", context)
 
 

@@ -61,6 +61,7 @@ function setupRuns() {
   showCustom();
 
   const live = document.getElementById("live");
+  setupBulk(() => refresh(true));
   if (!live || live.dataset.state === "off") return;
   const text = document.getElementById("live-text");
   const toggle = document.getElementById("live-toggle");
@@ -71,8 +72,9 @@ function setupRuns() {
     live.dataset.state = paused ? "paused" : "on";
     text.textContent = paused ? "Paused" : "Live";
   });
-  async function refresh() {
-    if (paused || document.hidden) return;
+  async function refresh(now) {
+    if (!live || live.dataset.state === "off") return;
+    if (!now && (paused || document.hidden)) return;
     const url = new URL(location.href);
     url.searchParams.set("partial", "rows");
     try {
@@ -82,14 +84,71 @@ function setupRuns() {
       tbody.innerHTML = await resp.text();
       const again = rows().findIndex((r) => r.dataset.runId === keep);
       if (again >= 0) select(again);
-      live.dataset.state = "on";
+      live.dataset.state = paused ? "paused" : "on";
       text.textContent = `Live · updated ${new Date().toLocaleTimeString()}`;
     } catch (e) {
       live.dataset.state = "error";
       text.textContent = `Not updating (${e.message}); retrying`;
     }
   }
-  setInterval(refresh, POLL_MS);
+  setInterval(() => refresh(false), POLL_MS);
+}
+
+// ---- bulk actions: count (dry run), confirm, then the API's NDJSON progress -----------------
+function setupBulk(refresh) {
+  const bulk = document.getElementById("bulk");
+  if (!bulk) return;
+  const filter = JSON.parse(bulk.dataset.filter || "{}");
+  const bar = document.getElementById("bulk-progress");
+  const status = document.getElementById("bulk-status");
+  bulk.querySelectorAll("button[data-verb]").forEach((button) => button.addEventListener("click", async () => {
+    const verb = button.dataset.verb;
+    const path = `${prefix}/api/v1/runs/${verb}`;
+    const post = (body) => fetch(path, {
+      method: "POST", credentials: "same-origin",
+      headers: { ...CSRF, "Content-Type": "application/json" }, body: JSON.stringify(body),
+    });
+    try {
+      const dry = await post({ ...filter, dryRun: true });
+      const counted = JSON.parse((await dry.text()).trim().split("\n").pop());
+      if (!dry.ok) throw new Error(`${counted.error.code}: ${counted.error.message}`);
+      const s = counted.summary;
+      if (!s.matched) { status.textContent = `No run to ${verb}.`; return; }
+      let question = `${verb === "cancel" ? "Cancel" : "Replay"} ${s.matched} run${s.matched === 1 ? "" : "s"}` +
+        ` matching these filters${verb === "cancel" ? " (unfinished only)" : ""}?`;
+      if (s.truncated) question += ` More match: only the newest ${s.matched} now.`;
+      if (s.deniedNamespaces.length) question += ` Left alone (no permission): ${s.deniedNamespaces.join(", ")}.`;
+      if (!confirm(question)) return;
+      button.disabled = true;
+      bar.hidden = false; bar.max = s.matched; bar.value = 0;
+      const resp = await post(filter);
+      if (!resp.ok) { const e = (await resp.json()).error; throw new Error(`${e.code}: ${e.message}`); }
+      const reader = resp.body.getReader();
+      const decoder = new TextDecoder();
+      let buffered = "", last = null;
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffered += decoder.decode(value, { stream: true });
+        const lines = buffered.split("\n");
+        buffered = lines.pop();
+        for (const line of lines.filter(Boolean)) {
+          last = JSON.parse(line);
+          bar.max = last.total || 1; bar.value = last.done;
+          status.textContent = `${last.done} of ${last.total}…`;
+        }
+      }
+      const sum = last && last.summary;
+      status.textContent = sum
+        ? `Done: ${sum.succeeded} ${verb === "cancel" ? "canceled" : "replayed"}, ${sum.skipped} skipped, ${sum.failed} failed.`
+        : "Done.";
+      refresh();
+    } catch (e) {
+      status.textContent = e.message; status.className = "error";
+    } finally {
+      button.disabled = false;
+    }
+  }));
 }
 
 // ---- a run's page -------------------------------------------------------------------------
