@@ -94,6 +94,7 @@ __all__ = [
     "ScheduleUpdate",
     "TaskItem",
     "TaskList",
+    "TaskStats",
     "TokenCompleted",
     "TriggerRequest",
     "TriggerResponse",
@@ -653,9 +654,26 @@ class RunCounts(_Response):
     retrying: int = 0
 
 
+class TaskStats(_Response):
+    """A Task's runs created since ``since`` (``GET .../tasks?since=``, default 24 h), from
+    PostgreSQL: how many, how they ended, how long the finished ones took."""
+
+    since: str
+    runs: int = 0
+    """Runs created since then, whatever their phase."""
+    succeeded: int = 0
+    failed: int = 0
+    """Ended ``Failed``, ``TimedOut`` or ``Expired``."""
+    success_rate: float | None = None
+    """``succeeded / (succeeded + failed)``; null before any run ended either way."""
+    p50_seconds: float | None = None
+    """Median time from start to end of the runs that ended (any end); null without one."""
+    p95_seconds: float | None = None
+
+
 class TaskItem(_Response):
     """A Task resource as ``GET /api/v1/namespaces/{namespace}/tasks`` lists it, with its
-    live run counts."""
+    live run counts and its recent runs' statistics."""
 
     name: str
     namespace: str
@@ -673,6 +691,7 @@ class TaskItem(_Response):
     message: str = ""
     created_at: str | None = None
     runs: RunCounts = Field(default_factory=RunCounts)
+    recent: TaskStats | None = None
 
 
 class TaskList(_Response):

@@ -586,6 +586,39 @@ async def test_tasks_list_with_live_counts(api: Client, world: World) -> None:
     assert hello["runs"]["pending"] >= 1
 
 
+async def test_tasks_list_has_the_recent_runs_success_rate_and_duration_percentiles(
+    api: Client, world: World, sessions: Sessions
+) -> None:
+    # Namespace B's batchy has no other runs. Ended runs took 1, 2, 3, 4 (succeeded) and 10 s
+    # (failed); a canceled one never started (not in the rate, no duration); one is older.
+    now = datetime.now(UTC)
+    ends = [("Succeeded", 1), ("Succeeded", 2), ("Succeeded", 3), ("Succeeded", 4), ("Failed", 10)]
+    async with sessions() as s, s.begin():
+        for i, (phase, seconds) in enumerate([*ends, ("Canceled", None), ("Succeeded", 99)]):
+            created = now - timedelta(days=3 if seconds == 99 else 0, minutes=10)
+            started = created + timedelta(seconds=1) if seconds is not None else None
+            s.add(
+                t.Run(
+                    id=f"run_{secrets.token_hex(10)}", namespace=world.b, name=f"batchy-{i}",
+                    uid=secrets.token_hex(16), task="batchy", queue=f"{world.b}/batchy", phase=phase,
+                    attempt=1, max_attempts=1, payload={}, tags=[], created_at=created, started_at=started,
+                    finished_at=started + timedelta(seconds=seconds) if started and seconds else created,
+                )
+            )  # fmt: skip
+    got = await ok(await api.get(f"/api/v1/namespaces/{world.b}/tasks", headers=bearer(world.reader)))
+    recent = {item["name"]: item["recent"] for item in got["items"]}["batchy"]
+    assert {k: v for k, v in recent.items() if k != "since"} == {
+        "runs": 6, "succeeded": 4, "failed": 1, "successRate": 0.8, "p50Seconds": 3.0,
+        "p95Seconds": pytest.approx(8.8),  # percentile_cont: 4 + 0.8 * (10 - 4)
+    }  # fmt: skip
+    week = await ok(
+        await api.get(f"/api/v1/namespaces/{world.b}/tasks?since=7d", headers=bearer(world.reader))
+    )
+    assert {item["name"]: item["recent"] for item in week["items"]}["batchy"]["runs"] == 7
+    hello = {item["name"]: item["recent"] for item in got["items"]}["hello"]
+    assert hello["successRate"] is None and hello["p50Seconds"] is None  # none of its runs ended
+
+
 async def test_queue_patch_changes_the_queue_resource(
     api: Client, world: World, sessions: Sessions, cluster: Stack
 ) -> None:

@@ -268,9 +268,17 @@ PUBLIC_ENDPOINTS: tuple[Endpoint, ...] = (
         "GET",
         "/api/v1/namespaces/{namespace}/tasks",
         catalog.list_tasks,
-        "The namespace's Tasks with live run counts",
+        "The namespace's Tasks with live run counts and recent runs' statistics",
         "list tasks",
-        params=(_NS,),
+        params=(
+            _NS,
+            Param(
+                "since",
+                "query",
+                {"type": "string"},
+                "Statistics of runs created since: ISO-8601 or 24h (24h).",
+            ),
+        ),
         responses={200: Body((TaskList,))},
     ),
     Endpoint(
