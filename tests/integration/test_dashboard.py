@@ -4,7 +4,8 @@ real Kubernetes API server (real TokenReviews and SubjectAccessReviews).
 Who is who (ServiceAccounts of a scratch namespace A; B is another namespace with runs):
 
 - ``viewer`` may get and list runs in A;
-- ``ops`` may also patch and create runs in A.
+- ``ops`` may also patch and create runs, and patch queues, in A;
+- both may list tasks and queues in A.
 
 The browser tests (tests/e2e/test_dashboard_browser.py) drive the same pages in Chromium
 against a real operator; these check what HTML and HTTP alone can show, fast.
@@ -58,20 +59,28 @@ def world(cluster: Stack) -> Iterator[World]:
     ):
         for sa in ("viewer", "ops"):
             cluster.core.create_namespaced_service_account(a, {"metadata": {"name": sa}})
+        read = {"apiGroups": [GROUP], "resources": ["tasks", "queues"], "verbs": ["list"]}
         _role(
             a,
             "viewer",
-            [{"apiGroups": [GROUP], "resources": ["runs"], "verbs": ["get", "list"]}],
+            [{"apiGroups": [GROUP], "resources": ["runs"], "verbs": ["get", "list"]}, read],
             (a, "viewer"),
         )
         _role(
             a,
             "ops",
-            [{"apiGroups": [GROUP], "resources": ["runs"], "verbs": ["get", "list", "patch", "create"]}],
+            [
+                {"apiGroups": [GROUP], "resources": ["runs"], "verbs": ["get", "list", "patch", "create"]},
+                {"apiGroups": [GROUP], "resources": ["queues"], "verbs": ["patch"]},
+                read,
+            ],
             (a, "ops"),
         )
+        cluster.apply_task(a, "hello", {"entrypoint": "app.tasks:hello"})
+        cluster.apply_queue(a, "q1", {"concurrencyLimit": 3})
         _wait_allowed(f"system:serviceaccount:{a}:viewer", "list", "runs", a)
         _wait_allowed(f"system:serviceaccount:{a}:ops", "patch", "runs", a)
+        _wait_allowed(f"system:serviceaccount:{a}:ops", "patch", "queues", a)
         yield World(a=a, b=b, viewer=token_for(cluster, a, "viewer"), ops=token_for(cluster, a, "ops"))
 
 
@@ -241,6 +250,42 @@ async def test_bulk_buttons_need_a_filter_and_the_permission_to_act(
         await web.get(f"/dashboard/runs?tag=dash&namespace={world.a}", headers=cookie(world.viewer))
     )
     assert 'id="bulk-cancel"' not in viewer and 'id="bulk-replay"' not in viewer
+
+
+async def test_tasks_page_shows_counts_and_recent_statistics(
+    web: Client, world: World, sessions: Sessions
+) -> None:
+    await add_run(sessions, world.a, phase="Failed")
+    page = await html(
+        await web.get(f"/dashboard/tasks?namespace={world.a}&since=1h", headers=cookie(world.viewer))
+    )
+    row = page.split('data-task="hello"')[1].split("</tr>")[0]
+    assert f"/dashboard/runs?task=hello&amp;namespace={world.a}" in row  # its recent runs
+    assert re.search(r'class="num rate">\d+\.\d%<', row)  # a success rate: runs of hello ended
+    assert "Runs (1h)" in page
+    bad = await web.get(f"/dashboard/tasks?namespace={world.a}&since=2h", headers=cookie(world.viewer))
+    assert "since must be one of" in await html(bad, 400)
+
+
+async def test_queues_page_offers_changes_only_to_who_may_patch_queues(
+    web: Client, world: World, cluster: Stack
+) -> None:
+    viewer = await html(await web.get(f"/dashboard/queues?namespace={world.a}", headers=cookie(world.viewer)))
+    row = viewer.split('data-queue="q1"')[1].split("</tr>")[0]
+    assert "admitting" in row and ">3<" in row and "queue-pause" not in row
+    ops = await html(await web.get(f"/dashboard/queues?namespace={world.a}", headers=cookie(world.ops)))
+    assert "queue-pause" in ops.split('data-queue="q1"')[1]
+    # What the Pause button sends.
+    resp = await web.patch(
+        f"/dashboard/api/v1/namespaces/{world.a}/queues/q1",
+        json={"paused": True},
+        headers={**cookie(world.ops), CSRF_HEADER: "1"},
+    )
+    assert resp.status == 200, await resp.text()
+    queue = cluster.custom.get_namespaced_custom_object(GROUP, "v1alpha1", world.a, "queues", "q1")
+    assert queue["spec"]["paused"] is True
+    paused = await html(await web.get(f"/dashboard/queues?namespace={world.a}", headers=cookie(world.viewer)))
+    assert "paused" in paused.split('data-queue="q1"')[1].split("</tr>")[0]
 
 
 async def test_the_pages_scripts_use_the_api_with_the_cookie_and_changes_need_the_csrf_header(

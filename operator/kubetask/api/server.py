@@ -69,7 +69,6 @@ from kubetask.apimodels import (
     TriggerResponse,
 )
 from kubetask.control.leadership import Leadership
-from kubetask.dashboard import add_dashboard
 from kubetask.kube import Kube
 from kubetask.protocol import MAX_LOGS_BODY_BYTES
 from kubetask.settings import Settings
@@ -437,6 +436,9 @@ def make_public_app(
     app[WEBHOOKS] = Webhooks(app[RUNS])
     for ep in PUBLIC_ENDPOINTS:
         app.router.add_route(ep.method, ep.path, ep.handler)
+    # Imported here: the dashboard is built on this package's modules (kubetask.api.*).
+    from kubetask.dashboard import add_dashboard
+
     add_dashboard(app, PUBLIC_ENDPOINTS)
     if own:
 

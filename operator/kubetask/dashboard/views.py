@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -23,9 +23,10 @@ from aiohttp import web
 from multidict import MultiDict, MultiMapping
 
 from kubetask.api.auth import REVIEWER, TOKEN_HEADER, Permission, User, authenticate_token, bearer_token
+from kubetask.api.catalog import TASK_STATS_SINCE, queue_list, task_list
 from kubetask.api.errors import ApiError
 from kubetask.api.openapi import Endpoint
-from kubetask.api.runs import LIST_PARAMS, RUN_NAMESPACES, find_run, run_detail, run_list, scope
+from kubetask.api.runs import LIST_PARAMS, RUN_NAMESPACES, dns_label, find_run, run_detail, run_list, scope
 from kubetask.api.state import SESSIONS
 from kubetask.apimodels import PHASES, TERMINAL_PHASES, RunDetail, RunList
 
@@ -85,11 +86,30 @@ def duration(start: str | None, end: str | None) -> str:
     return f"{hours}h {minutes}m" if hours < 48 else f"{hours // 24}d {hours % 24}h"
 
 
+def seconds(value: float | None) -> str:
+    """A number of seconds as ``3.2s``, ``4m 5s``, ``2h 3m``, or a dash."""
+    if value is None:
+        return "—"
+    start = datetime(2000, 1, 1, tzinfo=UTC)
+    return duration(start.isoformat(), (start + timedelta(seconds=value)).isoformat())
+
+
+def percent(value: float | None) -> str:
+    return "—" if value is None else f"{value * 100:.1f}%"
+
+
 def pretty(value: Any) -> str:
     return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False)
 
 
-_env.filters.update(when=when, duration=duration, pretty=pretty, urlquote=lambda v: quote(str(v), safe=""))
+_env.filters.update(
+    when=when,
+    duration=duration,
+    seconds=seconds,
+    percent=percent,
+    pretty=pretty,
+    urlquote=lambda v: quote(str(v), safe=""),
+)
 
 
 def render(template: str, context: dict[str, Any], *, http_status: int = 200) -> web.Response:
@@ -319,6 +339,56 @@ async def runs_page(request: web.Request) -> web.StreamResponse:
     return render("runs.html", context)
 
 
+#: The statistics windows the tasks page offers (the API's ``since``).
+STATS_WINDOWS = ("1h", "24h", "7d", "30d")
+
+
+async def _namespace(request: web.Request) -> tuple[list[str], str]:
+    """The readable namespaces, and the one the page shows (``?namespace=``, else the first)."""
+    namespaces = await readable_namespaces(request)
+    chosen = request.query.get("namespace") or (namespaces[0] if namespaces else "")
+    return namespaces, dns_label("namespace", chosen) if chosen else ""
+
+
+@page
+async def tasks_page(request: web.Request) -> web.StreamResponse:
+    """``/dashboard/tasks``: a namespace's Tasks, live counts, recent success rate and
+    durations (the API's ``task_list``)."""
+    user = await dashboard_user(request)
+    namespaces, ns = await _namespace(request)
+    window = request.query.get("since") or TASK_STATS_SINCE
+    if window not in STATS_WINDOWS:
+        raise ApiError(400, "invalid_parameter", f"since must be one of {', '.join(STATS_WINDOWS)}")
+    tasks = (await task_list(request, ns)).items if ns else []
+    context = {
+        "user": user,
+        "namespaces": namespaces,
+        "namespace": ns,
+        "tasks": tasks,
+        "windows": STATS_WINDOWS,
+        "window": window,
+    }
+    return render("tasks.html", context)
+
+
+@page
+async def queues_page(request: web.Request) -> web.StreamResponse:
+    """``/dashboard/queues``: a namespace's queues; pause, resume and limits for those who
+    may ``patch queues``."""
+    user = await dashboard_user(request)
+    namespaces, ns = await _namespace(request)
+    queues = (await queue_list(request, ns)).items if ns else []
+    may_patch = bool(ns) and await request.app[REVIEWER].allowed(user, Permission("patch", "queues", ns))
+    context = {
+        "user": user,
+        "namespaces": namespaces,
+        "namespace": ns,
+        "queues": queues,
+        "can_patch": may_patch,
+    }
+    return render("queues.html", context)
+
+
 def timeline(run: RunDetail) -> list[dict[str, Any]]:
     """What happened to a run, oldest first: its creation, each attempt's pod (and resumes),
     its steps and waits, its end."""
@@ -434,6 +504,8 @@ def add_dashboard(app: web.Application, endpoints: Iterable[Endpoint]) -> None:
     app.router.add_post(f"{PREFIX}/signout", signout)
     app.router.add_get(f"{PREFIX}/runs", runs_page)
     app.router.add_get(f"{PREFIX}/runs/{{id}}", run_page)
+    app.router.add_get(f"{PREFIX}/tasks", tasks_page)
+    app.router.add_get(f"{PREFIX}/queues", queues_page)
     app.router.add_static(f"{PREFIX}/static/", STATIC, append_version=False)
     for ep in endpoints:
         if ep.auth and ep.path.startswith("/api/v1/") and not ep.path.endswith("openapi.json"):

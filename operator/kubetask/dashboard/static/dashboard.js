@@ -249,6 +249,29 @@ function setupLogs(id, finished) {
   schedule();
 }
 
+// ---- queues: pause, resume, limit ---------------------------------------------------------
+function setupQueues() {
+  const table = document.getElementById("queues");
+  if (!table) return;
+  const ns = encodeURIComponent(table.dataset.namespace);
+  const status = document.getElementById("queue-status");
+  const patch = async (queue, body) => {
+    try {
+      await api("PATCH", `/namespaces/${ns}/queues/${encodeURIComponent(queue)}`, body);
+      location.reload();
+    } catch (e) { status.textContent = e.message; status.className = "error"; }
+  };
+  table.querySelectorAll("tr[data-queue]").forEach((tr) => {
+    const queue = tr.dataset.queue;
+    tr.querySelector(".queue-pause")?.addEventListener("click", (e) =>
+      patch(queue, { paused: e.target.dataset.paused !== "true" }));
+    tr.querySelector(".queue-set")?.addEventListener("click", () => {
+      const raw = tr.querySelector(".queue-limit").value.trim();
+      patch(queue, { concurrencyLimit: raw === "" ? null : Number(raw) });
+    });
+  });
+}
+
 // ---- keys -------------------------------------------------------------------------------
 document.addEventListener("keydown", (e) => {
   const typing = e.target.closest("input, textarea, select");
@@ -260,11 +283,15 @@ document.addEventListener("keydown", (e) => {
   else if (e.key === "k") { select(selected - 1); }
   else if (e.key === "Enter" && selected >= 0 && rows()[selected]) { location.href = rows()[selected].dataset.href; }
   else if (e.key === "g") { location.href = `${prefix}/runs`; }
+  else if (e.key === "T") { location.href = `${prefix}/tasks`; }
+  else if (e.key === "Q") { location.href = `${prefix}/queues`; }
   else if (e.key === "t") { toggleTheme(); }
 });
 
 document.addEventListener("DOMContentLoaded", () => {
   document.getElementById("theme-toggle")?.addEventListener("click", toggleTheme);
+  document.getElementById("namespace-select")?.addEventListener("change", (e) => e.target.form.submit());
   setupRuns();
   setupRun();
+  setupQueues();
 });
