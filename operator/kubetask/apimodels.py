@@ -667,7 +667,7 @@ class TaskStats(_Response):
     success_rate: float | None = None
     """``succeeded / (succeeded + failed)``; null before any run ended either way."""
     p50_seconds: float | None = None
-    """Median time from start to end of the runs that ended (any end); null without one."""
+    """Median time from start to end of the runs that succeeded or failed; null without one."""
     p95_seconds: float | None = None
 
 

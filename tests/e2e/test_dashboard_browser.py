@@ -4,7 +4,8 @@ operator process, PostgreSQL and cluster: runs in real pods from the runner imag
 One scenario per module run (the operator, the runs and the browser are shared by its
 steps, which is most of the cost): sign in, filter, open a failed run, read its logs and
 stack, replay it, cancel a running run, cancel runs in bulk by filter, check that a user without ``patch`` sees no cancel
-button and is refused by the API, and reach the dashboard through ``kubetask dashboard``.
+button and is refused by the API, the tasks and queues pages (pause, limit), and reach the
+dashboard through ``kubetask dashboard``.
 
 Screenshots of the main pages go to ``KUBETASK_TEST_LOGS``, and to
 ``KUBETASK_DASHBOARD_SCREENSHOTS`` when set (``docs/img`` for the README's).
@@ -50,16 +51,16 @@ async def work(payload: dict, ctx) -> dict:
 """
 
 
-def _role(stack: Stack, ns: str, name: str, verbs: list[str]) -> str:
+def _role(stack: Stack, ns: str, name: str, verbs: list[str], queues: list[str]) -> str:
+    """A ServiceAccount with ``verbs`` on runs, list on tasks, and ``queues`` on queues; its token."""
     stack.core.create_namespaced_service_account(ns, {"metadata": {"name": name}})
     rbac = k8s.RbacAuthorizationV1Api()
-    rbac.create_namespaced_role(
-        ns,
-        {
-            "metadata": {"name": name},
-            "rules": [{"apiGroups": [GROUP], "resources": ["runs"], "verbs": verbs}],
-        },
-    )
+    rules = [
+        {"apiGroups": [GROUP], "resources": ["runs"], "verbs": verbs},
+        {"apiGroups": [GROUP], "resources": ["tasks"], "verbs": ["list"]},
+        {"apiGroups": [GROUP], "resources": ["queues"], "verbs": queues},
+    ]
+    rbac.create_namespaced_role(ns, {"metadata": {"name": name}, "rules": rules})
     rbac.create_namespaced_role_binding(
         ns,
         {
@@ -131,8 +132,8 @@ def test_dashboard_sign_in_filter_logs_replay_cancel_and_rbac(
     from playwright.sync_api import expect
 
     stack.apply_task(ns, "work", {"source": SOURCE, "retry": {"maxAttempts": 1}})
-    ops_token = _role(stack, ns, "ops", ["get", "list", "create", "patch"])
-    viewer_token = _role(stack, ns, "viewer", ["get", "list"])
+    ops_token = _role(stack, ns, "ops", ["get", "list", "create", "patch"], ["list", "patch"])
+    viewer_token = _role(stack, ns, "viewer", ["get", "list"], ["list"])
     operator = start_operator()
     failed_name = stack.create_run(ns, "work", payload={"order": 7, "mode": "fail"}, tags=["web"])
     sleeper_name = stack.create_run(ns, "work", payload={"order": 8, "mode": "sleep"})
@@ -216,6 +217,23 @@ def test_dashboard_sign_in_filter_logs_replay_cancel_and_rbac(
     assert asked and asked[0].startswith("Cancel 2 runs matching these filters"), asked
     for name in bulk_names:
         assert stack.wait_run(ns, name, {"Canceled"}, timeout=120)["status"]["phase"] == "Canceled"
+
+    # Tasks: the recent runs' success rate (the failed run and its replay, the succeeded one).
+    page.goto(f"{base}/dashboard/tasks?namespace={ns}")
+    work = page.locator('tr[data-task="work"]')
+    expect(work.locator(".rate")).to_have_text(re.compile(r"\d+\.\d%"))
+    _screenshot(page, log_dir, "tasks")
+    # Queues: pause the task's queue, then set its limit.
+    page.goto(f"{base}/dashboard/queues?namespace={ns}")
+    queue = page.locator('tr[data-queue="work"]')
+    queue.locator(".queue-pause").click()
+    expect(page.locator('tr[data-queue="work"] .state')).to_have_text("paused")
+    page.locator('tr[data-queue="work"] .queue-limit').fill("4")
+    page.locator('tr[data-queue="work"] .queue-set').click()
+    expect(page.locator('tr[data-queue="work"] td').nth(3)).to_have_text("4")
+    _screenshot(page, log_dir, "queues")
+    spec = stack.custom.get_namespaced_custom_object(GROUP, "v1alpha1", ns, "queues", "work")["spec"]
+    assert spec["paused"] is True and spec["concurrencyLimit"] == 4
 
     # A user who may not patch runs sees no cancel button, and the API refuses them.
     viewer = browser.new_context().new_page()
