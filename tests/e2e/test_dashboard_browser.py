@@ -192,6 +192,24 @@ def test_dashboard_sign_in_filter_logs_replay_cancel_and_rbac(
     assert replayed != failed
     assert operator.get(f"/api/v1/runs/{replayed}")["payload"] == {"order": 7, "mode": "fail"}
 
+    # Replay with an edited payload: a new run of the task with what was typed.
+    page.goto(f"{base}/dashboard/runs/{failed}")
+    page.click("#replay-edit-toggle")
+    page.fill("#replay-payload", '{"order": 11}')
+    page.click("#replay-edit button[type=submit]")
+    page.wait_for_url(lambda url: "/dashboard/runs/run_" in url and not url.endswith(failed))
+    edited = page.url.rsplit("/", 1)[1]
+    assert edited not in (failed, replayed)
+    assert operator.get(f"/api/v1/runs/{edited}")["payload"] == {"order": 11}
+    expect(page.locator("#payload")).to_contain_text('"order": 11')
+
+    # The run id search opens a run's page.
+    page.goto(f"{base}/dashboard/runs")
+    page.keyboard.press("/")
+    page.keyboard.type(failed)
+    page.keyboard.press("Enter")
+    page.wait_for_url(f"**/dashboard/runs/{failed}")
+
     # Cancel the running run from its page; its logs were followed while it ran.
     page.goto(f"{base}/dashboard/runs/{sleeper}")
     expect(page.locator("#logs")).to_contain_text("still sleeping")
