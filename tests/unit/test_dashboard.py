@@ -3,8 +3,12 @@ the API's filters, formatting, the timeline, and the local proxy's path rewritin
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
+import pytest
 from multidict import MultiDict
 
+from kubetask.api.runs import parse_time
 from kubetask.apimodels import RunDetail
 from kubetask.cli.dashboard import DashboardProxy
 from kubetask.dashboard.views import _list_query, _safe_next, bulk_filter, duration, seconds, timeline
@@ -41,6 +45,15 @@ def test_bulk_actions_get_the_lists_filters_as_their_body() -> None:
     )
     assert bulk_filter(query) == {"task": ["a", "b"], "tag": ["x", "y"], "since": "24h"}
     assert bulk_filter(MultiDict([("cursor", "c")])) == {}  # no filter: no bulk action
+
+
+def test_a_time_filter_too_far_back_is_a_value_error_not_an_overflow() -> None:
+    # The list's and the tasks page's since/until: a 400 invalid_time, never a 500.
+    now = datetime.now(UTC)
+    for value in ("999999999w", "99999999d", "0000-01-01"):
+        with pytest.raises(ValueError):
+            parse_time(value, now=now)
+    assert parse_time("1h30m", now=now) == now - timedelta(hours=1, minutes=30)
 
 
 def test_durations_read_like_a_person_would_say_them() -> None:

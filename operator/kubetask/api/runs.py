@@ -48,9 +48,12 @@ def parse_time(value: str, *, now: datetime) -> datetime:
     value = value.strip()
     if _RELATIVE.fullmatch(value):
         total = timedelta()
-        for amount, unit in _RELATIVE_PART.findall(value):
-            total += timedelta(**{_UNITS[unit]: int(amount)})
-        return now - total
+        try:
+            for amount, unit in _RELATIVE_PART.findall(value):
+                total += timedelta(**{_UNITS[unit]: int(amount)})
+            return now - total
+        except OverflowError:  # e.g. 999999999w: before year 1
+            raise ValueError(f"{value!r} reaches before year 1") from None
     dt = datetime.fromisoformat(value)
     return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt
 
