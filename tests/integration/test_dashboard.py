@@ -157,6 +157,14 @@ async def test_sign_in_checks_the_token_and_keeps_it_in_an_httponly_strict_cooki
     set_cookie = resp.headers["Set-Cookie"]
     assert set_cookie.startswith(f"{COOKIE}={world.viewer}")
     assert "HttpOnly" in set_cookie and "SameSite=Strict" in set_cookie and "Path=/dashboard" in set_cookie
+    assert "Secure" not in set_cookie  # plain HTTP here; behind a TLS-ending proxy it is:
+    behind_tls = await web.post(
+        "/dashboard/signin",
+        data={"token": world.viewer},
+        headers={"X-Forwarded-Proto": "https"},
+        allow_redirects=False,
+    )
+    assert "Secure" in behind_tls.headers["Set-Cookie"]
     # A cookie the cluster does not accept sends the caller back to sign in, and is removed.
     stale = await web.get("/dashboard/runs", headers=cookie("garbage"), allow_redirects=False)
     assert stale.status == 302 and "error=" in stale.headers["Location"]

@@ -226,7 +226,10 @@ async def signin(request: web.Request) -> web.StreamResponse:
             raise
         return render("signin.html", {"next": target, "error": e.message, "user": None}, http_status=401)
     response = redirect(target)
-    response.set_cookie(COOKIE, token, path=PREFIX, httponly=True, samesite="Strict", secure=request.secure)
+    # Secure over HTTPS, also where a proxy in front (an Ingress) ended TLS and says so:
+    # that only makes the cookie stricter.
+    https = request.secure or request.headers.get("X-Forwarded-Proto", "").lower() == "https"
+    response.set_cookie(COOKIE, token, path=PREFIX, httponly=True, samesite="Strict", secure=https)
     return response
 
 
