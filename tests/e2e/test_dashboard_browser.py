@@ -13,6 +13,7 @@ Screenshots of the main pages go to ``KUBETASK_TEST_LOGS``, and to
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -27,6 +28,7 @@ from kubernetes import client as k8s
 
 from tests.e2e.conftest import wait_for
 from tests.e2e.harness import Operator, Stack, token_for
+from tests.integration.test_client import _forwarder, _wait_proxy
 
 pytestmark = pytest.mark.e2e
 
@@ -85,6 +87,27 @@ def _role(stack: Stack, ns: str, name: str, verbs: list[str], queues: list[str])
 def _run_id(stack: Stack, ns: str, name: str, phases: set[str]) -> str:
     run = stack.wait_run(ns, name, phases, timeout=180)
     return str(run["status"]["runId"])
+
+
+@contextlib.contextmanager
+def _cli_dashboard(env: dict[str, str], api_url: str | None) -> Iterator[str]:
+    """``kubetask dashboard --no-browser`` running; yields the URL it printed."""
+    args = [sys.executable, "-m", "kubetask.cli", "dashboard", "--no-browser"]
+    cli = subprocess.Popen(
+        [*args, "--api-url", api_url] if api_url else args,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert cli.stdout is not None and cli.stderr is not None
+        line = cli.stdout.readline()
+        assert line.startswith("kubetask dashboard: http://127.0.0.1:"), (line, cli.stderr.read())
+        yield line.split(": ", 1)[1].strip()
+    finally:
+        cli.terminate()
+        cli.wait(10)
 
 
 @pytest.fixture
@@ -272,19 +295,8 @@ def test_dashboard_sign_in_filter_logs_replay_cancel_and_rbac(
     assert stack.get_run(ns, other_sleeper)["status"]["phase"] == "Running"
 
     # `kubetask dashboard`: a local address signed in with the CLI's credentials.
-    env = {**os.environ, "KUBETASK_TOKEN": ops_token, "KUBECONFIG": stack.kubeconfig}
-    cli = subprocess.Popen(
-        [sys.executable, "-m", "kubetask.cli", "dashboard", "--no-browser", "--api-url", base],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert cli.stdout is not None
-        line = cli.stdout.readline()
-        url = line.split(": ", 1)[1].strip()
-        assert url.startswith("http://127.0.0.1:"), line
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KUBETASK_")}
+    with _cli_dashboard({**env, "KUBETASK_TOKEN": ops_token, "KUBECONFIG": stack.kubeconfig}, base) as url:
         local = browser.new_context().new_page()
         local.goto(url)
         local.wait_for_url(re.compile(r"http://127\.0\.0\.1:\d+/dashboard/runs$"))
@@ -295,8 +307,26 @@ def test_dashboard_sign_in_filter_logs_replay_cancel_and_rbac(
         stranger = browser.new_context().new_page()
         stranger.goto(f"{url.split('/_kubetask')[0]}/dashboard/runs")
         expect(stranger.locator("body")).to_contain_text("open the URL")
-    finally:
-        cli.terminate()
-        cli.wait(10)
+
+    # The default way: the kubeconfig's client-certificate user (a token of
+    # KUBETASK_SERVICE_ACCOUNT minted for it) through the API server's service proxy, which
+    # rewrites the pages' links with its own path; the local address takes it off again.
+    with _forwarder(stack, ns, operator.port) as service:
+        _wait_proxy(stack, service)
+        proxied = {
+            **env,
+            "KUBECONFIG": stack.kubeconfig,
+            "KUBETASK_API_SERVICE": service,
+            "KUBETASK_SERVICE_ACCOUNT": f"{ns}/ops",
+        }
+        with _cli_dashboard(proxied, None) as url:
+            local = browser.new_context().new_page()
+            local.goto(url)
+            local.wait_for_url(re.compile(r"http://127\.0\.0\.1:\d+/dashboard/runs$"))
+            expect(local.locator("header .who")).to_have_text(f"system:serviceaccount:{ns}:ops")
+            local.click(f'a[href$="/dashboard/runs/{other}"]')
+            local.wait_for_url(re.compile(rf"http://127\.0\.0\.1:\d+/dashboard/runs/{other}$"))
+            expect(local.locator("#logs")).to_contain_text("still sleeping")  # the scripts' API calls
+            expect(local.locator("#cancel")).to_have_count(1)
     stack.patch_run(ns, other_sleeper, {"cancel": True})
     assert outside == [], f"the dashboard requested other origins: {outside}"

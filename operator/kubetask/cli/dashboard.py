@@ -130,9 +130,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         try:
             for fresh in (False, True):
                 sent = {**headers, **self.server.conn.headers(self.server.token(fresh=fresh))}
-                upstream = self.server.http.request(
-                    self.command, self.server.upstream_path + self.path, content=body, headers=sent
-                )
+                # httpx puts the path after base_url's (the service proxy's, if any).
+                upstream = self.server.http.request(self.command, self.path, content=body, headers=sent)
                 if upstream.status_code != 401:
                     break
         except (httpx.HTTPError, CredentialsError) as e:
