@@ -240,8 +240,9 @@ def test_dashboard_sign_in_filter_logs_replay_cancel_and_rbac(
     page.click("#cancel")
     expect(page.locator("#action-status")).to_contain_text("Cancel requested")
     assert stack.wait_run(ns, sleeper_name, {"Canceled"}, timeout=120)["status"]["phase"] == "Canceled"
-    page.reload()
-    expect(page.locator("#phase")).to_have_text("Canceled")
+    # The page follows the run's phase without a reload, and says when it ended.
+    expect(page.locator("#phase")).to_have_text("Canceled", timeout=15_000)
+    expect(page.locator("#ended")).to_be_visible()
 
     # Bulk cancel by filter: the confirmation states how many, then the progress.
     page.goto(f"{base}/dashboard/runs?tag=bulk&namespace={ns}")

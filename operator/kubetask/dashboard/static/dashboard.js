@@ -165,8 +165,8 @@ function setupRun() {
     cancel.disabled = true;
     try {
       await api("POST", `/runs/${encodeURIComponent(id)}/cancel`);
-      say("Cancel requested.");
-      setTimeout(() => location.reload(), 1500);
+      say("Cancel requested; the run ends shortly.");
+      cancel.hidden = true;
     } catch (e) { say(e.message, true); cancel.disabled = false; }
   });
   const replay = document.getElementById("replay");
@@ -199,7 +199,31 @@ function setupRun() {
     setTimeout(() => (b.textContent = "Copy"), 1500);
   }));
 
-  setupLogs(id, head.dataset.finished === "true");
+  const logs = setupLogs(id, head.dataset.finished === "true");
+  if (head.dataset.finished !== "true") watchPhase(id, logs);
+}
+
+// While a run is unfinished its page follows its phase; when it ends, the logs are read
+// to the end and a notice offers a reload for its output, errors and timeline.
+const TERMINAL = ["Succeeded", "Failed", "Canceled", "TimedOut", "Deduplicated", "Expired"];
+function watchPhase(id, logs) {
+  const badge = document.getElementById("phase");
+  const timer = setInterval(async () => {
+    if (document.hidden) return;
+    let run;
+    try { run = await api("GET", `/runs/${encodeURIComponent(id)}`); } catch { return; }
+    if (run.phase !== badge.textContent) {
+      badge.textContent = run.phase;
+      badge.className = `phase phase-${run.phase.toLowerCase()}`;
+    }
+    if (TERMINAL.includes(run.phase)) {
+      clearInterval(timer);
+      logs.finish();
+      document.getElementById("cancel")?.remove();
+      const ended = document.getElementById("ended");
+      ended.hidden = false;
+    }
+  }, 3000);
 }
 
 function setupLogs(id, finished) {
@@ -242,11 +266,13 @@ function setupLogs(id, finished) {
     clearInterval(timer);
     if (follow.checked && !finished) timer = setInterval(load, 2000);
   }
+  function finish() { finished = true; schedule(); load(); }
   attempt.addEventListener("change", () => { generation++; lines = []; after = null; load(); });
   search.addEventListener("input", draw);
   follow.addEventListener("change", () => { schedule(); if (follow.checked) pre.scrollTop = pre.scrollHeight; });
   load().then(() => { pre.scrollTop = pre.scrollHeight; });
   schedule();
+  return { finish };
 }
 
 // ---- queues: pause, resume, limit ---------------------------------------------------------
