@@ -118,7 +118,7 @@ def browser() -> Iterator[Any]:
 
     with sync_playwright() as p:
         # --no-sandbox: the tests run as root, where Chromium's sandbox cannot start.
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], timeout=60_000)
         try:
             yield b
         finally:
@@ -154,6 +154,9 @@ def test_dashboard_sign_in_filter_logs_replay_cancel_and_rbac(
 ) -> None:
     from playwright.sync_api import expect
 
+    # Generous waits: `make test` runs other modules beside this one on two cores, and log
+    # lines reach the database in the runner's batches.
+    expect.set_options(timeout=20_000)
     stack.apply_task(ns, "work", {"source": SOURCE, "retry": {"maxAttempts": 1}})
     ops_token = _role(stack, ns, "ops", ["get", "list", "create", "patch"], ["list", "patch"])
     viewer_token = _role(stack, ns, "viewer", ["get", "list"], ["list"])
