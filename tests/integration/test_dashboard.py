@@ -27,6 +27,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from kubetask.api import make_app
+from kubetask.apimodels import PHASES
 from kubetask.dashboard.views import COOKIE, CSRF_HEADER
 from kubetask.kube import Kube
 from kubetask.settings import Settings
@@ -271,6 +272,8 @@ async def test_tasks_page_shows_counts_and_recent_statistics(
     assert f"/dashboard/runs?task=hello&amp;namespace={world.a}" in row  # its recent runs
     assert re.search(r'class="num rate">\d+\.\d%<', row)  # a success rate: runs of hello ended
     assert "Runs (1h)" in page
+    newest = re.findall(r'href="/dashboard/runs/(run_[0-9a-f]+)" title="[^"]*: (\w+)"', row)
+    assert 1 <= len(newest) <= 5 and all(phase in PHASES for _, phase in newest)
     bad = await web.get(f"/dashboard/tasks?namespace={world.a}&since=2h", headers=cookie(world.viewer))
     assert "since must be one of" in await html(bad, 400)
 

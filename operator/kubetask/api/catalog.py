@@ -9,13 +9,14 @@ Listing needs ``list tasks`` / ``list queues`` in the namespace; changing a queu
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 from kubernetes_asyncio.client.rest import ApiException
 from pydantic import ValidationError
-from sqlalchemy import case, func, select
+from sqlalchemy import ARRAY, String, case, func, literal, select, true
 
 from kubetask.api.actions import RUNS
 from kubetask.api.auth import authorize
@@ -100,6 +101,44 @@ async def task_stats(request: web.Request, ns: str, since: datetime) -> dict[str
             p50_seconds=None if p50 is None else float(p50),
             p95_seconds=None if p95 is None else float(p95),
         )
+    return out
+
+
+@dataclass(frozen=True)
+class RecentRun:
+    """One of a Task's newest runs, as the dashboard's tasks page shows it."""
+
+    id: str
+    phase: str
+    created_at: datetime
+
+
+async def last_runs(
+    request: web.Request, ns: str, tasks: list[str], per_task: int = 5
+) -> dict[str, list[RecentRun]]:
+    """The newest ``per_task`` runs of each of ``tasks`` in ``ns`` (id, phase, created_at
+    only): one query, a LATERAL index scan of ``ix_runs_task_created`` per task. The caller
+    checked that the user may read the namespace's runs."""
+    if not tasks:
+        return {}
+    names = func.unnest(literal(tasks, ARRAY(String))).table_valued("task").render_derived(name="names")
+    newest = (
+        select(t.Run.id, t.Run.phase, t.Run.created_at)
+        .where(t.Run.task == names.c.task, t.Run.namespace == ns)
+        .order_by(t.Run.created_at.desc())
+        .limit(per_task)
+        .lateral("newest")
+    )
+    stmt = select(names.c.task, newest.c.id, newest.c.phase, newest.c.created_at).select_from(
+        names.join(newest, true())
+    )
+    async with request.app[SESSIONS]() as s:
+        rows = (await s.execute(stmt)).all()
+    out: dict[str, list[RecentRun]] = {}
+    for task, run_id, phase, created_at in rows:
+        out.setdefault(task, []).append(RecentRun(run_id, phase, created_at))
+    for runs in out.values():
+        runs.sort(key=lambda r: r.created_at, reverse=True)
     return out
 
 

@@ -23,7 +23,7 @@ from aiohttp import web
 from multidict import MultiDict, MultiMapping
 
 from kubetask.api.auth import REVIEWER, TOKEN_HEADER, Permission, User, authenticate_token, bearer_token
-from kubetask.api.catalog import TASK_STATS_SINCE, queue_list, task_list
+from kubetask.api.catalog import TASK_STATS_SINCE, last_runs, queue_list, task_list
 from kubetask.api.errors import ApiError
 from kubetask.api.openapi import Endpoint
 from kubetask.api.runs import LIST_PARAMS, RUN_NAMESPACES, dns_label, find_run, run_detail, run_list, scope
@@ -350,6 +350,8 @@ async def _namespace(request: web.Request) -> tuple[list[str], str]:
     """The readable namespaces, and the one the page shows (``?namespace=``, else the first)."""
     namespaces = await readable_namespaces(request)
     chosen = request.query.get("namespace") or (namespaces[0] if namespaces else "")
+    if chosen and chosen not in namespaces:  # one without runs yet: the page checks access
+        namespaces.append(dns_label("namespace", chosen))
     return namespaces, dns_label("namespace", chosen) if chosen else ""
 
 
@@ -363,7 +365,12 @@ async def tasks_page(request: web.Request) -> web.StreamResponse:
     if window not in STATS_WINDOWS:
         raise ApiError(400, "invalid_parameter", f"since must be one of {', '.join(STATS_WINDOWS)}")
     tasks = (await task_list(request, ns)).items if ns else []
+    # The newest runs of each, where the caller may read the namespace's runs.
+    newest = {}
+    if ns and await request.app[REVIEWER].allowed(user, Permission("list", "runs", ns)):
+        newest = await last_runs(request, ns, [task.name for task in tasks])
     context = {
+        "newest": newest,
         "user": user,
         "namespaces": namespaces,
         "namespace": ns,
