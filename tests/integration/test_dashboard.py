@@ -166,6 +166,18 @@ async def test_sign_in_checks_the_token_and_keeps_it_in_an_httponly_strict_cooki
         allow_redirects=False,
     )
     assert "Secure" in behind_tls.headers["Set-Cookie"]
+    # A sign-in form posted from another site is refused (login CSRF); from the page, fine.
+    forged = await web.post(
+        "/dashboard/signin", data={"token": world.viewer}, headers={"Origin": "https://evil.example"}
+    )
+    assert forged.status == 403 and "Set-Cookie" not in forged.headers
+    own = await web.post(
+        "/dashboard/signin",
+        data={"token": world.viewer},
+        headers={"Origin": str(web.make_url("")).rstrip("/")},
+        allow_redirects=False,
+    )
+    assert own.status == 302 and own.headers["Set-Cookie"].startswith(COOKIE)
     # A cookie the cluster does not accept sends the caller back to sign in, and is removed.
     stale = await web.get("/dashboard/runs", headers=cookie("garbage"), allow_redirects=False)
     assert stale.status == 302 and "error=" in stale.headers["Location"]

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 import jinja2
 from aiohttp import web
@@ -211,7 +211,11 @@ async def signin_form(request: web.Request) -> web.StreamResponse:
 
 
 async def signin(request: web.Request) -> web.StreamResponse:
-    """Checks the token (TokenReview) and keeps it in the cookie."""
+    """Checks the token (TokenReview) and keeps it in the cookie. A form posted from
+    another origin is refused (it would sign the browser in as someone else)."""
+    origin = request.headers.get("Origin")
+    if origin and origin != "null" and urlsplit(origin).netloc != request.host:
+        raise ApiError(403, "forbidden", "sign in from the dashboard's own page")
     form = await request.post()
     token = str(form.get("token", "")).strip()
     target = _safe_next(str(form.get("next", "")))
