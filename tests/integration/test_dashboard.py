@@ -235,6 +235,7 @@ async def test_run_page_shows_the_run_and_only_the_buttons_rbac_allows(
     assert "&#34;order&#34;: 42" in page  # the payload, formatted and escaped
     assert "ValueError: &lt;b&gt;no&lt;/b&gt;" in page  # the attempt's stack, escaped
     assert "attempt 1 ended: ValueError" in page  # the timeline
+    assert f"kubectl -n {world.a} describe pod {failed}-1" in page  # the Kubernetes side
     assert 'id="cancel"' not in page and 'id="replay"' not in page  # get and list only
     viewer_running = await html(await web.get(f"/dashboard/runs/{running}", headers=cookie(world.viewer)))
     assert 'id="cancel"' not in viewer_running

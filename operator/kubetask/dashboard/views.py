@@ -449,6 +449,13 @@ def snippets(run: RunDetail) -> dict[str, str]:
             f"kubectl -n {run.namespace} get runs.kubetask.dev {run.name} -o yaml\n"
             f"kubectl -n {run.namespace} patch runs.kubetask.dev {run.name} --type merge -p "
             '\'{"spec":{"cancel":true}}\''
+            + (
+                # The newest pod (it is deleted some time after it ends; the logs stay here).
+                f"\nkubectl -n {run.namespace} describe pod {run.attempts[-1].pod_name}"
+                f"\nkubectl -n {run.namespace} logs {run.attempts[-1].pod_name}"
+                if run.attempts
+                else ""
+            )
         ),
         "cli": (
             f"kubetask runs get {run.id}\nkubetask runs logs {run.id}\n"
