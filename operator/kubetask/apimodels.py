@@ -81,6 +81,7 @@ __all__ = [
     "QueueItem",
     "QueueList",
     "QueueUpdate",
+    "ReplayRequest",
     "ReplayResponse",
     "RequestProblem",
     "RunCounts",
@@ -532,6 +533,20 @@ class CancelResponse(_Response):
     phase: RunPhase
     """The phase when the cancel was requested (``Canceled`` comes later)."""
     cancel_requested: bool = True
+
+
+class ReplayRequest(_Request):
+    """The optional body of ``POST /api/v1/runs/{id}/replay``: what to change in the replay
+    (without a body, or with ``{}``, it is the original's)."""
+
+    payload: dict[str, Any] | None = Field(
+        None, description="The replay's payload instead of the original's (a JSON object, at most 256 KiB)."
+    )
+
+    @field_validator("payload")
+    @classmethod
+    def _payload(cls, payload: dict[str, Any] | None) -> dict[str, Any] | None:
+        return None if payload is None else TriggerRequest._storable(_check_storable(payload))
 
 
 class ReplayResponse(_Response):

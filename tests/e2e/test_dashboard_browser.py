@@ -218,7 +218,7 @@ def test_dashboard_sign_in_filter_logs_replay_cancel_and_rbac(
     assert replayed != failed
     assert operator.get(f"/api/v1/runs/{replayed}")["payload"] == {"order": 7, "mode": "fail"}
 
-    # Replay with an edited payload: a new run of the task with what was typed.
+    # Replay with an edited payload: a replay of the run with what was typed.
     page.goto(f"{base}/dashboard/runs/{failed}")
     page.click("#replay-edit-toggle")
     page.fill("#replay-payload", '{"order": 11}')
@@ -227,6 +227,8 @@ def test_dashboard_sign_in_filter_logs_replay_cancel_and_rbac(
     edited = page.url.rsplit("/", 1)[1]
     assert edited not in (failed, replayed)
     assert operator.get(f"/api/v1/runs/{edited}")["payload"] == {"order": 11}
+    edited_name = operator.get(f"/api/v1/runs/{edited}")["name"]
+    assert stack.get_run(ns, edited_name)["metadata"]["labels"]["kubetask.dev/replay-of"] == failed
     expect(page.locator("#payload")).to_contain_text('"order": 11')
 
     # The run id search opens a run's page.

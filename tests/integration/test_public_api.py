@@ -473,6 +473,29 @@ async def test_replay_creates_a_linked_run(
         row = await s.get(t.Run, replay["id"])
     assert row is not None and row.payload == {"again": True} and row.uid == resource["metadata"]["uid"]
 
+    # With another payload: the rest of the spec and the link stay.
+    edited = await ok(
+        await api.post(
+            f"/api/v1/runs/{original['id']}/replay", json={"payload": {"n": 2}}, headers=bearer(world.alice)
+        ),
+        201,
+    )
+    resource = run_resource(cluster, world.a, edited["name"])
+    assert resource["metadata"]["labels"][REPLAY_OF] == original["id"]
+    assert given(resource["spec"]) == {"task": "hello", "payload": {"n": 2}, "tags": ["t"]}
+    err = await error_of(
+        await api.post(
+            f"/api/v1/runs/{original['id']}/replay", json={"payload": [1]}, headers=bearer(world.alice)
+        ),
+        400,
+    )
+    assert err["message"].startswith("payload")
+    # {} is the original's payload, as no body is.
+    same = await ok(
+        await api.post(f"/api/v1/runs/{original['id']}/replay", json={}, headers=bearer(world.alice)), 201
+    )
+    assert given(run_resource(cluster, world.a, same["name"])["spec"])["payload"] == {"again": True}
+
 
 async def test_bulk_cancel_streams_progress(api: Client, world: World, cluster: Stack) -> None:
     tag = f"bulk-{secrets.token_hex(3)}"

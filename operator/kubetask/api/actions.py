@@ -45,6 +45,7 @@ from kubetask.apimodels import (
     BulkRequest,
     BulkSummary,
     CancelResponse,
+    ReplayRequest,
     ReplayResponse,
     TriggerRequest,
     TriggerResponse,
@@ -236,10 +237,12 @@ class Runs:
             raise kube_error(e, f"patch Run {run.namespace}/{run.name}") from None
         return CancelResponse(id=run.id, name=run.name, namespace=run.namespace, phase=run.phase)
 
-    async def replay(self, run: t.Run, user: User) -> ReplayResponse:
-        """A new Run of the same task with the same payload (and the original's other
-        settings but its idempotencyKey), labelled with the original's id."""
+    async def replay(self, run: t.Run, user: User, payload: dict[str, Any] | None = None) -> ReplayResponse:
+        """A new Run of the same task with the same payload (or ``payload``; and the
+        original's other settings but its idempotencyKey), labelled with the original's id."""
         spec = await self._replay_spec(run)
+        if payload is not None:
+            spec = spec.model_copy(update={"payload": payload})
         body = await self.create(run.namespace, spec, user=user, labels={REPLAY_OF: run.id})
         new_id = await self.intake.record(body)
         return ReplayResponse(
@@ -328,9 +331,15 @@ async def cancel(request: web.Request) -> web.Response:
 
 
 async def replay(request: web.Request) -> web.Response:
-    """``POST /api/v1/runs/{id}/replay`` (``create runs``)."""
+    """``POST /api/v1/runs/{id}/replay`` (``create runs``); an optional body
+    (``ReplayRequest``) replaces the payload."""
     run = await find_run(request, "create")
-    return reply(await request.app[RUNS].replay(run, await authenticate(request)), 201)
+    change = (
+        await read_model(request, ReplayRequest, MAX_TRIGGER_BODY_BYTES)
+        if request.content_length or request.body_exists
+        else ReplayRequest()
+    )
+    return reply(await request.app[RUNS].replay(run, await authenticate(request), change.payload), 201)
 
 
 # ---- bulk -------------------------------------------------------------------------------

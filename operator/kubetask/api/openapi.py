@@ -56,6 +56,8 @@ class Endpoint:
     raw_request: Body | None = None
     """A request body the handler reads as bytes (a signed webhook): documented by media
     type, with any JSON value allowed."""
+    request_optional: bool = False
+    """The ``request`` body may be left out."""
 
 
 def _schema_ref(model: type[BaseModel]) -> dict[str, Any]:
@@ -115,7 +117,7 @@ def document(endpoints: Sequence[Endpoint], *, version: str) -> dict[str, Any]:
             op["parameters"] = params
         if ep.request is not None:
             op["requestBody"] = {
-                "required": True,
+                "required": not ep.request_optional,
                 "content": {"application/json": {"schema": _schema_ref(ep.request)}},
             }
         if ep.raw_request is not None:

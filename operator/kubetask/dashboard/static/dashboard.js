@@ -186,8 +186,7 @@ function setupRun() {
     try { payload = JSON.parse(document.getElementById("replay-payload").value); }
     catch (err) { say(`The payload is not JSON: ${err.message}`, true); return; }
     try {
-      const ns = encodeURIComponent(head.dataset.namespace), task = encodeURIComponent(head.dataset.task);
-      const made = await api("POST", `/namespaces/${ns}/tasks/${task}/trigger`, { payload, tags: ["replay"] });
+      const made = await api("POST", `/runs/${encodeURIComponent(id)}/replay`, { payload });
       location.href = `${prefix}/runs/${encodeURIComponent(made.id)}`;
     } catch (err) { say(err.message, true); }
   });
