@@ -1,17 +1,18 @@
-"""The dashboard's routes: sign-in, the runs list, a run's page, the static assets, and the
-public API mounted again under ``/dashboard/api/v1`` for the pages' scripts.
+"""The dashboard's routes: sign-in, the runs list, a run's page, the tasks and queues
+pages, the static assets, and the public API mounted again under ``/dashboard/api/v1`` for
+the pages' scripts.
 
 Reading goes through the public API's own functions (:func:`kubetask.api.runs.run_list`,
 :func:`~kubetask.api.runs.find_run`, :func:`~kubetask.api.runs.run_detail`,
-:func:`~kubetask.api.runs.scope`), so filters, keyset cursors and permission checks are the
-API's. Which action buttons a page shows is asked of RBAC with the same
+:func:`~kubetask.api.runs.scope`, :func:`kubetask.api.catalog.task_list`,
+:func:`~kubetask.api.catalog.queue_list`), so filters, keyset cursors and permission checks
+are the API's. Which action buttons a page shows is asked of RBAC with the same
 SubjectAccessReviews the API asks when the button is used.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,8 +30,6 @@ from kubetask.api.openapi import Endpoint
 from kubetask.api.runs import LIST_PARAMS, RUN_NAMESPACES, dns_label, find_run, run_detail, run_list, scope
 from kubetask.api.state import SESSIONS
 from kubetask.apimodels import PHASES, TERMINAL_PHASES, RunDetail, RunList
-
-log = logging.getLogger("kubetask.dashboard")
 
 PREFIX = "/dashboard"
 COOKIE = "kubetask_token"
