@@ -227,6 +227,8 @@ async def test_batch_list_retrieve_cancel_replay(
         assert replayed.replay_of == made[1].id and replayed.task == "other"
         labels = run_resource(cluster, world.ns, replayed.name)["metadata"]["labels"]
         assert labels[REPLAY_OF] == made[1].id
+        edited = await in_thread(client.runs.replay, made[1].id, {"edited": True})
+        assert run_resource(cluster, world.ns, edited.name)["spec"]["payload"] == {"edited": True}
 
         # wait: a clear TimeoutError while the run goes on, the run once it has ended.
         with pytest.raises(TimeoutError, match=rf"run {made[2].id} is still Pending after 0.5 s"):
@@ -324,6 +326,8 @@ async def test_async_client(api: Api, world: World, cluster: Stack) -> None:
         assert sorted(listed) == sorted([b.id for b in batch] + [made.id])
         assert (await client.runs.retrieve(made.id)).payload == {"n": 1}
         assert (await client.runs.replay(made.id)).replay_of == made.id
+        edited = await client.runs.replay(made.id, {"n": 9})
+        assert (await client.runs.retrieve(edited.id)).payload == {"n": 9}
         assert (await client.runs.cancel(made.id)).cancel_requested
         with pytest.raises(TimeoutError, match=batch[0].id):
             await client.runs.wait(batch[0].id, timeout=0.3, poll_interval=0.1)
@@ -333,8 +337,8 @@ async def test_async_client(api: Api, world: World, cluster: Stack) -> None:
         summary = lines[-1]
         assert isinstance(summary, BulkSummary)
         # Every tagged run is unfinished (no operator here): the batch, the first run (its
-        # cancel asked above) and its replay (which keeps its tags).
-        assert summary.summary.matched == len(progress) == 5 and summary.summary.failed == 0
+        # cancel asked above) and its two replays (which keep its tags).
+        assert summary.summary.matched == len(progress) == 6 and summary.summary.failed == 0
         assert {p.result for p in progress} <= {"canceled", "skipped"}
         assert (await client.queues.pause("other")).paused
         assert not (await client.queues.resume("other")).paused

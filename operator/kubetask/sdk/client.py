@@ -38,6 +38,7 @@ from kubetask.apimodels import (
     QueueItem,
     QueueList,
     QueueUpdate,
+    ReplayRequest,
     ReplayResponse,
     RunDetail,
     RunList,
@@ -509,9 +510,11 @@ class Runs:
         """Ask the run to stop (``Canceled`` follows); ``ApiError`` 409 if it already ended."""
         return self._c._model(CancelResponse, _Call("POST", f"/api/v1/runs/{_q(run_id)}/cancel"))
 
-    def replay(self, run_id: str) -> ReplayResponse:
-        """A new run of the same task with the same payload."""
-        return self._c._model(ReplayResponse, _Call("POST", f"/api/v1/runs/{_q(run_id)}/replay"))
+    def replay(self, run_id: str, payload: dict[str, Any] | None = None) -> ReplayResponse:
+        """A new run of the same task with the same payload (or ``payload``), labelled with
+        the original's id."""
+        body = ReplayRequest(payload=payload) if payload is not None else None
+        return self._c._model(ReplayResponse, _Call("POST", f"/api/v1/runs/{_q(run_id)}/replay", body=body))
 
     def logs(
         self, run_id: str, *, follow: bool = False, attempt: int | None = None, after: int | None = None
@@ -870,8 +873,11 @@ class AsyncRuns:
     async def cancel(self, run_id: str) -> CancelResponse:
         return await self._c._model(CancelResponse, _Call("POST", f"/api/v1/runs/{_q(run_id)}/cancel"))
 
-    async def replay(self, run_id: str) -> ReplayResponse:
-        return await self._c._model(ReplayResponse, _Call("POST", f"/api/v1/runs/{_q(run_id)}/replay"))
+    async def replay(self, run_id: str, payload: dict[str, Any] | None = None) -> ReplayResponse:
+        body = ReplayRequest(payload=payload) if payload is not None else None
+        return await self._c._model(
+            ReplayResponse, _Call("POST", f"/api/v1/runs/{_q(run_id)}/replay", body=body)
+        )
 
     async def logs(
         self, run_id: str, *, follow: bool = False, attempt: int | None = None, after: int | None = None
