@@ -125,6 +125,14 @@ async def test_runs_list_get_cancel_replay(api: Api, world: World, cluster: Stac
     assert run_resource(cluster, world.ns, made["name"])["spec"]["cancel"] is True
     replayed = await kubetask("runs", "replay", made["id"], *base, token=world.dev)
     assert replayed.exit_code == 0 and f"replayed {made['id']} as run_" in replayed.stdout
+    edited = await kubetask(
+        "runs", "replay", made["id"], "--payload", '{"edited": 1}', "--json", *base, token=world.dev
+    )
+    assert run_resource(cluster, world.ns, json.loads(edited.stdout)["name"])["spec"]["payload"] == {
+        "edited": 1
+    }
+    bulk_edit = await kubetask("runs", "replay", "--task", "other", "-p", "{}", *base, token=world.dev)
+    assert "--payload replays one run" in one_line_error(bulk_edit)
     both = await kubetask("runs", "cancel", made["id"], "--task", "other", *base, token=world.dev)
     assert "either a run ID or filters" in one_line_error(both)
     nothing = await kubetask("runs", "cancel", *base, token=world.dev)

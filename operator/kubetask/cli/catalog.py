@@ -41,7 +41,7 @@ app.add_typer(queues_app, name="queues")
 # ---- trigger ------------------------------------------------------------------------------
 
 
-def _payload(value: str | None, option: str = "--payload") -> dict[str, Any]:
+def read_payload(value: str | None, option: str = "--payload") -> dict[str, Any]:
     """``--payload`` (or ``option``): JSON, ``@FILE`` or ``-`` (standard input)."""
     if value is None:
         return {}
@@ -99,7 +99,7 @@ def trigger(
     api_url: ApiUrl = None,
 ) -> None:
     """Trigger a run of TASK. With --wait, exit 1 unless it Succeeded."""
-    body = _payload(payload)
+    body = read_payload(payload)
     when: str | datetime | None = delay
     if delay is not None and ("T" in delay or "-" in delay.strip()[1:]):
         try:
@@ -331,7 +331,7 @@ def events_send(
 ) -> None:
     """Send an event to the runs of a namespace waiting for it; it is stored first, and
     kept for a while so a wait registered shortly after still gets it."""
-    body = _payload(data, "--data")
+    body = read_payload(data, "--data")
     client = connect(api_url, namespace)
     with api_errors():
         answer = client.events.send(name, body)

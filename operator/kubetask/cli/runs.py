@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from kubetask.cli.catalog import read_payload
 from kubetask.cli.common import (
     ApiUrl,
     JsonFlag,
@@ -326,21 +327,33 @@ def runs_replay(
     namespace: Namespaces = None,
     limit: Annotated[int | None, typer.Option(min=1, max=10_000, help="Most runs to act on.")] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    payload: Annotated[
+        str | None,
+        typer.Option(
+            "--payload",
+            "-p",
+            help="With an ID: replay with this payload (JSON object, @FILE, or - for stdin).",
+        ),
+    ] = None,
     as_json: JsonFlag = False,
     api_url: ApiUrl = None,
 ) -> None:
-    """Replay a run (a new run, same task and payload), or every run the filters match."""
+    """Replay a run (a new run, same task and payload, or --payload), or every run the
+    filters match."""
     client = connect(api_url)
     if run_id is not None:
         if _bulk_filters_given(task, status, since, until, tag, namespace, limit):
             fail("give either a run ID or filters (--task, --status, --since, ...), not both")
+        edited = read_payload(payload) if payload is not None else None
         with api_errors():
-            answer = client.runs.replay(run_id)
+            answer = client.runs.replay(run_id, edited)
         if as_json:
             print_json(dump(answer))
         else:
             typer.echo(f"replayed {answer.replay_of} as {answer.id} ({answer.namespace}/{answer.name})")
         return
+    if payload is not None:
+        fail("--payload replays one run: give its ID")
     _bulk(client, "replay", task, status, since, until, tag, namespace, limit, yes=yes, as_json=as_json)
 
 
