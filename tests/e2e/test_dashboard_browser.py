@@ -53,8 +53,11 @@ async def work(payload: dict, ctx) -> dict:
 """
 
 
-def _role(stack: Stack, ns: str, name: str, verbs: list[str], queues: list[str]) -> str:
-    """A ServiceAccount with ``verbs`` on runs, list on tasks, and ``queues`` on queues; its token."""
+def _role(
+    stack: Stack, ns: str, name: str, verbs: list[str], queues: list[str], *, pods_and_events: bool = False
+) -> str:
+    """A ServiceAccount with ``verbs`` on runs, list on tasks, and ``queues`` on queues
+    (and, with ``pods_and_events``, read on pods and events); its token."""
     stack.core.create_namespaced_service_account(ns, {"metadata": {"name": name}})
     rbac = k8s.RbacAuthorizationV1Api()
     rules = [
@@ -62,6 +65,8 @@ def _role(stack: Stack, ns: str, name: str, verbs: list[str], queues: list[str])
         {"apiGroups": [GROUP], "resources": ["tasks"], "verbs": ["list"]},
         {"apiGroups": [GROUP], "resources": ["queues"], "verbs": queues},
     ]
+    if pods_and_events:
+        rules.append({"apiGroups": [""], "resources": ["pods", "events"], "verbs": ["get", "list"]})
     rbac.create_namespaced_role(ns, {"metadata": {"name": name}, "rules": rules})
     rbac.create_namespaced_role_binding(
         ns,
@@ -158,7 +163,9 @@ def test_dashboard_sign_in_filter_logs_replay_cancel_and_rbac(
     # lines reach the database in the runner's batches.
     expect.set_options(timeout=20_000)
     stack.apply_task(ns, "work", {"source": SOURCE, "retry": {"maxAttempts": 1}})
-    ops_token = _role(stack, ns, "ops", ["get", "list", "create", "patch"], ["list", "patch"])
+    ops_token = _role(
+        stack, ns, "ops", ["get", "list", "create", "patch"], ["list", "patch"], pods_and_events=True
+    )
     viewer_token = _role(stack, ns, "viewer", ["get", "list"], ["list"])
     operator = start_operator()
     failed_name = stack.create_run(ns, "work", payload={"order": 7, "mode": "fail"}, tags=["web"])
@@ -241,6 +248,14 @@ def test_dashboard_sign_in_filter_logs_replay_cancel_and_rbac(
     # Cancel the running run from its page; its logs were followed while it ran.
     page.goto(f"{base}/dashboard/runs/{sleeper}")
     expect(page.locator("#logs")).to_contain_text("still sleeping")
+    # The Kubernetes side, read with the user's own token: its pod, the pod's events, the
+    # Run resource (this user may read pods and events).
+    kube = page.locator("#kubernetes")
+    expect(kube.locator("td.mono").first).to_contain_text(f"{sleeper_name}-")
+    expect(page.locator("#kube-events")).to_contain_text("Scheduled")
+    page.locator("#kube-resource summary").click()
+    expect(page.locator("#kube-resource pre")).to_contain_text(f"name: {sleeper_name}")
+    expect(kube.locator(".error")).to_have_count(0)
     page.once("dialog", lambda d: d.accept())
     page.click("#cancel")
     expect(page.locator("#action-status")).to_contain_text("Cancel requested")
@@ -288,6 +303,9 @@ def test_dashboard_sign_in_filter_logs_replay_cancel_and_rbac(
     viewer.goto(f"{base}/dashboard/runs/{other}")
     expect(viewer.locator("#phase")).to_have_text("Running")
     expect(viewer.locator("#cancel")).to_have_count(0)
+    # Their RBAC has no pods or events: the page says so rather than hiding it.
+    expect(viewer.locator("#kubernetes")).to_contain_text("the pods of run")
+    expect(viewer.locator("#kubernetes")).to_contain_text("forbidden by RBAC for your user")
     expect(viewer.locator("#replay")).to_have_count(0)
     refused = viewer.evaluate(
         """async (id) => {

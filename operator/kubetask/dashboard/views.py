@@ -23,6 +23,7 @@ import jinja2
 from aiohttp import web
 from multidict import MultiDict, MultiMapping
 
+from kubetask.api.actions import RUNS
 from kubetask.api.auth import REVIEWER, TOKEN_HEADER, Permission, User, authenticate_token, bearer_token
 from kubetask.api.catalog import TASK_STATS_SINCE, last_runs, queue_list, task_list
 from kubetask.api.errors import ApiError
@@ -30,6 +31,7 @@ from kubetask.api.openapi import Endpoint
 from kubetask.api.runs import LIST_PARAMS, RUN_NAMESPACES, dns_label, find_run, run_detail, run_list, scope
 from kubetask.api.state import SESSIONS
 from kubetask.apimodels import PHASES, TERMINAL_PHASES, RunDetail, RunList
+from kubetask.dashboard.cluster import kubernetes_side
 
 PREFIX = "/dashboard"
 COOKIE = "kubetask_token"
@@ -478,6 +480,15 @@ async def run_page(request: web.Request) -> web.StreamResponse:
     may_patch = await reviewer.allowed(user, Permission("patch", "runs", run.namespace))
     may_create = await reviewer.allowed(user, Permission("create", "runs", run.namespace))
     children = await run_list(request, MultiDict({"parent": run.id, "limit": "100"}))
+    # The Kubernetes side, read with the caller's own token: their RBAC decides.
+    token = _header_token(request) or request.cookies.get(COOKIE) or ""
+    kube = await kubernetes_side(
+        request.app[RUNS].kube.api.configuration,
+        token,
+        namespace=run.namespace,
+        name=detail.name,
+        run_id=run.id,
+    )
     context = {
         "user": user,
         "run": detail,
@@ -487,6 +498,7 @@ async def run_page(request: web.Request) -> web.StreamResponse:
         "children": children.items,
         "timeline": timeline(detail),
         "snippets": snippets(detail),
+        "kube": kube,
     }
     return render("run.html", context)
 
