@@ -129,8 +129,13 @@ def test_a_pod_stuck_terminating_ends_its_attempt_after_the_timeout_and_the_run_
         stack.core.delete_namespaced_pod(first.metadata.name, ns)
         deleting = stack.core.read_namespaced_pod(first.metadata.name, ns).metadata.deletion_timestamp
         assert deleting is not None
-        # The next attempt may run: the run keeps its Task's nodeSelector (the Task version
-        # it started with), so the node gets the label (the deleted pod is not scheduled).
+        # The next attempt's pod comes once the stuck one's attempt has ended (after the
+        # terminating timeout). It has the same nodeSelector (the run keeps the Task version
+        # it started with), so the node gets the label only then: the scheduler has long
+        # seen the first pod's deletion, and never schedules a pod being deleted. (Labelling
+        # the node at once raced with that: the held pod could be bound, then killed by the
+        # kubelet, and end as an ordinary failure.)
+        wait_for(lambda: len(watcher.first_created()) >= 2, 60, "the next attempt's pod")
         for node in stack.core.list_node().items:
             stack.core.patch_node(node.metadata.name, {"metadata": {"labels": {label: "true"}}})
             nodes.append(node.metadata.name)

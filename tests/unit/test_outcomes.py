@@ -73,6 +73,21 @@ def test_evicted_pod_is_a_retryable_failure() -> None:
     assert classify(attempt=1, end=end, report=None).reason == "Evicted"
 
 
+def test_a_pod_that_failed_before_its_container_started_is_not_counted() -> None:
+    # The kubelet refused it at admission (no container status beyond an empty one).
+    end = pod_end(pod("Failed", reason="OutOfcpu"))
+    assert end is not None and end.infra and end.reason == "OutOfcpu"
+    ev = classify(attempt=1, end=end, report=None)
+    assert (ev.outcome, ev.reason) == (Outcome.INFRA, "OutOfcpu")
+    # Killed before the start, with no reason given.
+    end = pod_end(pod("Failed"))
+    assert end is not None and end.infra and end.reason == "NotStarted"
+    assert "before its task container started" in end.message
+    # A container that ran and failed is counted as ever.
+    ran = pod_end(pod("Failed", exit_code=1))
+    assert ran is not None and not ran.infra
+
+
 def test_deleted_pod_is_a_retryable_failure() -> None:
     end = pod_end(None)
     assert end is not None

@@ -106,6 +106,16 @@ def pod_end(pod: dict[str, Any] | None) -> PodEnd | None:
         code = terminated.get("exitCode")
         creason = terminated.get("reason") or ("Completed" if code == 0 else "Error")
         return PodEnd(code, creason, terminated.get("message") or f"container exited with code {code}")
+    if not started(pod):
+        # Ended before its task container ever started (the kubelet refused the pod at
+        # admission, OutOfcpu or NodeAffinity say, or killed it before the start): the
+        # task did not run, so the attempt is not counted.
+        return PodEnd(
+            None,
+            reason or "NotStarted",
+            status.get("message") or f"the pod {phase} before its task container started",
+            infra=True,
+        )
     return PodEnd(None, reason or phase, status.get("message") or f"pod {phase}")
 
 
