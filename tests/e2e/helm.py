@@ -32,6 +32,13 @@ from tests.helmchart import CHART, helm_binary, values_file
 OPERATOR_COMPONENT = "app.kubernetes.io/component=operator"
 #: The concurrency limit of :func:`sleeper` Tasks.
 LIMIT = 3
+#: Short lease timings for test releases (seconds): a dead leader is replaced in 4 to 4.5 s.
+LEASE = {"leaseDurationSeconds": 4, "renewDeadlineSeconds": 3, "retryPeriodSeconds": 0.5}
+#: Labels of a namespace that enforces the Pod Security "restricted" profile.
+RESTRICTED = {
+    "pod-security.kubernetes.io/enforce": "restricted",
+    "pod-security.kubernetes.io/warn": "restricted",
+}
 
 SLEEPER = """from kubetask import task
 import time

@@ -27,6 +27,7 @@ from sqlalchemy.pool import NullPool
 from tests.e2e.conftest import wait_for
 from tests.e2e.harness import GROUP, VERSION, PodWatcher, Stack, namespace
 from tests.e2e.helm import (
+    LEASE,
     LIMIT,
     Release,
     assert_runs_within_limits,
@@ -41,8 +42,6 @@ from tests.faults.tcp import TcpProxy
 
 pytestmark = pytest.mark.e2e
 
-#: Lease timings of the release (seconds): a dead leader is replaced in 4 to 4.5 s.
-LEASE = {"leaseDurationSeconds": 4, "renewDeadlineSeconds": 3, "retryPeriodSeconds": 0.5}
 RUNS = 12
 
 

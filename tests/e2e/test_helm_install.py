@@ -23,6 +23,8 @@ from kubernetes.client.exceptions import ApiException
 from tests.e2e.conftest import wait_for
 from tests.e2e.harness import GROUP, REPO, TERMINAL, VERSION, PodWatcher, Stack, namespace
 from tests.e2e.helm import (
+    LEASE,
+    RESTRICTED,
     Release,
     assert_runs_within_limits,
     beyond_baseline,
@@ -36,10 +38,6 @@ pytestmark = pytest.mark.e2e
 
 EXAMPLES = REPO / "examples"
 #: Pods that do not pass the "restricted" profile are refused (and warned about).
-RESTRICTED = {
-    "pod-security.kubernetes.io/enforce": "restricted",
-    "pod-security.kubernetes.io/warn": "restricted",
-}
 #: Tasks may run the runner image only, and not on the control plane.
 POLICY = {
     "allowedImages": ["localhost/kubetask/runner:*"],
@@ -85,7 +83,7 @@ def release(stack: Stack, e2e_database: str) -> Iterator[Release]:
             replicaCount=1,
             # Short lease timings: the upgrade's new pod takes over at once from the old
             # one (which releases the Lease), and a crash is not waited for long.
-            leaderElection={"leaseDurationSeconds": 4, "renewDeadlineSeconds": 3, "retryPeriodSeconds": 0.5},
+            leaderElection=LEASE,
             taskPolicy=POLICY,
         ) as rel,
     ):

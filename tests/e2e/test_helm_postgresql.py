@@ -22,15 +22,18 @@ from kubernetes.client.exceptions import ApiException
 
 from tests.e2e.conftest import wait_for
 from tests.e2e.harness import PodWatcher, Stack, hack, namespace
-from tests.e2e.helm import LIMIT, Release, assert_runs_within_limits, installed_release, ready, sleeper
+from tests.e2e.helm import (
+    LEASE,
+    LIMIT,
+    RESTRICTED,
+    Release,
+    assert_runs_within_limits,
+    installed_release,
+    ready,
+    sleeper,
+)
 
 pytestmark = pytest.mark.e2e
-
-RESTRICTED = {
-    "pod-security.kubernetes.io/enforce": "restricted",
-    "pod-security.kubernetes.io/warn": "restricted",
-}
-LEASE = {"leaseDurationSeconds": 4, "renewDeadlineSeconds": 3, "retryPeriodSeconds": 0.5}
 
 
 @contextlib.contextmanager
