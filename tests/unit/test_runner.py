@@ -6,6 +6,7 @@ operator would give the pod, and checks the requests it made and its exit code.
 
 from __future__ import annotations
 
+import ctypes
 import io
 import itertools
 import json
@@ -859,6 +860,63 @@ def test_runner_without_api_url_exits_12_with_a_message(tmp_path: Path) -> None:
 
     assert result.code == 12
     assert "KUBETASK_API_URL is not set" in summary_line(result)
+
+
+def _wait_for_wchan(pid: int, what: str, timeout: float = 10.0) -> None:
+    """Wait until the main thread of ``pid`` sleeps in a kernel function named like ``what``."""
+    path = Path(f"/proc/{pid}/task/{pid}/wchan")
+    deadline = time.monotonic() + timeout
+    seen = ""
+    while time.monotonic() < deadline:
+        seen = path.read_text()
+        if what in seen:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the main thread of {pid} never waited in {what!r} (last: {seen!r})")
+
+
+def test_sigterm_delivered_to_the_tasks_own_thread_still_stops_the_runner(
+    tmp_path: Path, api: FakeApi
+) -> None:
+    """The kernel may hand a process-directed SIGTERM to any thread that does not block it.
+    Python runs its handler only in the main thread, and that thread sits in the event
+    loop's epoll_wait while a sync task runs in a worker: the handler would wait for the
+    task to end. Here SIGTERM goes (tgkill) to the task's own thread on purpose."""
+    source = """
+        import threading, time
+        from kubetask import task
+
+        @task
+        def hello(payload, ctx):
+            print(f"started {threading.get_native_id()}", flush=True)
+            time.sleep(60)
+    """
+    (tmp_path / "source").mkdir()
+    (tmp_path / "source" / "task.py").write_text(textwrap.dedent(source))
+    (tmp_path / "token").write_text(TOKEN)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KUBETASK_")}
+    env |= {
+        "KUBETASK_API_URL": api.url,
+        "KUBETASK_TASK_ID": "hello",
+        "KUBETASK_TOKEN_FILE": str(tmp_path / "token"),
+        "KUBETASK_SOURCE_FILE": str(tmp_path / "source" / "task.py"),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kubetask.runner"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        word, tid = proc.stdout.readline().split()
+        assert word == "started" and int(tid) != proc.pid  # the task runs in a worker thread
+        _wait_for_wchan(proc.pid, "epoll")  # the main thread is idle in the event loop
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.tgkill(proc.pid, int(tid), signal.SIGTERM) == 0, os.strerror(ctypes.get_errno())
+        assert proc.wait(timeout=30) == 143
+    finally:
+        proc.kill()
+        proc.wait()
+    assert any(line["message"].startswith("started") for line in api.log_lines)
+    assert api.calls("/runner/v1/complete") == []
 
 
 def test_sigterm_ships_the_logs_so_far_and_exits_143(tmp_path: Path, api: FakeApi) -> None:

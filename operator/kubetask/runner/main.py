@@ -22,12 +22,14 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any, TextIO
+from typing import TextIO
 
 from pydantic import ValidationError
 
@@ -301,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         log_api, echo=real_err, send_budget_seconds=min(LOG_RETRY_SECONDS, config.retry_budget_seconds)
     )
     shipper.start()
-    previous_handler = _install_sigterm(shipper, config, started)
+    restore_sigterm = _install_sigterm(shipper, config, started)
     ctx: TaskContext | None = None
     try:
         with capture_output(shipper):
@@ -312,38 +314,70 @@ def main(argv: list[str] | None = None) -> int:
         print(_summary(text, code, ctx, config, reported, started), file=real_err, flush=True)
         return code
     finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
+        restore_sigterm()
         api.close()
         log_api.close()
         transport.close()
 
 
-_Handler = Any  # what signal.signal returns: a callable, an int or None
+def _install_sigterm(shipper: LogShipper, config: RunnerConfig, started: float) -> Callable[[], None]:
+    """On SIGTERM (deadline, cancel, node drain) ship the logs so far and exit 143.
 
-
-def _install_sigterm(shipper: LogShipper, config: RunnerConfig, started: float) -> _Handler:
-    """On SIGTERM (deadline, cancel, node drain) ship the logs so far and exit 143."""
+    Returns what undoes it. The kernel hands a process-directed signal to any thread that
+    does not block it, and Python runs its handlers only in the main thread, once that
+    thread runs Python code again. While a sync task runs in a worker thread the main
+    thread sits in the event loop's ``epoll_wait`` with no timeout, so a SIGTERM the kernel
+    gave the task's thread would wait for the task to end, and the kubelet would SIGKILL
+    the pod with its last logs unshipped. So the signal's C-level handler also writes to a
+    wake-up socket (``signal.set_wakeup_fd``, whichever thread it runs in) that a thread of
+    our own reads. Either path may come first; the work is done once.
+    """
     if threading.current_thread() is not threading.main_thread():
-        return None
+        return lambda: None
+    once = threading.Lock()
+
+    def finish(signum: int) -> None:
+        if not once.acquire(blocking=False):
+            return
+        with contextlib.suppress(Exception):
+            _runner_log.warning("received SIGTERM: stopping")
+        with contextlib.suppress(Exception):
+            shipper.close()
+        real_err = sys.__stderr__
+        if real_err is not None:
+            with contextlib.suppress(Exception):
+                line = _summary("terminated (SIGTERM)", 128 + signum, None, config, "no", started)
+                real_err.write(line + "\n")
+                real_err.flush()
+        os._exit(128 + signum)
 
     def on_term(signum: int, frame: FrameType | None) -> None:
         del frame
-
-        def finish() -> None:
-            with contextlib.suppress(Exception):
-                _runner_log.warning("received SIGTERM: stopping")
-            with contextlib.suppress(Exception):
-                shipper.close()
-            real_err = sys.__stderr__
-            if real_err is not None:
-                with contextlib.suppress(Exception):
-                    line = _summary("terminated (SIGTERM)", 128 + signum, None, config, "no", started)
-                    real_err.write(line + "\n")
-                    real_err.flush()
-            os._exit(128 + signum)
-
         # Do the network I/O in a thread: the main thread may hold the shipper's locks.
-        threading.Thread(target=finish, name="kubetask-sigterm", daemon=True).start()
+        threading.Thread(target=finish, args=(signum,), name="kubetask-sigterm", daemon=True).start()
 
-    return signal.signal(signal.SIGTERM, on_term)
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)  # set_wakeup_fd requires it
+
+    def watch() -> None:
+        with reader:
+            while True:
+                try:
+                    data = reader.recv(64)
+                except OSError:
+                    return
+                if not data:  # the writer was closed: the attempt is over
+                    return
+                if signal.SIGTERM in data:
+                    finish(signal.SIGTERM)
+
+    threading.Thread(target=watch, name="kubetask-signals", daemon=True).start()
+    previous_handler = signal.signal(signal.SIGTERM, on_term)
+    previous_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+
+    def restore() -> None:
+        signal.set_wakeup_fd(previous_fd)
+        signal.signal(signal.SIGTERM, previous_handler)
+        writer.close()
+
+    return restore
