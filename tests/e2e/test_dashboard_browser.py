@@ -179,7 +179,7 @@ def test_dashboard_sign_in_filter_logs_replay_cancel_and_rbac(
     failed = _run_id(stack, ns, failed_name, {"Failed"})
     sleeper = _run_id(stack, ns, sleeper_name, {"Running"})
     other = _run_id(stack, ns, other_sleeper, {"Running"})
-    _run_id(stack, ns, ok_name, {"Succeeded"})
+    succeeded = _run_id(stack, ns, ok_name, {"Succeeded"})
     base = operator.api
 
     context = browser.new_context(viewport={"width": 1360, "height": 860})
@@ -195,10 +195,20 @@ def test_dashboard_sign_in_filter_logs_replay_cancel_and_rbac(
     _screenshot(page, log_dir, "runs")
     _screenshot(page, log_dir, "runs-dark", dark=True)
 
-    # Filter by status: only the failed run.
-    page.select_option("select[name=phase]", "Failed")
+    # Filter by status: several statuses at once, then only the failed run.
+    page.click("#phase-filter summary")
+    page.check("input[name=phase][value=Failed]")
+    page.check("input[name=phase][value=Succeeded]")
     page.select_option("select[name=namespace]", ns)
     page.click("#filters button[type=submit]")
+    expect(page.locator("#rows tr[data-run-id]")).to_have_count(2)
+    expect(page.locator("#rows")).to_contain_text(failed)
+    expect(page.locator("#rows")).to_contain_text(succeeded)
+    expect(page.locator("#phase-chosen")).to_have_text("Succeeded, Failed")  # in the list's order
+    page.click("#phase-filter summary")
+    page.uncheck("input[name=phase][value=Succeeded]")
+    page.click("#filters button[type=submit]")
+    expect(page.locator("#phase-chosen")).to_have_text("Failed")
     expect(page.locator("#rows tr[data-run-id]")).to_have_count(1)
     expect(page.locator("#rows")).to_contain_text(failed)
 
