@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Prints one value of the local stack's contract (hack/lib.sh), for `make -s <target>`
 # and for scripts: kubeconfig | runner-image | operator-image | postgres-image | state-dir |
-# database-url | api-url
+# pause-image | database-url | api-url
 # shellcheck source-path=SCRIPTDIR
 source "$(dirname "$0")/lib.sh"
 
-usage() { die "usage: $0 kubeconfig|runner-image|operator-image|postgres-image|state-dir|database-url|api-url"; }
+usage() { die "usage: $0 kubeconfig|runner-image|operator-image|postgres-image|pause-image|state-dir|database-url|api-url"; }
 (($# == 1)) || usage
 
 case $1 in
@@ -13,6 +13,7 @@ kubeconfig) echo "$KUBECONFIG_ADMIN" ;;
 runner-image) echo "$RUNNER_IMAGE" ;;
 operator-image) echo "$OPERATOR_IMAGE" ;;
 postgres-image) echo "$POSTGRES_IMAGE" ;;
+pause-image) echo "$PAUSE_IMAGE" ;;
 state-dir) echo "$KUBETASK_STATE" ;;
 database-url) echo "$DATABASE_URL_HOST" ;;
 api-url)

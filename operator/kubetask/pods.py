@@ -182,6 +182,7 @@ def attempt_pod(
     api_url: str,
     default_image: str,
     image_pull_policy: str,
+    image: str | None = None,
     after_oom: bool = False,
     service_account: str = "",
     default_resources: dict[str, Any] | None = None,
@@ -193,7 +194,8 @@ def attempt_pod(
     tolerations, nothing of the pod's security). Resources: :func:`attempt_resources`
     (``after_oom``: an earlier attempt of the run was OOM-killed, so the Task's
     ``retry.outOfMemory`` resources apply; ``default_resources`` when the Task sets no
-    ``podTemplate.resources``)."""
+    ``podTemplate.resources``). ``image``, when given, is what the pod runs whatever the
+    Task names (the digest the run's first attempt ran: control.catalogue.pinned)."""
     meta = run["metadata"]
     name = pod_name(meta["name"], meta["uid"], attempt)
     env: list[dict[str, Any]] = [
@@ -233,7 +235,7 @@ def attempt_pod(
         env.extend(tpl.env)
     container: dict[str, Any] = {
         "name": "task",
-        "image": task.image or default_image,
+        "image": image or task.image or default_image,
         "imagePullPolicy": image_pull_policy,
         "env": env,
         "volumeMounts": mounts,

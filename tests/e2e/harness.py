@@ -430,6 +430,9 @@ class PodEvent:
     uid: str
     phase: str
     labels: dict[str, str]
+    #: The task container's image as the pod asks for it, and as its kubelet reports it.
+    image: str = ""
+    image_id: str = ""
 
 
 class PodWatcher:
@@ -483,7 +486,13 @@ class PodWatcher:
             return
         name, uid, phase = pod.metadata.name, pod.metadata.uid, pod.status.phase or ""
         with self._lock:
-            self.events.append(PodEvent(time.time(), kind, name, uid, phase, dict(labels)))
+            image = next((c.image for c in pod.spec.containers if c.name == "task"), "")
+            image_id = next(
+                (c.image_id or "" for c in pod.status.container_statuses or [] if c.name == "task"), ""
+            )
+            self.events.append(
+                PodEvent(time.time(), kind, name, uid, phase, dict(labels), image=image, image_id=image_id)
+            )
             self.uids_by_name.setdefault(name, set()).add(uid)
             if kind == "DELETED" or phase in ("Succeeded", "Failed"):
                 self.alive.pop(uid, None)

@@ -21,9 +21,10 @@ import pytest
 
 from kubetask import Client
 from kubetask.deploy.image import containerd_socket
+from kubetask.pods import LABEL_ATTEMPT
 from kubetask.spec import GROUP, VERSION
 from tests.e2e.conftest import wait_for
-from tests.e2e.harness import REPO, Operator, Stack, service_account_token
+from tests.e2e.harness import REPO, Operator, PodWatcher, Stack, hack, service_account_token
 from tests.e2e.test_trigger import TRIGGER_RULES, trigger_when_allowed
 
 pytestmark = pytest.mark.e2e
@@ -196,3 +197,83 @@ def test_a_run_keeps_the_task_version_it_started_with(
     later = stack.wait_run(ns, second, timeout=120)
     assert later["status"]["phase"] == "Succeeded", later["status"]
     assert later["status"]["output"] == {"version": 2, "attempt": 1}
+
+
+PINNED = """
+    import time
+
+    from kubetask import Retry, task
+
+
+    @task(id="pinned", retry=Retry(max_attempts=2, min_timeout_ms=1000, max_timeout_ms=1000, randomize=False))
+    def pinned(payload, ctx):
+        if ctx.attempt.number == 1:
+            time.sleep(3)
+            raise RuntimeError("the first attempt fails on purpose")
+        return {"attempt": ctx.attempt.number}
+"""
+
+
+def test_a_retried_run_runs_the_image_digest_its_first_attempt_ran(
+    stack: Stack, ns: str, operator: Operator, tmp_path: Path, images: list[str]
+) -> None:
+    """A Task names its image by a tag, and the tag is pushed again while a run's first
+    attempt runs: the second attempt runs the digest the first one ran, not what the tag
+    names now. Here "pushed again" is the tag moved, in the node's containerd, to another
+    image (the pause image, which has no Python: an attempt run from it would fail). The
+    deployed image also gets the ``repository@digest`` reference that pulling it from a
+    registry leaves, so its kubelet reports a digest any node could pull (for an image only
+    imported into the node it reports a local id, which the operator does not pin)."""
+    sock = containerd_socket()
+    if sock is None or os.environ.get("KUBECONFIG"):
+        pytest.skip("needs the local stack's containerd (moves a tag in it)")
+
+    def ctr(*args: str) -> str:
+        out = subprocess.run(
+            ["ctr", "--address", sock, "-n", "k8s.io", "images", *args], capture_output=True, text=True
+        )
+        assert out.returncode == 0, f"ctr images {' '.join(args)}: {out.stderr}"
+        return out.stdout
+
+    package = tmp_path / "pins"
+    package.mkdir()
+    (package / "__init__.py").write_text(f"# {uuid.uuid4().hex}\n")
+    (package / "tasks.py").write_text(textwrap.dedent(PINNED))
+    built = deployed(stack, str(package), "-n", ns)["image"]
+    repository = built.rsplit(":", 1)[0]
+    listing = ctr("ls", f"name=={built}").splitlines()
+    assert len(listing) == 2, listing
+    digest = listing[1].split()[2]
+    assert digest.startswith("sha256:"), listing
+    by_digest, alias = f"{repository}@{digest}", f"{repository}:moving"
+    images.extend([built, alias, by_digest])
+    ctr("tag", "--force", built, alias)
+    ctr("tag", "--force", built, by_digest)
+    stack.custom.patch_namespaced_custom_object(
+        GROUP, VERSION, ns, "tasks", "pinned", {"spec": {"image": alias}}
+    )
+    wait_for(
+        lambda: (
+            (get_task(stack, ns, "pinned").get("status") or {}).get("observedGeneration")
+            == get_task(stack, ns, "pinned")["metadata"]["generation"]
+        ),
+        30,
+        "the operator to see the Task's new image",
+    )
+    with PodWatcher(stack, ns) as watcher:
+        name = stack.create_run(ns, "pinned")
+        wait_for(
+            lambda: any(e.phase == "Running" and e.labels.get(LABEL_ATTEMPT) == "1" for e in watcher.events),
+            120,
+            "the first attempt's pod to run",
+        )
+        ctr("tag", "--force", hack("print.sh", "pause-image"), alias)  # the tag, pushed again
+        done = stack.wait_run(ns, name, timeout=180)
+    assert done["status"]["phase"] == "Succeeded", done["status"]
+    assert done["status"]["output"] == {"attempt": 2}
+    first = {e.image for e in watcher.events if e.labels.get(LABEL_ATTEMPT) == "1"}
+    second = {e.image for e in watcher.events if e.labels.get(LABEL_ATTEMPT) == "2"}
+    assert first == {alias}, first
+    assert second == {by_digest}, second
+    ran = {e.image_id for e in watcher.events if e.labels.get(LABEL_ATTEMPT) == "1" and e.image_id}
+    assert ran == {by_digest}, ran

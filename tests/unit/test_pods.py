@@ -11,7 +11,9 @@ RUN: dict[str, Any] = {
 UID = RUN["metadata"]["uid"]
 
 
-def build(task: TaskSpec, attempt: int = 2, *, after_oom: bool = False) -> dict[str, Any]:
+def build(
+    task: TaskSpec, attempt: int = 2, *, after_oom: bool = False, image: str | None = None
+) -> dict[str, Any]:
     return pods.attempt_pod(
         run=RUN,
         run_id="run_1",
@@ -24,6 +26,7 @@ def build(task: TaskSpec, attempt: int = 2, *, after_oom: bool = False) -> dict[
         api_url="http://api:8080",
         default_image="runner:1",
         image_pull_policy="IfNotPresent",
+        image=image,
         after_oom=after_oom,
     )
 
@@ -86,6 +89,12 @@ def test_inline_source_comes_from_a_configmap_and_entrypoint_from_env() -> None:
     assert env["KUBETASK_ENTRYPOINT"] == "mod:fn"
     assert ep["spec"]["containers"][0]["image"] == "custom:1"
     assert inline["spec"]["containers"][0]["image"] == "runner:1"
+
+
+def test_a_pinned_image_wins_over_the_tasks_tag() -> None:
+    digest = "registry.example/app@sha256:" + "ab" * 32
+    pod = build(TaskSpec(entrypoint="mod:fn", image="registry.example/app:v1"), image=digest)
+    assert pod["spec"]["containers"][0]["image"] == digest
 
 
 def test_pod_template_is_applied() -> None:

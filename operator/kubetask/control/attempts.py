@@ -24,7 +24,7 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from kubetask import metrics, pods
-from kubetask.control.catalogue import Catalogue, pinned
+from kubetask.control.catalogue import Catalogue, pinned, with_image_digest
 from kubetask.control.podindex import PodIndex
 from kubetask.control.timers import set_run_timer, utcnow
 from kubetask.control.transitions import Applied, EventSource
@@ -226,6 +226,7 @@ class Attempts:
             max_attempts=row.max_attempts,
             api_url=self.settings.api_url,
             default_image=version.image,
+            image=version.image,
             image_pull_policy=self.settings.image_pull_policy,
             after_oom=after_oom,
             service_account=sa,
@@ -350,6 +351,10 @@ class Attempts:
             row.error = {"type": ev.error.type, "message": ev.error.message} if ev.error else None
             if pod is not None and row.started_at is None:
                 row.started_at = _pod_started(pod)
+            if pod is not None and (version := with_image_digest(_run.task_version, pod)) is not None:
+                # The run's later attempts run this digest, not the tag again (written in
+                # the run's UPDATE of this transition: no statement more).
+                _run.task_version = version
             return ev
 
         await self.apply(run_id, record)

@@ -79,13 +79,41 @@ class Pinned:
 def pinned(version: dict[str, Any] | None, current: TaskSpec, default_image: str) -> Pinned:
     """The spec and image of a run's attempts: the Task version it resolved against
     (:meth:`TaskInfo.version`), else (runs resolved before versions were kept) the
-    Task's current spec and the operator's default image."""
+    Task's current spec and the operator's default image. The image is the digest an
+    earlier attempt of the run ran, once one is known (:func:`with_image_digest`), so a
+    tag pushed again mid-run changes no later attempt."""
     if version is not None:
         try:
-            return Pinned(TaskSpec.model_validate(version["spec"]), str(version["image"]))
-        except (ValidationError, KeyError, TypeError):
+            image = version.get("imageDigest") or version["image"]
+            return Pinned(TaskSpec.model_validate(version["spec"]), str(image))
+        except (ValidationError, KeyError, TypeError, AttributeError):
             log.warning("a run's task_version does not parse; using the Task's current spec")
     return Pinned(current, current.image or default_image)
+
+
+def image_digest(pod: dict[str, Any]) -> str | None:
+    """The repository digest (``registry/repo@sha256:…``) of the image the pod's task
+    container ran, as its kubelet reports it (``imageID``); None when the kubelet reports
+    only a local image id (``sha256:…``: an image imported into the node, never pulled,
+    which no other node could pull by that id) or nothing yet."""
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        if cs.get("name") != "task":
+            continue
+        image_id = str(cs.get("imageID") or "").removeprefix("docker-pullable://")
+        repo, at, digest = image_id.partition("@")
+        if repo and at and digest.startswith("sha256:") and len(digest) == len("sha256:") + 64:
+            return image_id
+    return None
+
+
+def with_image_digest(version: dict[str, Any] | None, pod: dict[str, Any]) -> dict[str, Any] | None:
+    """The run's Task version with the digest its first attempt's pod ran (the image a
+    later attempt must run), or None when there is nothing to add: no version, a digest
+    kept already, an image named by digest in the Task, or no repository digest known."""
+    if not version or version.get("imageDigest") or "@" in str(version.get("image", "")):
+        return None
+    digest = image_digest(pod)
+    return None if digest is None else {**version, "imageDigest": digest}
 
 
 class Catalogue:
