@@ -158,6 +158,42 @@ def test_the_package_files_and_modules(tmp_path: Path) -> None:
     assert [t.entrypoint for t in find_tasks(find_package(tmp_path / "single.py"))] == ["single:single"]
 
 
+def test_the_pod_template_and_the_run_ttl_come_from_the_decorator(tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        {
+            "heavy/__init__.py": "",
+            "heavy/tasks.py": """
+                from kubetask import Pod, task
+
+                @task(
+                    id="heavy",
+                    pod=Pod(
+                        resources={"requests": {"cpu": "2"}, "limits": {"memory": "4Gi"}},
+                        env=[{"name": "MODE", "value": "batch"}],
+                        node_selector={"pool": "batch"},
+                        tolerations=[{"key": "batch", "operator": "Exists", "effect": "NoSchedule"}],
+                    ),
+                    ttl_seconds_after_finished=600,
+                )
+                def heavy(payload, ctx):
+                    return {"ok": True}
+                """,
+        },
+    )
+    result = deploy(str(tmp_path / "heavy"), "--dry-run", "--image", "x.example/h:1")
+    assert result.exit_code == 0, result.stderr
+    (doc,) = yaml.safe_load_all(result.stdout)
+    assert doc["spec"]["podTemplate"] == {
+        "resources": {"requests": {"cpu": "2"}, "limits": {"memory": "4Gi"}},
+        "env": [{"name": "MODE", "value": "batch"}],
+        "nodeSelector": {"pool": "batch"},
+        "tolerations": [{"key": "batch", "operator": "Exists", "effect": "NoSchedule"}],
+    }
+    assert doc["spec"]["ttlSecondsAfterFinished"] == 600
+    TaskSpec.model_validate(doc["spec"])
+
+
 def test_finding_tasks_runs_no_task_body(tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     write(
@@ -208,6 +244,22 @@ def test_finding_tasks_runs_no_task_body(tmp_path: Path) -> None:
         (
             {"exits/__init__.py": "import sys\nsys.exit(3)\n"},
             "cannot import module exits of the package",
+        ),
+        (
+            {
+                "pods/__init__.py": "",
+                "pods/tasks.py": "from kubetask import task\n\n@task(id='x', pod={'env': []})\n"
+                "def x(payload, ctx): ...\n",
+            },
+            "pod must be a kubetask.Pod, not dict",
+        ),
+        (
+            {
+                "ttl/__init__.py": "",
+                "ttl/tasks.py": "from kubetask import task\n\n@task(id='x', ttl_seconds_after_finished=-1)\n"
+                "def x(payload, ctx): ...\n",
+            },
+            "ttl_seconds_after_finished: Input should be greater than or equal to 0",
         ),
     ],
 )

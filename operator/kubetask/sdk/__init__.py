@@ -14,6 +14,7 @@ from kubetask.sdk.logging import logger
 from kubetask.sdk.retry import CatchError, RetryDecision
 from kubetask.sdk.task import (
     OutOfMemory,
+    Pod,
     Queue,
     Retry,
     TaskDefinition,
@@ -31,6 +32,7 @@ __all__ = [
     "ChildRunFailed",
     "Client",
     "OutOfMemory",
+    "Pod",
     "Queue",
     "ReplayMismatch",
     "Retry",

@@ -33,10 +33,11 @@ from pydantic.alias_generators import to_snake
 
 from kubetask.sdk.context import TaskContext
 from kubetask.sdk.retry import CatchError, RetryDecision
-from kubetask.spec import OutOfMemorySpec, QueueRef, RetrySpec, TaskSpec
+from kubetask.spec import OutOfMemorySpec, PodTemplate, QueueRef, RetrySpec, TaskSpec
 
 __all__ = [
     "OutOfMemory",
+    "Pod",
     "Queue",
     "Retry",
     "TaskDefinition",
@@ -91,6 +92,13 @@ class Queue(QueueRef):
     same name wins over inline limits). ``name`` defaults to the task's id."""
 
 
+class Pod(PodTemplate):
+    """What the task's attempt pods get beyond the defaults: the Task's ``spec.podTemplate``
+    (the same model, :class:`kubetask.spec.PodTemplate`): ``resources``, ``env``,
+    ``env_from``, ``node_selector``, ``tolerations``, each passed to the pod as is, e.g.
+    ``Pod(resources={"limits": {"memory": "2Gi"}}, node_selector={"pool": "batch"})``."""
+
+
 def _errors(error: ValidationError) -> str:
     """``max_duration_seconds: Input should be greater than or equal to 5; ...``"""
     return "; ".join(
@@ -118,8 +126,13 @@ class TaskDefinition:
     """The queue, if any."""
     max_duration_seconds: int | None
     """Wall-clock limit of one attempt, in seconds."""
+    pod: Pod | None
+    """What the attempt pods get beyond the defaults (``spec.podTemplate``)."""
+    ttl_seconds_after_finished: int | None
+    """How long a finished Run resource is kept (``spec.ttlSecondsAfterFinished``)."""
     spec: TaskSpec
-    """The Task spec these options make: ``retry``, ``queue`` and ``maxDurationSeconds``,
+    """The Task spec these options make: ``retry``, ``queue``, ``maxDurationSeconds``,
+    ``podTemplate`` and ``ttlSecondsAfterFinished``,
     without code or image (``kubetask deploy`` adds ``image`` and ``entrypoint``)."""
     catch_error: CatchError | None
     """Called by the runner with ``(error, ctx)`` when the task raises (:meth:`decide`)."""
@@ -133,6 +146,8 @@ class TaskDefinition:
         queue: Queue | None = None,
         max_duration_seconds: int | None = None,
         catch_error: CatchError | None = None,
+        pod: Pod | None = None,
+        ttl_seconds_after_finished: int | None = None,
     ) -> None:
         if not callable(fn):
             raise TypeError(f"@task needs a function, got {type(fn).__name__}")
@@ -142,6 +157,8 @@ class TaskDefinition:
             raise TypeError(f"retry must be a kubetask.Retry, not {type(retry).__name__}")
         if queue is not None and not isinstance(queue, Queue):
             raise TypeError(f"queue must be a kubetask.Queue, not {type(queue).__name__}")
+        if pod is not None and not isinstance(pod, Pod):
+            raise TypeError(f"pod must be a kubetask.Pod, not {type(pod).__name__}")
         if catch_error is not None and not callable(catch_error):
             raise TypeError(
                 f"catch_error must be a function (error, ctx) -> RetryDecision | None, "
@@ -151,6 +168,12 @@ class TaskDefinition:
             isinstance(max_duration_seconds, bool) or not isinstance(max_duration_seconds, int)
         ):
             raise TypeError(f"max_duration_seconds must be an int, not {type(max_duration_seconds).__name__}")
+        if ttl_seconds_after_finished is not None and (
+            isinstance(ttl_seconds_after_finished, bool) or not isinstance(ttl_seconds_after_finished, int)
+        ):
+            raise TypeError(
+                f"ttl_seconds_after_finished must be an int, not {type(ttl_seconds_after_finished).__name__}"
+            )
         try:
             # The Task spec's own model checks the options (bounds, cross-field rules):
             # what the cluster would refuse fails here, at import time, with its field name.
@@ -158,6 +181,8 @@ class TaskDefinition:
                 retry=retry if retry is not None else Retry(),
                 queue=queue,
                 max_duration_seconds=max_duration_seconds,
+                pod_template=pod,
+                ttl_seconds_after_finished=ttl_seconds_after_finished,
             )
         except ValidationError as e:
             raise ValueError(f"invalid @task options: {_errors(e)}") from None
@@ -181,6 +206,8 @@ class TaskDefinition:
         self.retry = spec.retry
         self.queue = spec.queue
         self.max_duration_seconds = spec.max_duration_seconds
+        self.pod = pod
+        self.ttl_seconds_after_finished = spec.ttl_seconds_after_finished
         self.catch_error = catch_error
 
     def __call__(self, payload: dict[str, Any], ctx: TaskContext) -> Any:
@@ -238,6 +265,8 @@ def task(
     queue: Queue | None = None,
     max_duration_seconds: int | None = None,
     catch_error: CatchError | None = None,
+    pod: Pod | None = None,
+    ttl_seconds_after_finished: int | None = None,
 ) -> Callable[[TaskFunction], TaskDefinition]: ...
 
 
@@ -250,6 +279,8 @@ def task(
     queue: Queue | None = None,
     max_duration_seconds: int | None = None,
     catch_error: CatchError | None = None,
+    pod: Pod | None = None,
+    ttl_seconds_after_finished: int | None = None,
 ) -> TaskDefinition | Callable[[TaskFunction], TaskDefinition]:
     """Register ``fn(payload, ctx)`` as a task; use as ``@task`` or ``@task(...)``.
 
@@ -262,6 +293,11 @@ def task(
     :param catch_error: ``fn(error, ctx)``, sync or async, called in the pod when the task
         raises; it returns a :class:`~kubetask.sdk.retry.RetryDecision` (skip, retry
         after/at) or None for the retry policy's default (docs/retries.md).
+    :param pod: resources, env, envFrom, nodeSelector, tolerations of the attempt pods
+        (:class:`Pod`): the Task's ``spec.podTemplate``.
+    :param ttl_seconds_after_finished: delete each finished Run resource this long after it
+        ends (0..31536000; its record stays in PostgreSQL): the Task's
+        ``spec.ttlSecondsAfterFinished``.
 
     Errors in the arguments (a bad id, a wrong type) raise at decoration time.
     """
@@ -274,6 +310,8 @@ def task(
             queue=queue,
             max_duration_seconds=max_duration_seconds,
             catch_error=catch_error,
+            pod=pod,
+            ttl_seconds_after_finished=ttl_seconds_after_finished,
         )
 
     if isinstance(fn, str):
