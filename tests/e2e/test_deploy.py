@@ -277,3 +277,58 @@ def test_a_retried_run_runs_the_image_digest_its_first_attempt_ran(
     assert second == {by_digest}, second
     ran = {e.image_id for e in watcher.events if e.labels.get(LABEL_ATTEMPT) == "1" and e.image_id}
     assert ran == {by_digest}, ran
+
+
+def test_prune_deletes_the_tasks_gone_from_the_code_but_not_while_runs_of_them_are_unfinished(
+    stack: Stack, ns: str, operator: Operator, tmp_path: Path
+) -> None:
+    def package(*names: str) -> str:
+        """The package ``shop`` with one @task per name (the same package each time)."""
+        root = tmp_path / "shop"
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir()
+        (root / "__init__.py").write_text("")
+        body = "from kubetask import task\n"
+        for name in names:
+            body += f"\n\n@task(id={name!r})\ndef {name}(payload, ctx):\n    return {{'task': {name!r}}}\n"
+        (root / "tasks.py").write_text(body)
+        return str(root)
+
+    def tasks() -> set[str]:
+        listed = stack.custom.list_namespaced_custom_object(GROUP, VERSION, ns, "tasks")
+        return {t["metadata"]["name"] for t in listed["items"]}
+
+    image = ["--image", stack.runner_image]  # nothing to build: no run of these tasks starts a pod
+    deployed(stack, package("keep", "gone", "busy"), "-n", ns, *image)
+    stack.apply_task(ns, "manual", {"source": "from kubetask import task\n\n@task\ndef manual(p, c): ...\n"})
+    waiting = stack.create_run(ns, "busy", delaySeconds=3600)
+    stack.wait_run(ns, waiting, {"Delayed"}, timeout=60)
+    assert tasks() == {"keep", "gone", "busy", "manual"}
+
+    # A dry run says what would go, and deletes nothing.
+    dry = kubetask_deploy(stack, package("keep"), "-n", ns, *image, "--prune", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "task.kubetask.dev/gone would be deleted (no longer in the code)" in dry.stderr
+    assert "task.kubetask.dev/busy kept: 1 runs unfinished" in dry.stderr
+    assert tasks() == {"keep", "gone", "busy", "manual"}
+
+    # The Task with an unfinished run stays (deleting it would end the run TaskNotFound);
+    # the hand-written Task is not the package's and is never touched.
+    first = deployed(stack, package("keep"), "-n", ns, *image, "--prune")
+    assert first["pruned"] == [
+        {"name": "busy", "deleted": False, "unfinishedRuns": 1},
+        {"name": "gone", "deleted": True, "unfinishedRuns": 0},
+    ]
+    assert tasks() == {"keep", "busy", "manual"}
+    assert stack.get_run(ns, waiting)["status"]["phase"] == "Delayed"
+
+    # Once its run ended, the next deploy with --prune deletes it.
+    stack.patch_run(ns, waiting, {"cancel": True})
+    stack.wait_run(ns, waiting, {"Canceled"}, timeout=60)
+    second = deployed(stack, package("keep"), "-n", ns, *image, "--prune")
+    assert second["pruned"] == [{"name": "busy", "deleted": True, "unfinishedRuns": 0}]
+    assert tasks() == {"keep", "manual"}
+    # Without --prune a Task gone from the code stays.
+    deployed(stack, package("keep", "extra"), "-n", ns, *image)
+    assert deployed(stack, package("keep"), "-n", ns, *image)["pruned"] == []
+    assert tasks() == {"keep", "extra", "manual"}

@@ -290,3 +290,9 @@ def test_paths_that_are_no_package(tmp_path: Path) -> None:
 def test_an_image_the_task_spec_rejects_is_reported_per_task(tmp_path: Path) -> None:
     message = error_of(deploy(str(EXAMPLES), "--dry-run", "--image", "x" * 600))
     assert "task greet (codefirst.tasks:greet): the Task spec is invalid: image:" in message
+
+
+def test_prune_in_a_dry_run_needs_the_cluster() -> None:
+    result = deploy(str(EXAMPLES), "--dry-run", "--prune", "--image", "x.example/b:1")
+    assert "--prune needs the cluster (a kubeconfig)" in error_of(result)
+    assert result.stdout == ""

@@ -69,12 +69,21 @@ def deploy(
         bool,
         typer.Option("--dry-run", help="Print the Tasks (YAML; JSON with --json); build and apply nothing."),
     ] = False,
+    prune: Annotated[
+        bool,
+        typer.Option(
+            "--prune",
+            help="Delete the Tasks an earlier deploy of this package made that its code no longer has "
+            "(never Tasks written by hand; kept while runs of them are unfinished).",
+        ),
+    ] = False,
     namespace: Namespace = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Deploy the @task functions under PATH as Tasks: build an image FROM the runner image
     with the package (tagged by content: unchanged code builds nothing), then apply one
-    Task per function, its spec from the decorator (retry, queue, max_duration_seconds).
+    Task per function, its spec from the decorator (retry, queue, max_duration_seconds, pod,
+    ttl_seconds_after_finished); with --prune, delete the Tasks the package no longer has.
     On any error nothing is applied."""
     from kubetask.deploy import DeployError, discover, manifests
     from kubetask.deploy import image as images
@@ -96,7 +105,21 @@ def deploy(
         kube = _maybe_kubeconfig() if dry_run else manifests.kubeconfig()
         ns = namespace or manifests.default_namespace(kube)
         docs = [manifests.task_manifest(f, image=ref, namespace=ns, package=package.label) for f in found]
+        keep = {f.name for f in found}
         if dry_run:
+            if prune:
+                if kube is None:
+                    raise DeployError(
+                        "--prune needs the cluster (a kubeconfig) to see what an earlier deploy made"
+                    )
+                applier = manifests.Applier(kube)
+                try:
+                    would = applier.prune(ns, package.label, keep, dry_run=True)
+                finally:
+                    applier.close()
+                for p in would:
+                    what = "would be deleted" if p.deleted else f"kept: {p.unfinished} runs unfinished"
+                    typer.echo(f"task.kubetask.dev/{p.name} {what} (no longer in the code)", err=True)
             if as_json:
                 print_json(docs)
             else:
@@ -111,6 +134,7 @@ def deploy(
                 assert chosen is not None
                 built = images.ensure_image(package, ref=ref, runner_image=runner, builder=chosen, push=push)
             applied = applier.apply(docs)
+            pruned = applier.prune(ns, package.label, keep) if prune else []
         finally:
             applier.close()
     except DeployError as e:
@@ -123,6 +147,7 @@ def deploy(
         "imported": bool(built and built.imported),
         "pushed": bool(built and built.pushed),
         "tasks": [{"name": a.name, "entrypoint": entry[a.name], "outcome": a.outcome} for a in applied],
+        "pruned": [{"name": p.name, "deleted": p.deleted, "unfinishedRuns": p.unfinished} for p in pruned],
     }
     if as_json:
         print_json(result)
@@ -133,6 +158,14 @@ def deploy(
     typer.echo(f"image {ref} ({how}{extra})")
     for t in result["tasks"]:
         typer.echo(f"task.kubetask.dev/{t['name']} {t['outcome']} ({t['entrypoint']}) in {ns}")
+    for p in pruned:
+        if p.deleted:
+            typer.echo(f"task.kubetask.dev/{p.name} deleted (no longer in the code) in {ns}")
+        else:
+            typer.echo(
+                f"task.kubetask.dev/{p.name} kept: {p.unfinished} runs unfinished; it is no longer in the "
+                f"code (deploy with --prune again once they end) in {ns}"
+            )
 
 
 def _maybe_kubeconfig() -> KubeConfig | None:

@@ -17,6 +17,7 @@ import httpx
 from pydantic import ValidationError
 from pydantic.alias_generators import to_snake
 
+from kubetask.apimodels import TERMINAL_PHASES
 from kubetask.deploy import DeployError
 from kubetask.deploy.discover import FoundTask
 from kubetask.sdk.credentials import CredentialsError, KubeConfig, load_kubeconfig
@@ -27,6 +28,11 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_PACKAGE = "kubetask.dev/package"
 
 Outcome = Literal["created", "configured", "unchanged"]
+
+
+def package_label(package: str) -> str:
+    """The value of the ``kubetask.dev/package`` label of a package's Tasks."""
+    return package[:63].strip("-_.") or "app"
 
 
 def task_manifest(found: FoundTask, *, image: str, namespace: str, package: str) -> dict[str, Any]:
@@ -51,7 +57,7 @@ def task_manifest(found: FoundTask, *, image: str, namespace: str, package: str)
         "metadata": {
             "name": found.name,
             "namespace": namespace,
-            "labels": {LABEL_MANAGED_BY: FIELD_MANAGER, LABEL_PACKAGE: package[:63].strip("-_.") or "app"},
+            "labels": {LABEL_MANAGED_BY: FIELD_MANAGER, LABEL_PACKAGE: package_label(package)},
         },
         "spec": spec.model_dump(mode="json", by_alias=True, exclude_none=True),
     }
@@ -79,6 +85,16 @@ class Applied:
     outcome: Outcome
 
 
+@dataclass(frozen=True)
+class Pruned:
+    """A Task an earlier deploy of the package made that its code no longer has: deleted,
+    or kept because runs of it are unfinished (deleting it would end them TaskNotFound)."""
+
+    name: str
+    deleted: bool
+    unfinished: int = 0
+
+
 class Applier:
     """Server-side apply of Tasks with the kubeconfig's credentials."""
 
@@ -98,6 +114,57 @@ class Applier:
 
     def _path(self, namespace: str, name: str) -> str:
         return f"/apis/{GROUP}/{VERSION}/namespaces/{quote(namespace, safe='')}/tasks/{quote(name, safe='')}"
+
+    def _list(self, namespace: str, plural: str, selector: str | None = None) -> list[dict[str, Any]]:
+        """Every ``plural`` object in the namespace, page by page."""
+        items: list[dict[str, Any]] = []
+        params: dict[str, str] = {"limit": "500"}
+        if selector:
+            params["labelSelector"] = selector
+        while True:
+            response = self._request(
+                "GET",
+                f"/apis/{GROUP}/{VERSION}/namespaces/{quote(namespace, safe='')}/{plural}",
+                params=params,
+            )
+            if not response.is_success:
+                raise DeployError(f"cannot list {plural} in {namespace}: {self._error(response, '*')}")
+            body = response.json()
+            items.extend(body.get("items") or [])
+            more = (body.get("metadata") or {}).get("continue")
+            if not more:
+                return items
+            params["continue"] = more
+
+    def prune(self, namespace: str, package: str, keep: set[str], *, dry_run: bool = False) -> list[Pruned]:
+        """Delete the Tasks an earlier deploy of ``package`` made in ``namespace`` (its
+        labels say so; Tasks written by hand are never touched) that are not in ``keep``,
+        unless runs of them are unfinished: those are kept, and said so. With ``dry_run``
+        nothing is deleted (``deleted`` says what would be)."""
+        selector = f"{LABEL_MANAGED_BY}={FIELD_MANAGER},{LABEL_PACKAGE}={package_label(package)}"
+        stale = sorted(
+            str(t["metadata"]["name"])
+            for t in self._list(namespace, "tasks", selector)
+            if t["metadata"]["name"] not in keep
+        )
+        if not stale:
+            return []
+        unfinished: dict[str, int] = {}
+        for run in self._list(namespace, "runs"):
+            task = str((run.get("spec") or {}).get("task") or "")
+            if task in stale and (run.get("status") or {}).get("phase") not in TERMINAL_PHASES:
+                unfinished[task] = unfinished.get(task, 0) + 1
+        done = []
+        for name in stale:
+            if unfinished.get(name):
+                done.append(Pruned(name, deleted=False, unfinished=unfinished[name]))
+                continue
+            if not dry_run:
+                response = self._request("DELETE", self._path(namespace, name))
+                if not response.is_success and response.status_code != 404:
+                    raise DeployError(f"cannot delete {self._error(response, name)}")
+            done.append(Pruned(name, deleted=True))
+        return done
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
