@@ -4,6 +4,7 @@ images, a namespace, an operator process, and a pod watcher. No mocks anywhere."
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import secrets
@@ -41,6 +42,24 @@ def hack(*args: str) -> str:
 
 def hack_verbose(*args: str) -> None:
     subprocess.run(["bash", str(REPO / "hack" / args[0]), *args[1:]], cwd=REPO, check=True)
+
+
+@contextlib.contextmanager
+def api_server_timing(*, freeze: bool) -> Iterator[None]:
+    """A lock between the two pytest lanes of ``make test`` (hack/test.sh), which share one
+    kube-apiserver: a test that freezes it (SIGSTOP) holds the lock exclusively
+    (``freeze=True``), a test that measures how fast something happens through it holds it
+    shared, so the one never runs during the other (the other lane's 10 s freeze once made
+    a leader's take-over 19 s)."""
+    state = Path(os.environ.get("KUBETASK_STATE", "/var/lib/kubetask-local"))
+    path = state / "locks" / "kube-apiserver-timing"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX if freeze else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def free_port() -> int:

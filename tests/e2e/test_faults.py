@@ -20,7 +20,7 @@ from sqlalchemy import create_engine, make_url, text
 from sqlalchemy.pool import NullPool
 
 from tests.e2e.conftest import wait_for
-from tests.e2e.harness import Operator, PodWatcher, Stack
+from tests.e2e.harness import Operator, PodWatcher, Stack, api_server_timing
 from tests.e2e.test_control_loop import assert_one_pod_per_attempt, token_secrets
 from tests.faults.kubeapi import KubeApiProxy
 from tests.faults.tcp import TcpProxy
@@ -155,11 +155,14 @@ def apiserver_pid() -> int:
 
 @contextlib.contextmanager
 def stopped(pid: int) -> Iterator[None]:
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(pid, signal.SIGCONT)
+    """The kube-apiserver (``pid``) frozen, while no test of the other lane measures timing
+    through it (:func:`api_server_timing`)."""
+    with api_server_timing(freeze=True):
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(pid, signal.SIGCONT)
 
 
 def test_the_api_server_stopped_for_ten_seconds(

@@ -14,20 +14,30 @@ import signal
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import pytest
 from kubernetes_asyncio import client, config
 from prometheus_client.parser import text_string_to_metric_families
 
 from kubetask.control.leader import LeaderElector, LeaseSettings
 from tests.e2e.conftest import wait_for
-from tests.e2e.harness import Operator, Stack
+from tests.e2e.harness import Operator, Stack, api_server_timing
 from tests.faults.kubeapi import KubeApiProxy
+
+
+@pytest.fixture(autouse=True)
+def _api_server_not_frozen() -> Iterator[None]:
+    """These tests measure lease timings through the API server: the other lane of
+    ``make test`` does not freeze it meanwhile."""
+    with api_server_timing(freeze=False):
+        yield
+
 
 #: The timings of most cases (namespace and identity are set per replica).
 SHORT = LeaseSettings(namespace="-", identity="-", lease_duration=2.0, renew_deadline=1.4, retry_period=0.3)
