@@ -7,7 +7,9 @@
 # operator process or Helm release, and database): the end-to-end modules that mostly wait
 # for the wall clock (schedules fire on the minute) and the Helm tier (each module installs
 # a release of its own) run in the second, beside the rest. Every test is written to hold
-# while the other lane's faults (a SIGSTOPped kube-apiserver) happen beside it.
+# while the other lane's faults (a SIGSTOPped kube-apiserver) happen beside it, except
+# those that measure timings through the API server (tests/e2e/test_leader.py): a file
+# lock keeps the freeze and them apart (tests/e2e/harness.py api_server_timing).
 # Arguments (e.g. -k EXPR, a path) go to one pytest process running what they select.
 source "$(dirname "$0")/lib.sh"
 cd "$REPO_ROOT"
