@@ -862,6 +862,24 @@ def test_runner_without_api_url_exits_12_with_a_message(tmp_path: Path) -> None:
     assert "KUBETASK_API_URL is not set" in summary_line(result)
 
 
+def _spawn_runner(tmp_path: Path, api: FakeApi, source: str) -> subprocess.Popen[str]:
+    """``python -m kubetask.runner`` for the task ``hello`` in ``source``, its stdout piped."""
+    (tmp_path / "source").mkdir()
+    (tmp_path / "source" / "task.py").write_text(textwrap.dedent(source))
+    (tmp_path / "token").write_text(TOKEN)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KUBETASK_")}
+    env |= {
+        "KUBETASK_API_URL": api.url,
+        "KUBETASK_TASK_ID": "hello",
+        "KUBETASK_TOKEN_FILE": str(tmp_path / "token"),
+        "KUBETASK_SOURCE_FILE": str(tmp_path / "source" / "task.py"),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kubetask.runner"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True
+    )
+    return proc
+
+
 def _wait_for_wchan(pid: int, what: str, timeout: float = 10.0) -> None:
     """Wait until the main thread of ``pid`` sleeps in a kernel function named like ``what``."""
     path = Path(f"/proc/{pid}/task/{pid}/wchan")
@@ -891,19 +909,7 @@ def test_sigterm_delivered_to_the_tasks_own_thread_still_stops_the_runner(
             print(f"started {threading.get_native_id()}", flush=True)
             time.sleep(60)
     """
-    (tmp_path / "source").mkdir()
-    (tmp_path / "source" / "task.py").write_text(textwrap.dedent(source))
-    (tmp_path / "token").write_text(TOKEN)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KUBETASK_")}
-    env |= {
-        "KUBETASK_API_URL": api.url,
-        "KUBETASK_TASK_ID": "hello",
-        "KUBETASK_TOKEN_FILE": str(tmp_path / "token"),
-        "KUBETASK_SOURCE_FILE": str(tmp_path / "source" / "task.py"),
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kubetask.runner"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True
-    )
+    proc = _spawn_runner(tmp_path, api, source)
     try:
         assert proc.stdout is not None
         word, tid = proc.stdout.readline().split()
@@ -929,19 +935,7 @@ def test_sigterm_ships_the_logs_so_far_and_exits_143(tmp_path: Path, api: FakeAp
             print("started", flush=True)
             time.sleep(60)
     """
-    (tmp_path / "source").mkdir()
-    (tmp_path / "source" / "task.py").write_text(textwrap.dedent(source))
-    (tmp_path / "token").write_text(TOKEN)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KUBETASK_")}
-    env |= {
-        "KUBETASK_API_URL": api.url,
-        "KUBETASK_TASK_ID": "hello",
-        "KUBETASK_TOKEN_FILE": str(tmp_path / "token"),
-        "KUBETASK_SOURCE_FILE": str(tmp_path / "source" / "task.py"),
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kubetask.runner"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True
-    )
+    proc = _spawn_runner(tmp_path, api, source)
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "started"
