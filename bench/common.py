@@ -66,7 +66,16 @@ from kubernetes.client.rest import ApiException  # noqa: E402
 from sqlalchemy import DateTime, create_engine, text  # noqa: E402
 from sqlalchemy.pool import NullPool  # noqa: E402
 from tests.databases import scratch_database  # noqa: E402
-from tests.e2e.harness import Operator, PodEvent, PodWatcher, Stack, hack, install_crds, namespace  # noqa: E402
+from tests.e2e.harness import (  # noqa: E402
+    Operator,
+    PodEvent,
+    PodWatcher,
+    Stack,
+    free_port,
+    hack,
+    install_crds,
+    namespace,
+)
 
 from kubetask.pods import LABEL_ATTEMPT, LABEL_RUN  # noqa: E402
 from kubetask.settings import Settings  # noqa: E402
@@ -392,6 +401,9 @@ def start_operator(
     default: ``$KUBETASK_BENCH_OPERATOR_REF``'s (:func:`operator_code`), else the working tree."""
     if code is None and (ref := os.environ.get(OPERATOR_REF)):
         code = operator_code(ref)
+    if not has_setting(code, "api_share_port"):
+        # Code from before KUBETASK_API_SHARE_PORT may not bind beside a HeldPort: ports free now.
+        port, runner_port = port or free_port(), runner_port or free_port()
     kwargs: dict[str, Any] = {
         "database_url": database_url,
         "namespaces": [ns],

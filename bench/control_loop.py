@@ -43,7 +43,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from tests.e2e.harness import GROUP, TERMINAL, VERSION, Operator, Stack, free_port
+from tests.e2e.harness import GROUP, TERMINAL, VERSION, HeldPort, Operator, Stack
 
 from bench import opstats
 from bench.common import (
@@ -317,12 +317,17 @@ def failover_part(st: Stack, args: argparse.Namespace) -> dict[str, Any]:
         bench_namespace(st, "failover") as ns,
         AllPods(st, ns) as w,
     ):
-        ports = (free_port(), free_port())
+        held = (HeldPort(), HeldPort())
+        ports = (held[0].port, held[1].port)
         print(f"2. fail-over: namespace {ns}, API ports {ports}", flush=True)
-        for label, short, action in FAILOVER_MODES:
-            out[label] = failover_mode(st, ns, url, ports, w, args, short=short, action=action)
-            s = out[label]["seconds"]
-            print(f"  {label}: -> next pod p50 {s.get('p50')} s, max {s.get('max')} s", flush=True)
+        try:
+            for label, short, action in FAILOVER_MODES:
+                out[label] = failover_mode(st, ns, url, ports, w, args, short=short, action=action)
+                s = out[label]["seconds"]
+                print(f"  {label}: -> next pod p50 {s.get('p50')} s, max {s.get('max')} s", flush=True)
+        finally:
+            for h in held:
+                h.release()
     return out
 
 

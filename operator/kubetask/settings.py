@@ -20,6 +20,13 @@ class Settings(BaseSettings):
     )
     api_host: str = Field("0.0.0.0", description="Address the API listens on.")
     api_port: int = Field(8080, description="Port the API listens on.")
+    api_share_port: bool = Field(
+        False,
+        description="Bind both API ports with SO_REUSEPORT, so several operator processes of one "
+        "install (one database) on one host share them, the kernel spreading connections over "
+        "them. Off, a port in use fails the start with an error that names it: shared, another "
+        "install's operator on the same port would silently answer for this one.",
+    )
     api_url: str = Field(
         "http://kubetask-runner.kubetask-system.svc:8081",
         description="Base URL runner pods use to reach the API (the runner listener, runner_api_port).",

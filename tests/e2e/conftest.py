@@ -14,10 +14,10 @@ import pytest
 from tests.databases import scratch_database
 from tests.e2e.harness import (
     READER_RULES,
+    HeldPort,
     Operator,
     Stack,
     ensure_crds,
-    free_port,
     hack,
     hack_verbose,
     install_crds,
@@ -112,7 +112,8 @@ def start_operator(
     stack: Stack, e2e_database: str, log_dir: Path, ns: str, api_token: str, request: pytest.FixtureRequest
 ) -> Iterator[Callable[..., Operator]]:
     started: list[Operator] = []
-    port, runner_port = free_port(), free_port()
+    ports = HeldPort(), HeldPort()
+    port, runner_port = (held.port for held in ports)
 
     def start(
         name: str = "op",
@@ -124,8 +125,8 @@ def start_operator(
     ) -> Operator:
         """An operator for this test's namespace (or ``namespaces``). Operators of one test
         share the API ports (public and runner), as replicas behind a Service do (they bind
-        them with SO_REUSEPORT, so two can run at once); ``own_port`` gives one ports of
-        its own."""
+        them with SO_REUSEPORT, KUBETASK_API_SHARE_PORT, so two can run at once); ``own_port``
+        gives one ports of its own. No other test's operator is given them (HeldPort)."""
         op = Operator(
             stack,
             database_url=e2e_database,
@@ -144,8 +145,11 @@ def start_operator(
     failed = request.node.rep_call.failed if hasattr(request.node, "rep_call") else False
     for op in started:
         op.stop()
+        op.release_ports()
         if failed:
             print(f"--- operator {op.log_path} ---\n{op.log_tail(120)}")
+    for held in ports:
+        held.release()
 
 
 @pytest.fixture

@@ -63,9 +63,32 @@ def api_server_timing(*, freeze: bool) -> Iterator[None]:
 
 
 def free_port() -> int:
+    """A port free now, for a listener bound without SO_REUSEPORT: another process may be
+    given it before that listener binds it, which then fails loudly. Operators take a
+    :class:`HeldPort` instead."""
     with socket.socket() as s:
         s.bind(("0.0.0.0", 0))
         return int(s.getsockname()[1])
+
+
+class HeldPort:
+    """A TCP port that no other ``bind(port 0)`` on this host is given until :meth:`release`.
+
+    A socket bound to it with SO_REUSEPORT that never listens (so it takes no connection);
+    operators started by :class:`Operator` (``KUBETASK_API_SHARE_PORT=true``) bind beside
+    it. A port from :func:`free_port` is free again the moment it is returned: the other
+    lane of ``make test`` was once given the same one, both its operator and this one's
+    bound it with SO_REUSEPORT, and a test read the other lane's operator (a ``404`` for a
+    run it had just watched finish)."""
+
+    def __init__(self) -> None:
+        self._socket = socket.socket()
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        self._socket.bind(("0.0.0.0", 0))
+        self.port = int(self._socket.getsockname()[1])
+
+    def release(self) -> None:
+        self._socket.close()
 
 
 @dataclass
@@ -276,9 +299,11 @@ class Operator:
     ) -> None:
         self.stack = stack
         # A restarted operator keeps its API addresses, as a Service would: pods created by
-        # the previous process still reach it.
-        self.port = port or free_port()
-        self.runner_port = runner_port or free_port()
+        # the previous process still reach it. Ports not given are held until release_ports().
+        self.held = [HeldPort() for given in (port, runner_port) if not given]
+        held = iter(h.port for h in self.held)
+        self.port = port or next(held)
+        self.runner_port = runner_port or next(held)
         #: Bearer token for the public API (:meth:`get`); see api_reader_token().
         self.token = token
         self.log_path = log_dir / f"operator-{name}-{self.port}.log"
@@ -288,6 +313,9 @@ class Operator:
             "KUBETASK_DATABASE_URL": database_url,
             "KUBETASK_API_PORT": str(self.port),
             "KUBETASK_RUNNER_API_PORT": str(self.runner_port),
+            # Beside the HeldPort that keeps the port from other processes, and beside the
+            # test's other replicas (start_operator gives them the same ports).
+            "KUBETASK_API_SHARE_PORT": "true",
             # Runner pods reach the runner listener only.
             "KUBETASK_API_URL": f"http://{stack.host_ip}:{self.runner_port}",
             # Token completion URLs (ctx.create_token) point at this process's public API.
@@ -361,6 +389,11 @@ class Operator:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+    def release_ports(self) -> None:
+        """Let other processes be given the ports this operator held (once it is stopped)."""
+        for held in self.held:
+            held.release()
 
     @property
     def logs_info(self) -> bool:

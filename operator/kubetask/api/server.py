@@ -16,6 +16,8 @@ port only.
 from __future__ import annotations
 
 import asyncio
+import errno
+import functools
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -535,19 +537,39 @@ class Listeners:
             await runner.cleanup()
 
 
-async def _serve(app: web.Application, host: str, port: int, *, access_log: bool, what: str) -> web.AppRunner:
+class PortInUse(OSError):
+    """An API port is held by another program; the message says which and what to set."""
+
+
+async def _serve(
+    app: web.Application, host: str, port: int, *, access_log: bool, what: str, share_port: bool, env: str
+) -> web.AppRunner:
     runner = web.AppRunner(app, access_log=logging.getLogger("aiohttp.access") if access_log else None)
     await runner.setup()
-    # SO_REUSEPORT: operators on one host may share the port, the kernel spreading
-    # connections over them as a Service spreads them over replicas (the e2e tests run
-    # two at once); a port held by another program still fails to bind.
-    site = web.TCPSite(runner, host, port, reuse_port=True)
+    # SO_REUSEPORT only when asked (KUBETASK_API_SHARE_PORT): replicas of one install on one
+    # host then share the port as replicas behind a Service do. Never by default: any
+    # process of the same user that also asks for it could share the port unseen, and
+    # answer for this operator from another database.
+    site = web.TCPSite(runner, host, port, reuse_port=share_port)
     try:
         await site.start()
+    except OSError as e:
+        await runner.cleanup()
+        if e.errno == errno.EADDRINUSE:
+            raise PortInUse(
+                f"cannot listen on {host}:{port} for the {what}: another program holds the port. "
+                f"Set {env} to a free port, or stop the other program"
+                + (
+                    ""
+                    if share_port
+                    else " (replicas of one install on one host: KUBETASK_API_SHARE_PORT=true)"
+                )
+            ) from e
+        raise
     except BaseException:
         await runner.cleanup()
         raise
-    log.info("kubetask %s listening on %s:%s", what, host, port)
+    log.info("kubetask %s listening on %s:%s%s", what, host, port, " (shared)" if share_port else "")
     return runner
 
 
@@ -558,20 +580,22 @@ async def start_api(
     *,
     runner_port: int | None = None,
     access_log: bool = False,
+    share_port: bool = False,
 ) -> Listeners:
     """Serve in the running event loop: the public API on ``host:port`` and (given
-    :class:`Apps`) the runner API on ``runner_port`` (default: ``runner_api_port``).
+    :class:`Apps`) the runner API on ``runner_port`` (default: ``runner_api_port``);
+    ``share_port`` binds them with SO_REUSEPORT (``KUBETASK_API_SHARE_PORT``).
     Stop them with ``await listeners.cleanup()``."""
+    serve = functools.partial(_serve, host=host, access_log=access_log, share_port=share_port)
     if isinstance(app, web.Application):
-        return Listeners((await _serve(app, host, port, access_log=access_log, what="API"),))
-    public = await _serve(app.public, host, port, access_log=access_log, what="public API")
+        return Listeners((await serve(app, port=port, what="API", env="KUBETASK_API_PORT"),))
+    public = await serve(app.public, port=port, what="public API", env="KUBETASK_API_PORT")
     try:
-        runner = await _serve(
+        runner = await serve(
             app.runner,
-            host,
-            app.settings.runner_api_port if runner_port is None else runner_port,
-            access_log=access_log,
+            port=app.settings.runner_api_port if runner_port is None else runner_port,
             what="runner API",
+            env="KUBETASK_RUNNER_API_PORT",
         )
     except BaseException:
         await public.cleanup()

@@ -68,7 +68,10 @@ async def startup(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) ->
         kube = Kube(cfg.namespaces)
         # Every replica serves the API; only the leader reconciles.
         memo.runner = await start_api(
-            make_app(sessions=sessions, settings=cfg, leadership=leadership), cfg.api_host, cfg.api_port
+            make_app(sessions=sessions, settings=cfg, leadership=leadership),
+            cfg.api_host,
+            cfg.api_port,
+            share_port=cfg.api_share_port,
         )
     except BaseException:
         # kopf retries a failed start-up: leave nothing behind that the retry would trip on.
