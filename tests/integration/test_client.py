@@ -45,7 +45,7 @@ from kubetask.sdk import credentials
 from kubetask.settings import Settings
 from kubetask.spec import GROUP, VERSION
 from kubetask.store import tables as t
-from tests.e2e.harness import Stack, free_port, hack, namespace, service_account_token, token_for
+from tests.e2e.harness import Stack, hack, namespace, service_account_token, token_for
 
 pytestmark = [pytest.mark.db, pytest.mark.asyncio(loop_scope="session")]
 
@@ -132,11 +132,12 @@ class Api:
 @pytest_asyncio.fixture(loop_scope="session", scope="module")
 async def api(sessions: Sessions, kube: Kube) -> AsyncIterator[Api]:
     apps = make_app(sessions=sessions, settings=Settings(), kube=kube)
-    port = free_port()
-    server = TestServer(apps.public, host="0.0.0.0", port=port)
+    # Port 0: bound in one step (a port looked up first could be given to another process).
+    server = TestServer(apps.public, host="0.0.0.0")
     await server.start_server()
+    assert server.port is not None
     try:
-        yield Api(url=f"http://127.0.0.1:{port}", port=port)
+        yield Api(url=f"http://127.0.0.1:{server.port}", port=server.port)
     finally:
         await server.close()
 
