@@ -11,8 +11,13 @@ the last one uninstalls the release."""
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import re
+import subprocess
+import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,6 +38,8 @@ from tests.e2e.helm import (
     ready,
     sleeper,
 )
+from tests.e2e.test_dashboard_browser import _cli_dashboard
+from tests.integration.test_client import _wait_proxy
 
 pytestmark = pytest.mark.e2e
 
@@ -172,6 +179,54 @@ def test_the_examples_hello_and_flaky_succeed(stack: Stack, installed: Release) 
     assert status["output"] == {"succeededOnAttempt": 3}
     assert [a["reason"] for a in status["attempts"]][-1] == "Succeeded"
     assert len(status["attempts"]) == 3
+    assert_never_forbidden(installed)
+
+
+def test_the_cli_and_its_dashboard_reach_the_charts_operator_as_a_user_with_a_kubeconfig(
+    stack: Stack, installed: Release
+) -> None:
+    """What a user with the cluster's admin kubeconfig (a client certificate, no token)
+    runs after ``helm install``: the CLI mints a token of the chart's admin ServiceAccount
+    and reaches the chart's ``-api`` Service through the API server's service proxy, to
+    trigger, read and list; ``kubetask dashboard`` serves the run's page the same way."""
+    ns = installed.work_ns
+    kubectl_ok(stack, ns, "apply", "-f", str(EXAMPLES / "hello" / "task.yaml"))
+    service = f"{installed.ns}/{installed.name}-api:8080"
+    _wait_proxy(stack, service)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("KUBETASK_")},
+        "KUBECONFIG": stack.kubeconfig,
+        "KUBETASK_API_SERVICE": service,
+        "KUBETASK_SERVICE_ACCOUNT": f"{installed.ns}/{installed.name}-admin",
+    }
+
+    def kubetask(*args: str) -> Any:
+        out = subprocess.run(
+            [sys.executable, "-m", "kubetask.cli", *args, "--json"],
+            env=env, capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+        assert out.returncode == 0, f"kubetask {' '.join(args)}: {out.stderr}"
+        return json.loads(out.stdout)
+
+    run = kubetask(
+        "trigger", "hello", "-n", ns, "--payload", '{"name": "helm"}', "--wait", "--timeout", "180"
+    )
+    assert run["phase"] == "Succeeded" and run["output"] == {"message": "Hello, helm!", "attempt": 1}, run
+    # The Run resource says who triggered it: the admin ServiceAccount the CLI minted for.
+    admin = f"system:serviceaccount:{installed.ns}:{installed.name}-admin"
+    annotations = stack.get_run(ns, run["name"])["metadata"]["annotations"]
+    assert annotations["kubetask.dev/triggered-by"] == admin
+    listed = kubetask("runs", "list", "-n", ns, "--task", "hello", "--since", "all")
+    assert run["id"] in {r["id"] for r in listed["items"]}
+
+    with _cli_dashboard(env, None) as url:
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+        with opener.open(url, timeout=60) as r:  # signs in (a cookie), then the runs list
+            assert r.url.endswith("/dashboard/runs"), r.url
+        with opener.open(f"{url.split('/_kubetask')[0]}/dashboard/runs/{run['id']}", timeout=60) as r:
+            page = r.read().decode()
+        assert f'data-run-id="{run["id"]}"' in page and "phase-succeeded" in page
+        assert admin in page  # signed in as the admin ServiceAccount
     assert_never_forbidden(installed)
 
 
