@@ -97,9 +97,11 @@ kind-up: ## (users with Docker) create a kind cluster, build the images with doc
 
 .PHONY: lint
 lint: venv ## ruff and mypy
-	$(VENV)/bin/ruff check operator tests bench
-	$(VENV)/bin/ruff format --check operator tests bench
+	$(VENV)/bin/ruff check operator tests bench examples
+	$(VENV)/bin/ruff format --check operator tests bench examples
 	$(VENV)/bin/mypy
+	# The code-first example as its users' project: kubetask from outside (examples/ruff.toml).
+	cd examples && $(abspath $(VENV))/bin/mypy codefirst
 
 .PHONY: unit
 unit: venv ## the unit tests (no cluster, no database)
