@@ -125,12 +125,19 @@ class Kube:
         self, namespace: str, name: str, *, grace: int | None = None, uid: str | None = None
     ) -> None:
         """Delete a pod (gone already is fine). With ``uid``, only that very pod (a
-        precondition: another pod of the same name is left alone)."""
-        body = {"preconditions": {"uid": uid}} if uid else None
+        precondition: another pod of the same name is left alone). ``grace``: seconds its
+        containers get to stop (None: the pod's own ``terminationGracePeriodSeconds``; 0:
+        removed at once, whether or not its kubelet confirms: for a node that is gone)."""
+        # All options in the body: the API server reads DeleteOptions from the body when
+        # there is one and then ignores the query's (a grace of 0 sent as a query parameter
+        # beside a uid precondition was silently the pod's own grace period).
+        body: dict[str, Any] = {"propagationPolicy": "Background"}
+        if grace is not None:
+            body["gracePeriodSeconds"] = grace
+        if uid:
+            body["preconditions"] = {"uid": uid}
         try:
-            await self.core.delete_namespaced_pod(
-                name, namespace, grace_period_seconds=grace, propagation_policy="Background", body=body
-            )
+            await self.core.delete_namespaced_pod(name, namespace, body=body)
         except ApiException as e:
             if e.status not in (404, 409):
                 raise

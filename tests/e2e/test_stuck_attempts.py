@@ -9,8 +9,9 @@ when its node is lost). Every pod event is watched."""
 from __future__ import annotations
 
 import contextlib
+import secrets
 from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from kubernetes.client.rest import ApiException
@@ -170,3 +171,195 @@ def test_a_pod_stuck_terminating_ends_its_attempt_after_the_timeout_and_the_run_
     assert len(watcher.uids_by_name) == 2
     created = watcher.first_created()
     assert created[second["pod"]] > created[first.metadata.name]
+
+
+#: The taint of :func:`lost_node`: only pods that tolerate it may land there.
+LOST = "kubetask.dev/e2e-lost-node"
+
+
+@contextlib.contextmanager
+def lost_node(stack: Stack, label: str) -> Iterator[str]:
+    """A Node whose kubelet is gone: the Node object alone, as a kubelet registered it,
+    with no kubelet behind it (it never posts status, so the node controller marks it
+    unreachable). Labelled ``label`` and tainted :data:`LOST`, so that only this test's
+    pods can land there. A pod bound to it never starts, and once deleted it stays,
+    marked for deletion, until someone forces it: what a node that lost its power does to
+    its pods. Deleted at the end (the pod GC controller then removes pods bound to it)."""
+    name = f"kubetask-e2e-lost-{secrets.token_hex(3)}"
+    capacity = {"cpu": "8", "memory": "16Gi", "pods": "110"}
+    labels = {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", label: "true"}
+    stack.core.create_node(
+        {
+            "metadata": {"name": name, "labels": labels},
+            "spec": {"taints": [{"key": LOST, "effect": "NoSchedule"}]},
+            "status": {"capacity": capacity, "allocatable": capacity},
+        }
+    )
+    try:
+        yield name
+    finally:
+        with contextlib.suppress(ApiException):
+            stack.core.delete_node(name)
+
+
+def test_a_pod_whose_node_is_lost_gives_its_queue_slot_back_after_the_terminating_timeout(
+    stack: Stack, ns: str, start_operator: Callable[..., Operator]
+) -> None:
+    """A canceled run's pod is on a node that is gone: its deletion is never confirmed.
+    The slot it holds in a queue of one goes to the next run once the pod has been stuck
+    for the terminating timeout past its deletion deadline (then forced), not for ever, and
+    never while the pod is still there."""
+    op = start_operator(KUBETASK_TERMINATING_TIMEOUT_SECONDS="3")
+    label = f"kubetask.dev/e2e-{ns}"
+    stack.apply_queue(ns, "one", {"concurrencyLimit": 1})
+    stranded_spec = {
+        **echo("stranded"),
+        "queue": {"name": "one"},
+        "podTemplate": {"nodeSelector": {label: "true"}, "tolerations": [{"operator": "Exists"}]},
+    }
+    stack.apply_task(ns, "stranded", stranded_spec)
+    stack.apply_task(ns, "next", {**echo("next"), "queue": {"name": "one"}})
+    with PodWatcher(stack, ns) as watcher, lost_node(stack, label) as node:
+        stranded = stack.create_run(ns, "stranded")
+        wait_for(
+            lambda: [p.spec.node_name for p in stack.pods(ns)] == [node],
+            60,
+            "the pod to be bound to the lost node",
+        )
+        [pod] = stack.pods(ns)
+        following = stack.create_run(ns, "next", payload={"n": 2})
+        stack.wait_run(ns, following, {"Queued"}, timeout=30)
+        stack.patch_run(ns, stranded, {"cancel": True})
+        wait_for(
+            lambda: (
+                stack.core.read_namespaced_pod(pod.metadata.name, ns).metadata.deletion_timestamp is not None
+            ),
+            30,
+            "the pod to be marked for deletion",
+        )
+        deadline = stack.core.read_namespaced_pod(pod.metadata.name, ns).metadata.deletion_timestamp
+        done = stack.wait_run(ns, following, timeout=120)["status"]
+        canceled = stack.wait_run(ns, stranded, timeout=30)["status"]
+
+    assert canceled["phase"] == "Canceled", canceled
+    assert done["phase"] == "Succeeded" and done["output"] == {"n": 2}, done
+    assert op.own_log_has("node never confirmed"), op.log_tail()
+    gone = [e.at for e in watcher.events if e.uid == pod.metadata.uid and e.type == "DELETED"]
+    assert gone, "the stuck pod was never removed"
+    # Forced only once the terminating timeout had passed since its deletion deadline.
+    assert gone[0] >= (deadline + timedelta(seconds=3)).timestamp(), (gone[0], deadline)
+    # The next run's pod came only after the stuck one was gone: the limit of 1 held.
+    [following_pod] = [n for n, _ in watcher.first_created().items() if n != pod.metadata.name]
+    assert watcher.first_created()[following_pod] >= gone[0]
+    assert watcher.max_alive_where(lambda labels: labels.get("kubetask.dev/queue") == "one") == 1
+    assert_one_pod_per_attempt(watcher)
+    wait_for(lambda: token_secrets(stack, ns) == [], 30, "the token Secrets to be deleted")
+
+
+def test_a_node_lost_under_a_running_task_ends_its_attempt_node_lost_counted_and_the_retry_runs_elsewhere(
+    stack: Stack, ns: str, start_operator: Callable[..., Operator]
+) -> None:
+    """The node under a running task is lost. Kubernetes does what it does: the node
+    controller marks the node unreachable (it never posts status again) and evicts its
+    pods (here after the pod's 1 s toleration of that taint); nothing confirms the
+    eviction, so the pod stays marked for deletion. Its attempt ends ``NodeLost`` the
+    terminating timeout past the deletion deadline and counts (the task may have run),
+    and the retry runs on a live node, the stuck pod gone first."""
+    op = start_operator(KUBETASK_TERMINATING_TIMEOUT_SECONDS="3")
+    label = f"kubetask.dev/e2e-{ns}"
+    evict_after_1s = [
+        {
+            "key": f"node.kubernetes.io/{why}",
+            "operator": "Exists",
+            "effect": "NoExecute",
+            "tolerationSeconds": 1,
+        }
+        for why in ("unreachable", "not-ready")
+    ]
+    schedule_anyway = [
+        {"key": key, "operator": "Exists", "effect": "NoSchedule"}
+        for key in (LOST, "node.kubernetes.io/unreachable", "node.kubernetes.io/not-ready")
+    ]
+    stack.apply_task(
+        ns,
+        "stranded",
+        {
+            **echo("stranded"),
+            "retry": {**FAST_RETRY, "maxAttempts": 2},
+            "podTemplate": {"nodeSelector": {label: "true"}, "tolerations": schedule_anyway + evict_after_1s},
+        },
+    )
+    with (
+        PodWatcher(stack, ns) as watcher,
+        lost_node(stack, label) as node,
+        node_label_at_the_end(stack, label) as labelled,
+    ):
+        name = stack.create_run(ns, "stranded", payload={"n": 5})
+        wait_for(
+            lambda: [p.spec.node_name for p in stack.pods(ns)] == [node],
+            60,
+            "the pod to be bound to the lost node",
+        )
+        [pod] = stack.pods(ns)
+        # What its kubelet posted before the node went: the task's container is running.
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        stack.core.patch_namespaced_pod_status(
+            pod.metadata.name,
+            ns,
+            {
+                "status": {
+                    "phase": "Running",
+                    "startTime": now,
+                    "containerStatuses": [
+                        {
+                            "name": "task",
+                            "image": pod.spec.containers[0].image,
+                            "imageID": "",
+                            "ready": True,
+                            "started": True,
+                            "restartCount": 0,
+                            "state": {"running": {"startedAt": now}},
+                        }
+                    ],
+                }
+            },
+        )
+        # The retry may only land on a live node: the label moves there.
+        stack.core.patch_node(node, {"metadata": {"labels": {label: None}}})
+        for live in stack.core.list_node().items:
+            if live.metadata.name != node:
+                stack.core.patch_node(live.metadata.name, {"metadata": {"labels": {label: "true"}}})
+                labelled.append(live.metadata.name)
+        # The node controller marks the node unreachable once its grace period passes with
+        # no status from it, and evicts the pod 1 s later (the taint's toleration).
+        wait_for(
+            lambda: (
+                stack.core.read_namespaced_pod(pod.metadata.name, ns).metadata.deletion_timestamp is not None
+            ),
+            150,
+            "Kubernetes to evict the pod from the lost node",
+        )
+        evicted = stack.core.read_namespaced_pod(pod.metadata.name, ns)
+        status = stack.wait_run(ns, name, timeout=120)["status"]
+        wait_for(lambda: token_secrets(stack, ns) == [], 30, "the token Secrets to be deleted")
+
+    assert status["phase"] == "Succeeded" and status["output"] == {"n": 5}, status
+    lost, retry = status["attempts"]
+    assert lost["pod"] == pod.metadata.name and lost["reason"] == "NodeLost", lost
+    assert "node never confirmed" in lost["error"]["message"], lost
+    # The task may have run on the lost node: the attempt counted.
+    assert status["infraFailures"] == 0, status
+    assert retry["reason"] == "Succeeded", retry
+    assert op.own_log_has("node never confirmed"), op.log_tail()
+    # Evicted by Kubernetes (its taint eviction controller), not by kubetask; then forced
+    # once the terminating timeout had passed since the deletion deadline.
+    why = {c.type: c for c in evicted.status.conditions or []}.get("DisruptionTarget")
+    assert why is not None and why.reason == "DeletionByTaintManager", evicted.status.conditions
+    gone = [e.at for e in watcher.events if e.uid == pod.metadata.uid and e.type == "DELETED"]
+    assert gone, "the lost pod was never removed"
+    deadline = evicted.metadata.deletion_timestamp
+    assert gone[0] >= (deadline + timedelta(seconds=3)).timestamp(), (gone[0], deadline)
+    created = watcher.first_created()
+    assert created[retry["pod"]] >= gone[0], "the retry's pod came before the lost one was gone"
+    assert_one_pod_per_attempt(watcher)
+    assert len(watcher.uids_by_name) == 2

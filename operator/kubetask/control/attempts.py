@@ -113,8 +113,9 @@ class Attempts:
         if end is None:
             if row.phase != m.Phase.RUNNING and pod["metadata"].get("deletionTimestamp") is None:
                 # Canceled (or deleted) while the pod runs: its slot is released once the
-                # pod is gone, so a watcher never sees the queue's limit exceeded.
-                await self.kube.delete_pod(row.namespace, att.pod_name, grace=5, uid=pod["metadata"]["uid"])
+                # pod is gone, so a watcher never sees the queue's limit exceeded. The pod's
+                # own grace period: the runner ships its last logs on SIGTERM.
+                await self.kube.delete_pod(row.namespace, att.pod_name, uid=pod["metadata"]["uid"])
                 return
             end, due = start_problem(pod, now=utcnow(), limits=self.limits)
             if end is None:
@@ -126,12 +127,14 @@ class Attempts:
                 return
             log.info("pod %s/%s: %s", row.namespace, att.pod_name, end.message)
             if end.reason != "NodeLost":
-                # The container never started: its pod goes at once, and the attempt ends
-                # when it is gone (the verdict waits on the attempt's row), so that the
-                # next pod, of this run or another in the queue, never overlaps it.
+                # The container never started: its pod is deleted now, and the attempt
+                # ends when it is gone (the verdict waits on the attempt's row), so that the
+                # next pod, of this run or another in the queue, never overlaps it. Not
+                # forced: its kubelet confirms, stopping first a container that started
+                # this very moment.
                 if judged is None:
                     await self._judge(row.id, att.number, end)
-                await self.kube.delete_pod(row.namespace, att.pod_name, grace=0, uid=pod["metadata"]["uid"])
+                await self.kube.delete_pod(row.namespace, att.pod_name, uid=pod["metadata"]["uid"])
                 return
             # Stuck terminating: its kubelet is gone and cannot confirm. Forced, and the
             # attempt ends now (the pod may never go).
@@ -142,7 +145,7 @@ class Attempts:
         # Secret go now, in this reconcile, rather than in another one.
         meta = pod["metadata"]
         if meta.get("deletionTimestamp") is None:
-            await self.kube.delete_pod(row.namespace, meta["name"], grace=0, uid=meta["uid"])
+            await self.kube.delete_pod(row.namespace, meta["name"], uid=meta["uid"])
         await self.kube.delete_secret(row.namespace, pods.token_secret_name(row.name, row.uid, att.number))
 
     async def _start(self, row: t.Run, att: t.Attempt) -> None:
@@ -369,10 +372,7 @@ class Attempts:
                 continue
             meta = pod["metadata"]
             if meta.get("deletionTimestamp") is None:
-                ended = pod_end(pod) is not None
-                await self.kube.delete_pod(
-                    meta["namespace"], meta["name"], grace=0 if ended else 5, uid=meta["uid"]
-                )
+                await self.kube.delete_pod(meta["namespace"], meta["name"], uid=meta["uid"])
                 await self.kube.delete_secret(
                     meta["namespace"], pods.token_secret_name(row.name, row.uid, attempt)
                 )
