@@ -100,6 +100,7 @@ lint: venv ## ruff and mypy
 	$(VENV)/bin/ruff check operator tests bench examples
 	$(VENV)/bin/ruff format --check operator tests bench examples
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy tests bench
 	# The code-first example as its users' project: kubetask from outside (examples/ruff.toml).
 	cd examples && $(abspath $(VENV))/bin/mypy codefirst
 

@@ -62,7 +62,7 @@ if os.environ.get(OPERATOR_REF):
     sys.path.insert(0, str(operator_code(os.environ[OPERATOR_REF])))
 
 from kubernetes import client  # noqa: E402
-from kubernetes.client.rest import ApiException  # noqa: E402
+from kubernetes.client.exceptions import ApiException  # noqa: E402
 from sqlalchemy import DateTime, create_engine, text  # noqa: E402
 from sqlalchemy.pool import NullPool  # noqa: E402
 from tests.databases import scratch_database  # noqa: E402

@@ -78,7 +78,8 @@ SPEC: dict[str, Any] = {
 STATEMENTS_TARGET, STATEMENTS_BEFORE = 25, 53
 FAILOVER_TARGET_S = 15.0
 LIMIT = 2
-INFO = {"KUBETASK_LOG_LEVEL": "INFO"}
+#: The log level of operators whose INFO lines a part reads (``leading:``, transitions).
+INFO = "INFO"
 LOG_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]")
 
 
@@ -352,7 +353,7 @@ def failover_mode(
             runner_port=ports[1],
             harness_timings=short,
             wait_leading=lead,
-            **INFO,
+            KUBETASK_LOG_LEVEL=INFO,
         )
 
     tag = ("s" if short else "d") + action[0]
@@ -501,7 +502,7 @@ def startup_part(st: Stack, args: argparse.Namespace) -> dict[str, Any]:
 def one_start(st: Stack, url: str, ns: str, w: AllPods, name: str) -> dict[str, Any]:
     """Create a Run, start an operator, time its start-up; stop it once the Run is over."""
     st.create_run(ns, TASK, name=name)
-    op = start_operator(st, url, ns, name="start", wait_leading=False, **INFO)
+    op = start_operator(st, url, ns, name="start", wait_leading=False, KUBETASK_LOG_LEVEL=INFO)
     t_api = time.time()
     t0 = started_at(op)
     try:

@@ -28,7 +28,7 @@ from contextvars import ContextVar
 from types import FrameType
 from typing import Any
 
-import greenlet
+import greenlet  # type: ignore[import-untyped]
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
@@ -80,7 +80,7 @@ def _carry_paths_into_shielded_tasks() -> None:
     from sqlalchemy.ext.asyncio import engine as sa_engine
     from sqlalchemy.ext.asyncio import session as sa_session
 
-    original = sa_session._run_to_completion
+    original = sa_session._run_to_completion  # type: ignore[attr-defined]
 
     async def run_to_completion(coro: Coroutine[Any, Any, Any]) -> Any:
         token = _carried.set(path_of(sys._getframe(1)) or "?")
@@ -89,8 +89,8 @@ def _carry_paths_into_shielded_tasks() -> None:
         finally:
             _carried.reset(token)
 
-    sa_session._run_to_completion = run_to_completion  # type: ignore[assignment]
-    sa_engine._run_to_completion = run_to_completion  # type: ignore[assignment]
+    sa_session._run_to_completion = run_to_completion  # type: ignore[attr-defined]
+    sa_engine._run_to_completion = run_to_completion  # type: ignore[attr-defined]
 
 
 def outer_inner(path: str) -> str:

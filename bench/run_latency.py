@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kubernetes import client
-from kubernetes.client.rest import ApiException
+from kubernetes.client.exceptions import ApiException
 from tests.e2e.harness import GROUP, TERMINAL, VERSION, Stack
 
 from bench.common import (

@@ -128,7 +128,8 @@ async def create_raw(st: Stack, ns: str, count: int, concurrency: int, prefix: s
         nonlocal errors
         for i in todo:
             try:
-                await core.create_namespaced_pod(ns, raw_pod(f"{prefix}-{i:05d}", st.runner_image))
+                # A dict body, as the API server takes it (the client declares its model).
+                await core.create_namespaced_pod(ns, raw_pod(f"{prefix}-{i:05d}", st.runner_image))  # type: ignore[arg-type]
             except aclient.ApiException:
                 errors += 1
 
@@ -169,7 +170,7 @@ def raw_part(st: Stack, ns: str, count: int, concurrency: int, prefix: str) -> d
 def operator_part(
     st: Stack, ns: str, url: str, runs: int, timeout: float, count: bool, profile: Path | None
 ) -> dict[str, Any]:
-    env = {"KUBETASK_BENCH_PROFILE": str(profile)} if profile else {}
+    env: dict[str, Any] = {"KUBETASK_BENCH_PROFILE": str(profile)} if profile else {}
     count = count or profile is not None
     op = start_operator(st, url, ns, count_statements=count, **env)
     stats_path = str(getattr(op, "stats_path", ""))

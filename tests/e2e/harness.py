@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 from kubernetes import client, config, watch
-from kubernetes.client.rest import ApiException
+from kubernetes.client.exceptions import ApiException
 
 REPO = Path(__file__).resolve().parents[2]
 GROUP, VERSION = "kubetask.dev", "v1alpha1"
@@ -120,13 +120,17 @@ class Stack:
     def apply_task(self, ns: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
         body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Task", "metadata": {"name": name}, "spec": spec}
         try:
-            return self.custom.create_namespaced_custom_object(GROUP, VERSION, ns, "tasks", body)  # type: ignore[no-any-return]
+            created: dict[str, Any] = self.custom.create_namespaced_custom_object(
+                GROUP, VERSION, ns, "tasks", body
+            )
+            return created
         except ApiException as e:
             if e.status != 409:
                 raise
-            return self.custom.patch_namespaced_custom_object(
+            patched: dict[str, Any] = self.custom.patch_namespaced_custom_object(
                 GROUP, VERSION, ns, "tasks", name, {"spec": spec}
-            )  # type: ignore[no-any-return]
+            )
+            return patched
 
     def apply_queue(self, ns: str, name: str, spec: dict[str, Any]) -> None:
         body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Queue", "metadata": {"name": name}, "spec": spec}

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from kubernetes.client.rest import ApiException
+from kubernetes.client.exceptions import ApiException
 
 from tests.e2e.conftest import wait_for
 from tests.e2e.harness import GROUP, TERMINAL, VERSION, Operator, PodWatcher, Stack, namespace
@@ -250,7 +250,7 @@ def test_a_finished_run_is_deleted_after_its_ttl_and_its_record_stays(
         try:
             stack.get_run(ns, name)
         except ApiException as e:
-            return e.status == 404
+            return bool(e.status == 404)
         return False
 
     wait_for(gone, 30, "the Run resource to be deleted after its TTL")

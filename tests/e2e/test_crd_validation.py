@@ -76,12 +76,18 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
             },
             field,
         )
-        for what, spec, field in [
-            ("unknown format", {"format": "gitlab"}, "spec.format"),
-            ("hmac-sha256 without header", {"format": "hmac-sha256"}, "spec.header"),
-            ("tolerance on github", {"format": "github", "toleranceSeconds": 60}, "spec.toleranceSeconds"),
-            ("payload mode unknown", {"format": "github", "payload": "raw"}, "spec.payload"),
-        ]
+        for what, spec, field in list[tuple[str, dict[str, Any], str]](
+            [
+                ("unknown format", {"format": "gitlab"}, "spec.format"),
+                ("hmac-sha256 without header", {"format": "hmac-sha256"}, "spec.header"),
+                (
+                    "tolerance on github",
+                    {"format": "github", "toleranceSeconds": 60},
+                    "spec.toleranceSeconds",
+                ),
+                ("payload mode unknown", {"format": "github", "payload": "raw"}, "spec.payload"),
+            ]
+        )
     ],
 ]
 

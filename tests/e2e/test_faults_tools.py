@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 from kubernetes import client, config, watch
-from kubernetes.client.rest import ApiException
+from kubernetes.client.exceptions import ApiException
 from kubernetes_asyncio import client as async_client
 from kubernetes_asyncio import config as async_config
 from sqlalchemy.engine import make_url

@@ -250,7 +250,7 @@ def test_the_operator_may_do_what_its_code_does_and_runner_pods_nothing(
     assert beyond_baseline(stack, f"{installed.work_ns}:kubetask-runner", installed.work_ns) == {}
     stack.apply_task(installed.work_ns, "probe", sleeper("probe"))
     run = stack.create_run(installed.work_ns, "probe", payload={"s": 3})
-    wait_for(lambda: stack.pods(installed.work_ns, f"kubetask.dev/run={run}"), 60, "the probe's pod")
+    wait_for(lambda: bool(stack.pods(installed.work_ns, f"kubetask.dev/run={run}")), 60, "the probe's pod")
     (pod,) = stack.pods(installed.work_ns, f"kubetask.dev/run={run}")
     assert pod.spec.service_account_name == "kubetask-runner"
     assert pod.spec.automount_service_account_token is False
@@ -289,7 +289,7 @@ def test_a_task_with_an_image_or_toleration_outside_the_policy_is_not_ready_and_
     stack: Stack, installed: Release
 ) -> None:
     ns = installed.work_ns
-    refused = {
+    refused: dict[str, tuple[dict[str, Any], str]] = {
         "elsewhere": ({"source": "x", "image": "docker.io/library/busybox:1"}, "ImageNotAllowed"),
         "anywhere": (
             {"source": "x", "podTemplate": {"tolerations": [{"operator": "Exists"}]}},

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from kubernetes.client.rest import ApiException
+from kubernetes.client.exceptions import ApiException
 
 from tests.e2e.conftest import wait_for
 from tests.e2e.harness import TERMINAL, Operator, PodWatcher, Stack
@@ -42,7 +42,7 @@ def gone(stack: Stack, ns: str) -> bool:
     try:
         stack.core.read_namespace(ns)
     except ApiException as e:
-        return e.status == 404
+        return bool(e.status == 404)
     return False
 
 

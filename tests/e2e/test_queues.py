@@ -74,7 +74,12 @@ def test_per_key_limit_holds_for_each_key(stack: Stack, ns: str, operator: Opera
     assert {r["status"]["phase"] for r in done.values()} == {"Succeeded"}
     for key in ("a", "b"):
         runs = {n for n, k in keys.items() if k == key}
-        assert watcher.max_alive_where(lambda lab, runs=runs: lab.get("kubetask.dev/run") in runs) == 2
+        assert watcher.max_alive_where(of_runs(runs)) == 2
+
+
+def of_runs(runs: set[str]) -> Callable[[dict[str, str]], bool]:
+    """Whether a pod's labels say it belongs to one of ``runs`` (Run names)."""
+    return lambda labels: labels.get("kubetask.dev/run") in runs
 
 
 def test_a_small_key_is_not_starved_by_a_big_one(stack: Stack, ns: str, operator: Operator) -> None:

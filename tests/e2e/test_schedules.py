@@ -6,6 +6,7 @@ label ``kubetask.dev/schedule``), never from log lines."""
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -169,8 +170,12 @@ def test_catch_up_after_the_operator_was_stopped_across_two_fire_times(
         apply_schedule(
             stack, ns, f"catch-{catch_up.lower()}", task="echo", cron="0 * * * *", catchUp=catch_up, **extra
         )
+
+    def planned(name: str) -> bool:
+        return "nextScheduleTime" in (schedule(stack, ns, name).get("status") or {})
+
     for name in ("catch-none", "catch-latest", "catch-all"):
-        wait_for(lambda n=name: "nextScheduleTime" in (schedule(stack, ns, n).get("status") or {}), 30, name)
+        wait_for(functools.partial(planned, name), 30, name)
     op.stop()
     hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
     with db.begin() as conn:
@@ -182,7 +187,9 @@ def test_catch_up_after_the_operator_was_stopped_across_two_fire_times(
     start_operator("back")
     missed = [hour - timedelta(hours=1), hour]
     wait_for(
-        lambda: len(runs_of(stack, ns, "catch-all")) >= 2 and runs_of(stack, ns, "catch-latest"), 30, "runs"
+        lambda: len(runs_of(stack, ns, "catch-all")) >= 2 and bool(runs_of(stack, ns, "catch-latest")),
+        30,
+        "runs",
     )
     time.sleep(3)  # anything more would have come by now
     assert [fire_time(r) for r in runs_of(stack, ns, "catch-none")] == []

@@ -167,7 +167,8 @@ async def test_two_processes_never_exceed_the_limit_and_leak_no_slot(
         # The killed process's "pods" die with it: a restarted operator would see them end.
         async with sessions() as s:
             orphans = (await s.execute(select(t.Slot.run_id).where(t.Slot.queue == queue))).scalars().all()
-        started, ended = set(), set()
+        started: set[str] = set()
+        ended: set[str] = set()
         logs[k % 2].touch()  # the victim may have died before writing anything
         for line in logs[k % 2].read_text().splitlines():
             ev = json.loads(line)

@@ -334,7 +334,7 @@ async def test_a_failure_keeps_its_hierarchy_stack_and_retry_time_for_the_run_de
 ) -> None:
     run, token = await running(sessions)
     types = ["billing.Declined", "billing.PaymentError", "builtins.Exception", "builtins.BaseException"]
-    body = {
+    body: dict[str, Any] = {
         "status": "failed",
         "error": {
             "type": "Declined",

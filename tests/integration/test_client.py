@@ -31,7 +31,7 @@ import pytest_asyncio
 import yaml
 from aiohttp.test_utils import TestServer
 from kubernetes import client as k8s
-from kubernetes.client.rest import ApiException
+from kubernetes.client.exceptions import ApiException
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 import kubetask

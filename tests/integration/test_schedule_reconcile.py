@@ -54,7 +54,7 @@ def make(sessions: Sessions, kube: Kube, applied: list[tuple[str, Any]]) -> sche
     async def apply(run_id: str, event: Any) -> None:
         applied.append((run_id, event))
 
-    intake = Intake(sessions=sessions, catalogue=catalogue, settings=settings, apply=apply)  # type: ignore[arg-type]
+    intake = Intake(sessions=sessions, catalogue=catalogue, settings=settings, apply=apply)
     return sched.Schedules(
         sessions=sessions,
         kube=kube,

@@ -120,7 +120,7 @@ async def test_good_github_signature_creates_a_run_with_the_body_as_payload(
     api: Client, hooks: str, sessions: Sessions, cluster: Stack
 ) -> None:
     body = json.dumps({"ref": "refs/heads/main", "commits": [{"id": "abc"}]}).encode()
-    resp = await api.post(path(hooks, "gh"), data=body, headers=github(body, **{"X-GitHub-Delivery": "d-1"}))
+    resp = await api.post(path(hooks, "gh"), data=body, headers={**github(body), "X-GitHub-Delivery": "d-1"})
     assert resp.status == 202, await resp.text()
     got = await resp.json()
     assert got["task"] == "hello" and got["namespace"] == hooks and got["isCached"] is False
@@ -133,7 +133,7 @@ async def test_good_github_signature_creates_a_run_with_the_body_as_payload(
     assert row is not None and row.payload == json.loads(body)
 
     # GitHub redelivers with the same X-GitHub-Delivery: the same run, nothing new.
-    again = await api.post(path(hooks, "gh"), data=body, headers=github(body, **{"X-GitHub-Delivery": "d-1"}))
+    again = await api.post(path(hooks, "gh"), data=body, headers={**github(body), "X-GitHub-Delivery": "d-1"})
     assert again.status == 202, await again.text()
     second = await again.json()
     assert second["id"] == got["id"] and second["isCached"] is True

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from kubetask import crdgen
 from kubetask.spec import RetrySpec, RunSpec, ScheduleSpec, TaskSpec
@@ -42,7 +42,12 @@ def test_schema_bounds_match_the_models() -> None:
 
 
 def test_every_model_field_is_in_the_schema_and_nothing_else() -> None:
-    for plural, model in [("tasks", TaskSpec), ("runs", RunSpec), ("schedules", ScheduleSpec)]:
+    specs: list[tuple[str, type[BaseModel]]] = [
+        ("tasks", TaskSpec),
+        ("runs", RunSpec),
+        ("schedules", ScheduleSpec),
+    ]
+    for plural, model in specs:
         props = set(_spec_schema(plural)["properties"])
         aliases = {f.alias or n for n, f in model.model_fields.items()}
         assert props == aliases

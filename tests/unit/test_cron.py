@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import calendar
 from bisect import bisect_right
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from itertools import islice, pairwise, takewhile
+from typing import cast
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -39,8 +41,8 @@ ZONES = [
 WITHOUT_DST = ["UTC", "Asia/Kolkata", "Asia/Kathmandu", "Asia/Tokyo"]
 
 
-def utc(*args: int) -> datetime:
-    return datetime(*args, tzinfo=UTC)  # type: ignore[misc]
+def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0) -> datetime:
+    return datetime(year, month, day, hour, minute, second, tzinfo=UTC)
 
 
 def local(zone: str, when: datetime) -> str:
@@ -78,11 +80,12 @@ def transitions(zone_name: str) -> tuple[list[datetime], list[tuple[timedelta, t
     return times, offsets
 
 
-def matcher(expression: str):  # type: ignore[no-untyped-def]
+def matcher(expression: str) -> Callable[[datetime], bool]:
     """Whether a wall-clock time matches, from croniter's parse of the fields (standard
     cron semantics: day-of-month and day-of-week are OR-ed when both are restricted)."""
     minute, hour, dom, month, dow = (
-        None if f == ["*"] else set(f) for f in croniter(expression, datetime(2000, 1, 1)).expanded[:5]
+        None if f == ["*"] else set(cast("list[int]", f))
+        for f in croniter(expression, datetime(2000, 1, 1)).expanded[:5]
     )
 
     def match(w: datetime) -> bool:
@@ -165,7 +168,8 @@ def windows(draw: st.DrawFn, zones: list[str]) -> tuple[str, datetime]:
     """A zone and the start of a window: mostly just before one of its DST changes."""
     zone = draw(st.sampled_from(zones))
     times, _ = transitions(zone)
-    if times and draw(st.booleans()):
+    near_a_change: bool = draw(st.booleans()) if times else False
+    if near_a_change:
         around = draw(st.sampled_from(times))
         return zone, around + timedelta(minutes=draw(st.integers(-30 * 60, 6 * 60)))
     seconds = draw(st.integers(0, int((utc(2040, 1, 1) - utc(1996, 1, 1)).total_seconds())))

@@ -65,7 +65,7 @@ def test_pod_is_owned_by_the_run_and_labelled() -> None:
 
 
 def test_pod_is_locked_down() -> None:
-    spec = build(TaskSpec(source="x", maxDurationSeconds=30))["spec"]
+    spec = build(TaskSpec.model_validate({"source": "x", "maxDurationSeconds": 30}))["spec"]
     assert spec["restartPolicy"] == "Never"
     assert spec["automountServiceAccountToken"] is False
     assert spec["activeDeadlineSeconds"] == 30

@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from kubetask.engine.cron import Cron
-from kubetask.engine.schedules import Decision, decide, due, payload, run_name
+from kubetask.engine.schedules import CatchUp, Decision, decide, due, payload, run_name
 from kubetask.spec import ScheduleSpec
 
 MINUTELY = Cron.parse("* * * * *")
@@ -21,7 +21,8 @@ def at(hour: int, minute: int = 0, second: int = 0) -> datetime:
 
 
 def test_a_fire_time_reached_within_the_grace_runs_whatever_catch_up_says() -> None:
-    for catch_up in ("None", "Latest", "All"):
+    catch_ups: tuple[CatchUp, ...] = ("None", "Latest", "All")
+    for catch_up in catch_ups:
         found = due(
             HOURLY,
             next_fire=at(10),
@@ -29,7 +30,7 @@ def test_a_fire_time_reached_within_the_grace_runs_whatever_catch_up_says() -> N
             catch_up=catch_up,
             deadline_seconds=3600,
             grace_seconds=60,
-        )  # type: ignore[arg-type]
+        )
         assert (found.fires, found.missed, found.next) == ([at(10)], 0, at(11))
 
 
@@ -51,7 +52,7 @@ def test_nothing_is_due_before_the_next_fire_time() -> None:
     ],
 )
 def test_fire_times_missed_during_an_outage_follow_catch_up(
-    catch_up: str, deadline: int | None, fires: list[datetime], missed: int
+    catch_up: CatchUp, deadline: int | None, fires: list[datetime], missed: int
 ) -> None:
     found = due(
         HOURLY,
@@ -60,7 +61,7 @@ def test_fire_times_missed_during_an_outage_follow_catch_up(
         catch_up=catch_up,
         deadline_seconds=deadline,
         grace_seconds=60,
-    )  # type: ignore[arg-type]
+    )
     assert (found.fires, found.missed, found.next) == (fires, missed, at(11))
 
 

@@ -72,7 +72,7 @@ def test_definition_is_callable_and_keeps_the_original_function() -> None:
     definition = task(add)
     assert definition.fn is add
     assert definition({"a": 1, "b": 2}, ctx()) == 3
-    assert definition.__name__ == "add"
+    assert definition.__name__ == "add"  # type: ignore[attr-defined]  # functools.update_wrapper's
     assert definition.__doc__ == "Adds."
     assert definition.__wrapped__ is add  # type: ignore[attr-defined]
     assert "add" in repr(definition)
@@ -97,9 +97,9 @@ def test_hints_of_the_wrong_type_are_rejected() -> None:
         return None
 
     with pytest.raises(TypeError, match="Retry"):
-        task(retry={"max_attempts": 2})(f)  # type: ignore[arg-type]
+        task(retry={"max_attempts": 2})(f)  # type: ignore[call-overload]
     with pytest.raises(TypeError, match="Queue"):
-        task(queue="q")(f)  # type: ignore[arg-type]
+        task(queue="q")(f)  # type: ignore[call-overload]
     with pytest.raises(ValueError, match="max_duration_seconds"):
         task(max_duration_seconds=1)(f)
 
@@ -229,10 +229,10 @@ def test_retry_rejects_out_of_range_values(kwargs: dict[str, Any]) -> None:
 def test_hints_are_frozen_and_documented() -> None:
     retry = Retry()
     with pytest.raises(pydantic.ValidationError):
-        retry.max_attempts = 5
+        retry.max_attempts = 5  # type: ignore[misc]
     queue = Queue(name="q")
     with pytest.raises(pydantic.ValidationError):
-        queue.name = "other"
+        queue.name = "other"  # type: ignore[misc]
     for model in (Retry, Queue, OutOfMemory):
         for name, field in model.model_fields.items():
             assert field.description, f"{model.__name__}.{name} has no docstring"
@@ -262,7 +262,7 @@ def test_the_decorator_options_are_the_task_specs_models() -> None:
     assert set(Retry.model_fields) == set(RetrySpec.model_fields)
 
     @task(id="billing", retry=retry, queue=Queue(name="money", concurrency_limit=2), max_duration_seconds=90)
-    def billing(payload, ctx): ...
+    def billing(payload: dict[str, Any], ctx: TaskContext) -> None: ...
 
     assert isinstance(billing.spec, TaskSpec)
     assert billing.spec.model_dump(by_alias=True, exclude_none=True, mode="json") == {
@@ -314,12 +314,12 @@ def test_retry_decisions() -> None:
         (lambda: RetryDecision.retry_after(-1), ValueError, "0 or more seconds"),
         (lambda: RetryDecision.retry_after(float("inf")), ValueError, "0 or more seconds"),
         (lambda: RetryDecision.retry_after(True), TypeError, "seconds or a timedelta"),
-        (lambda: RetryDecision.retry_after("5"), TypeError, "seconds or a timedelta"),
+        (lambda: RetryDecision.retry_after("5"), TypeError, "seconds or a timedelta"),  # type: ignore[arg-type]
         (lambda: RetryDecision.retry_after(1e300), ValueError, "too far"),
         (lambda: RetryDecision.retry_at(datetime(2030, 1, 1)), ValueError, "aware datetime"),
-        (lambda: RetryDecision.retry_at("2030-01-01"), TypeError, "takes a datetime"),
+        (lambda: RetryDecision.retry_at("2030-01-01"), TypeError, "takes a datetime"),  # type: ignore[arg-type]
         (lambda: RetryDecision("retry"), ValueError, "retry_after"),
-        (lambda: RetryDecision("later"), ValueError, "'skip' or 'retry'"),
+        (lambda: RetryDecision("later"), ValueError, "'skip' or 'retry'"),  # type: ignore[arg-type]
     ],
 )
 def test_bad_retry_decisions_say_what_to_pass(make: Any, error: type[Exception], says: str) -> None:
@@ -357,7 +357,7 @@ def test_a_hook_that_returns_something_else_is_an_error_that_says_what_to_return
     with pytest.raises(TypeError, match=r"returned 'skip'; return RetryDecision.skip\(\)"):
         asyncio.run(definition.decide(ValueError(), ctx()))
     with pytest.raises(TypeError, match="catch_error must be a function"):
-        task(catch_error="skip")(f)  # type: ignore[arg-type]
+        task(catch_error="skip")(f)  # type: ignore[call-overload]
 
 
 # --------------------------------------------------------------------------- context and logger
