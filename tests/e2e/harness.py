@@ -579,3 +579,24 @@ class PodWatcher:
                 if ev.type == "ADDED":
                     out.setdefault(ev.name, ev.at)
         return out
+
+
+@contextlib.contextmanager
+def cli_dashboard(env: dict[str, str], api_url: str | None) -> Iterator[str]:
+    """``kubetask dashboard --no-browser`` running; yields the URL it printed."""
+    args = [sys.executable, "-m", "kubetask.cli", "dashboard", "--no-browser"]
+    cli = subprocess.Popen(
+        [*args, "--api-url", api_url] if api_url else args,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert cli.stdout is not None and cli.stderr is not None
+        line = cli.stdout.readline()
+        assert line.startswith("kubetask dashboard: http://127.0.0.1:"), (line, cli.stderr.read())
+        yield line.split(": ", 1)[1].strip()
+    finally:
+        cli.terminate()
+        cli.wait(10)

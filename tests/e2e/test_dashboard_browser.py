@@ -13,12 +13,9 @@ Screenshots of the main pages go to ``KUBETASK_TEST_LOGS``, and to
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +24,7 @@ import pytest
 from kubernetes import client as k8s
 
 from tests.e2e.conftest import wait_for
-from tests.e2e.harness import Operator, Stack, token_for
+from tests.e2e.harness import Operator, Stack, cli_dashboard, token_for
 from tests.integration.test_client import _forwarder, _wait_proxy
 
 pytestmark = pytest.mark.e2e
@@ -92,27 +89,6 @@ def _role(
 def _run_id(stack: Stack, ns: str, name: str, phases: set[str]) -> str:
     run = stack.wait_run(ns, name, phases, timeout=180)
     return str(run["status"]["runId"])
-
-
-@contextlib.contextmanager
-def _cli_dashboard(env: dict[str, str], api_url: str | None) -> Iterator[str]:
-    """``kubetask dashboard --no-browser`` running; yields the URL it printed."""
-    args = [sys.executable, "-m", "kubetask.cli", "dashboard", "--no-browser"]
-    cli = subprocess.Popen(
-        [*args, "--api-url", api_url] if api_url else args,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert cli.stdout is not None and cli.stderr is not None
-        line = cli.stdout.readline()
-        assert line.startswith("kubetask dashboard: http://127.0.0.1:"), (line, cli.stderr.read())
-        yield line.split(": ", 1)[1].strip()
-    finally:
-        cli.terminate()
-        cli.wait(10)
 
 
 @pytest.fixture
@@ -330,7 +306,7 @@ def test_dashboard_sign_in_filter_logs_replay_cancel_and_rbac(
 
     # `kubetask dashboard`: a local address signed in with the CLI's credentials.
     env = {k: v for k, v in os.environ.items() if not k.startswith("KUBETASK_")}
-    with _cli_dashboard({**env, "KUBETASK_TOKEN": ops_token, "KUBECONFIG": stack.kubeconfig}, base) as url:
+    with cli_dashboard({**env, "KUBETASK_TOKEN": ops_token, "KUBECONFIG": stack.kubeconfig}, base) as url:
         local = browser.new_context().new_page()
         local.goto(url)
         local.wait_for_url(re.compile(r"http://127\.0\.0\.1:\d+/dashboard/runs$"))
@@ -353,7 +329,7 @@ def test_dashboard_sign_in_filter_logs_replay_cancel_and_rbac(
             "KUBETASK_API_SERVICE": service,
             "KUBETASK_SERVICE_ACCOUNT": f"{ns}/ops",
         }
-        with _cli_dashboard(proxied, None) as url:
+        with cli_dashboard(proxied, None) as url:
             local = browser.new_context().new_page()
             local.goto(url)
             local.wait_for_url(re.compile(r"http://127\.0\.0\.1:\d+/dashboard/runs$"))

@@ -26,7 +26,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from tests.e2e.conftest import wait_for
-from tests.e2e.harness import GROUP, REPO, TERMINAL, VERSION, PodWatcher, Stack, namespace
+from tests.e2e.harness import GROUP, REPO, TERMINAL, VERSION, PodWatcher, Stack, cli_dashboard, namespace
 from tests.e2e.helm import (
     LEASE,
     RESTRICTED,
@@ -38,7 +38,6 @@ from tests.e2e.helm import (
     ready,
     sleeper,
 )
-from tests.e2e.test_dashboard_browser import _cli_dashboard
 from tests.integration.test_client import _wait_proxy
 
 pytestmark = pytest.mark.e2e
@@ -219,7 +218,7 @@ def test_the_cli_and_its_dashboard_reach_the_charts_operator_as_a_user_with_a_ku
     listed = kubetask("runs", "list", "-n", ns, "--task", "hello", "--since", "all")
     assert run["id"] in {r["id"] for r in listed["items"]}
 
-    with _cli_dashboard(env, None) as url:
+    with cli_dashboard(env, None) as url:
         opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
         with opener.open(url, timeout=60) as r:  # signs in (a cookie), then the runs list
             assert r.url.endswith("/dashboard/runs"), r.url

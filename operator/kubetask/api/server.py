@@ -553,9 +553,9 @@ async def _serve(
     site = web.TCPSite(runner, host, port, reuse_port=share_port)
     try:
         await site.start()
-    except OSError as e:
+    except BaseException as e:
         await runner.cleanup()
-        if e.errno == errno.EADDRINUSE:
+        if isinstance(e, OSError) and e.errno == errno.EADDRINUSE:
             raise PortInUse(
                 f"cannot listen on {host}:{port} for the {what}: another program holds the port. "
                 f"Set {env} to a free port, or stop the other program"
@@ -565,9 +565,6 @@ async def _serve(
                     else " (replicas of one install on one host: KUBETASK_API_SHARE_PORT=true)"
                 )
             ) from e
-        raise
-    except BaseException:
-        await runner.cleanup()
         raise
     log.info("kubetask %s listening on %s:%s%s", what, host, port, " (shared)" if share_port else "")
     return runner
